@@ -1,0 +1,1 @@
+//! kvzip-cache (under construction in this commit).

@@ -1,0 +1,1 @@
+//! kvzip-kernels (under construction in this commit).

@@ -1,0 +1,1 @@
+//! kvzip-models (under construction in this commit).

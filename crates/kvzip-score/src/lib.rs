@@ -1,0 +1,1 @@
+//! kvzip-score (under construction in this commit).

@@ -1,0 +1,1 @@
+//! kvzip-templates (under construction in this commit).
