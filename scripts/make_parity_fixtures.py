@@ -1,0 +1,818 @@
+#!/usr/bin/env python3
+"""Build the logit-parity fixtures under tests/fixtures/parity/.
+
+For each architecture (llama, qwen2, qwen3, gemma3) this script builds a tiny
+model with HF transformers, re-randomizes EVERY parameter with a fixed seed (so
+norm weights, biases and q/k norms all matter), saves it with
+`save_pretrained` (safetensors; the llama one sharded), and writes golden
+logits for a prefill of N >= 300 tokens plus 8 greedy decode steps taken one
+token at a time through the KV cache (DynamicCache).  The goldens are checked
+against a single non-cached forward over the whole sequence before writing.
+
+It also writes:
+  * gemma3_multimodal_config/config.json: a Gemma3ForConditionalGeneration
+    config (text_config nested, vision_config present), no weights;
+  * legacy_configs/<name>.json: the same text configs in the pre-5.x spelling
+    (`rope_theta` / `rope_scaling` / `rope_local_base_freq` /
+    `sliding_window_pattern`), verified to load in transformers to the same
+    rope parameters as the new spelling.
+
+Usage (CPU, float32, deterministic):
+    python scripts/make_parity_fixtures.py [--out tests/fixtures/parity]
+
+The convention of the golden files is documented in the README.md written
+next to the fixtures (see README_TEXT below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import safetensors
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import (
+    DynamicCache,
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SiglipVisionConfig,
+)
+
+PROMPT_LEN = 320
+DECODE_STEPS = 8
+SELF_CONSISTENCY_TOL = 1e-4
+# Greedy tokens must not hinge on a near-tie, or an implementation that is
+# correct to 1e-3 could still pick another token.
+MIN_TOP2_MARGIN = 0.05
+MAX_FIXTURE_BYTES = 2 * 1024 * 1024
+# Random models often fall into a repeated token under greedy decoding; insist
+# on a varied chain so the decode steps test something.
+MIN_DISTINCT_DECODE_IDS = 4
+# Seeds tried (spec seed, spec seed + 1, ...) until the goldens are not degenerate.
+MAX_SEED_ATTEMPTS = 64
+
+
+# --------------------------------------------------------------------------
+# Model specifications
+# --------------------------------------------------------------------------
+
+
+def llama_spec():
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_act="silu",
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+    legacy = {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    }
+    return dict(
+        name="llama",
+        model_cls=LlamaForCausalLM,
+        config=config,
+        legacy_rope=legacy,
+        norm_style="one_centered",
+        embed_std=0.3,
+        final_norm_gain=1.0,
+        seed=1001,
+        max_shard_size="160KB",
+        sensitivity=[
+            ("llama3 rope scaling -> plain rope", "config", {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}),
+            ("RMSNorm weights -> 1", "params", ("norm.weight", 1.0)),
+        ],
+        features=[
+            "LlamaForCausalLM",
+            "llama3 rope scaling (factor 8, low 1, high 4, original_max_position_embeddings 64): "
+            "with rope_theta 5e5 and head_dim 16 the 8 frequencies fall in all three llama3 bands "
+            "(unchanged high-frequency, smoothly interpolated, divided by factor)",
+            "GQA: 4 query heads, 2 kv heads (group 2), explicit head_dim 16",
+            "untied embeddings (separate lm_head.weight)",
+            "sharded safetensors with model.safetensors.index.json",
+            "all RMSNorm weights random around 1 (y = w * x / rms(x))",
+        ],
+    )
+
+
+def qwen2_spec():
+    config = Qwen2Config(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
+    legacy = {"rope_theta": 1000000.0, "rope_scaling": None}
+    return dict(
+        name="qwen2",
+        model_cls=Qwen2ForCausalLM,
+        config=config,
+        legacy_rope=legacy,
+        norm_style="one_centered",
+        embed_std=0.1,
+        final_norm_gain=3.0,
+        seed=2002,
+        max_shard_size=None,
+        sensitivity=[
+            ("q/k/v biases -> 0", "params", ("_proj.bias", 0.0)),
+            ("rope_theta 1e6 -> 1e4", "config", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+        ],
+        features=[
+            "Qwen2ForCausalLM",
+            "q/k/v projections WITH bias (random nonzero), o_proj without bias",
+            "GQA: 6 query heads, 2 kv heads (group 3), head_dim = hidden/heads = 16 (no head_dim key needed)",
+            "rope_theta 1e6 (non-default), default rope type",
+            "TIED embeddings: no lm_head.weight in the safetensors; logits use embed_tokens.weight",
+            "all RMSNorm weights random around 1",
+        ],
+    )
+
+
+def qwen3_spec():
+    config = Qwen3Config(
+        vocab_size=288,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        hidden_act="silu",
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+    )
+    legacy = {
+        "rope_theta": 1000000.0,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+    }
+    return dict(
+        name="qwen3",
+        model_cls=Qwen3ForCausalLM,
+        config=config,
+        legacy_rope=legacy,
+        norm_style="one_centered",
+        embed_std=0.3,
+        final_norm_gain=1.0,
+        seed=3003,
+        max_shard_size=None,
+        sensitivity=[
+            ("yarn -> plain rope", "config", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+            ("q_norm/k_norm weights -> 1", "params", ("_norm.weight", 1.0)),
+        ],
+        features=[
+            "Qwen3ForCausalLM",
+            "q_norm / k_norm (per-head RMSNorm over head_dim, applied before rope), random weights around 1",
+            "yarn rope scaling: factor 4, original_max_position_embeddings 128, beta_fast/beta_slow defaults "
+            "32/1, truncate default true, attention_factor default 0.1*ln(4)+1 applied to cos and sin",
+            "explicit head_dim 32 != hidden/heads (64/4 = 16): q_proj is [128, 64], o_proj is [64, 128]",
+            "GQA: 4 query heads, 2 kv heads (group 2)",
+            "untied embeddings",
+        ],
+    )
+
+
+def gemma3_spec():
+    config = Gemma3TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        query_pre_attn_scalar=24,
+        sliding_window=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    legacy = {
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "sliding_window_pattern": 3,
+        "drop_layer_types": True,
+    }
+    return dict(
+        name="gemma3",
+        model_cls=Gemma3ForCausalLM,
+        config=config,
+        legacy_rope=legacy,
+        norm_style="zero_centered",
+        embed_std=0.05,
+        final_norm_gain=4.0,
+        seed=4004,
+        max_shard_size=None,
+        sensitivity=[
+            ("sliding_window 32 -> 4096 (no window)", "config", {"sliding_window": 4096}),
+            ("query_pre_attn_scalar 24 -> head_dim 32", "config", {"query_pre_attn_scalar": 32}),
+            (
+                "global linear rope factor 8 -> no scaling",
+                "config",
+                {
+                    "rope_parameters": {
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                    }
+                },
+            ),
+            (
+                "local rope theta 1e4 -> 1e6",
+                "config",
+                {
+                    "rope_parameters": {
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                    }
+                },
+            ),
+            ("(1+w) norm weights w -> 0", "params", ("norm.weight", 0.0)),
+        ],
+        features=[
+            "Gemma3ForCausalLM (model_type gemma3_text)",
+            "sliding_window 32 < prompt length: a sliding layer at query position q attends to key "
+            "positions k with q - 32 < k <= q (32 keys including itself)",
+            "layer_types [sliding, sliding, full, sliding] (== legacy sliding_window_pattern 3)",
+            "local rope theta 1e4 (default type) on sliding layers; global rope theta 1e6 with LINEAR "
+            "scaling factor 8 on full layers",
+            "query_pre_attn_scalar 24 != head_dim 32: scores scaled by 24**-0.5",
+            "(1 + w) RMSNorm everywhere (input/post_attention/pre_feedforward/post_feedforward layernorms, "
+            "q_norm, k_norm, final norm), w random around 0",
+            "embeddings multiplied by sqrt(hidden_size) = 8.0 (computed in the weight dtype)",
+            "tied embeddings, GQA 4 query heads / 2 kv heads, gelu_pytorch_tanh MLP",
+        ],
+    )
+
+
+SPECS = [llama_spec, qwen2_spec, qwen3_spec, gemma3_spec]
+
+
+# --------------------------------------------------------------------------
+# Re-randomization
+# --------------------------------------------------------------------------
+
+
+def is_norm_weight(name: str) -> bool:
+    leaf = name.split(".")[-2] if name.endswith(".weight") else ""
+    return leaf.endswith("norm") or leaf.endswith("layernorm")
+
+
+@torch.no_grad()
+def rerandomize(model: torch.nn.Module, norm_style: str, seed: int, embed_std: float, final_norm_gain: float) -> dict:
+    """Overwrite every parameter with seeded random values that make each one matter.
+
+    Norm weights get an effective gain of about 1 +- 0.1 (stored as 1 + 0.1 n, or
+    as 0.1 n for Gemma's (1 + w) form); the final norm gets an effective gain of
+    `final_norm_gain` (+- 0.1) so that tied models, whose small embeddings keep
+    the layers dominant in the residual stream, still produce logits with a
+    useful spread.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    offset = 0.0 if norm_style == "one_centered" else -1.0
+    summary = {}
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        shape = tuple(param.shape)
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if is_norm_weight(name):
+            gain = final_norm_gain if name == "model.norm.weight" else 1.0
+            base = gain + offset
+            value = base + 0.1 * noise
+            kind = f"norm weight {base:+.1f} +- 0.1 (effective gain {gain:.1f})"
+        elif name.endswith(".bias"):
+            value = 0.1 * noise
+            kind = "bias 0.1"
+        elif "embed_tokens" in name or name.startswith("lm_head"):
+            value = embed_std * noise
+            kind = f"embedding {embed_std}"
+        elif param.dim() == 2:
+            fan_in = shape[1]
+            value = noise / fan_in**0.5
+            kind = "linear 1/sqrt(fan_in)"
+        else:
+            raise RuntimeError(f"unhandled parameter {name} {shape}")
+        param.copy_(value)
+        summary[name] = kind
+    return summary
+
+
+# --------------------------------------------------------------------------
+# Goldens
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def make_goldens(model, config, seed: int):
+    vocab = config.vocab_size
+    gen = torch.Generator().manual_seed(seed + 7)
+    input_ids = torch.randint(0, vocab, (PROMPT_LEN,), generator=gen, dtype=torch.int64)
+
+    # transformers 5.24 renamed the forward argument `past_key_values` to `cache`.
+    forward_params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in forward_params else "past_key_values"
+    cache = DynamicCache(config=config)
+    out = model(input_ids=input_ids[None], use_cache=True, **{cache_kw: cache})
+    prefill_logits = out.logits[0].float().clone()
+    # The DynamicCache is updated in place.
+
+    decode_ids = []
+    decode_logits = []
+    next_id = int(prefill_logits[-1].argmax())
+    for step in range(DECODE_STEPS):
+        decode_ids.append(next_id)
+        pos = PROMPT_LEN + step
+        step_kwargs = {cache_kw: cache, "position_ids": torch.tensor([[pos]], dtype=torch.int64)}
+        if "cache_position" in forward_params:
+            step_kwargs["cache_position"] = torch.tensor([pos], dtype=torch.int64)
+        out = model(input_ids=torch.tensor([[next_id]], dtype=torch.int64), use_cache=True, **step_kwargs)
+        step_logits = out.logits[0, -1].float().clone()
+        decode_logits.append(step_logits)
+        next_id = int(step_logits.argmax())
+    # The last decode step must have run against a cache holding everything before it.
+    cached = cache.get_seq_length()
+    assert cached == PROMPT_LEN + DECODE_STEPS, f"cache holds {cached} positions, not {PROMPT_LEN + DECODE_STEPS}"
+    decode_ids_t = torch.tensor(decode_ids, dtype=torch.int64)
+    decode_logits_t = torch.stack(decode_logits)
+
+    # Self-consistency: one non-cached forward over prompt + decoded tokens.
+    full_ids = torch.cat([input_ids, decode_ids_t])
+    full = model(input_ids=full_ids[None], use_cache=False).logits[0].float()
+    diff_prefill = (full[:PROMPT_LEN] - prefill_logits).abs().max().item()
+    diff_decode = (full[PROMPT_LEN:] - decode_logits_t).abs().max().item()
+    assert diff_prefill < SELF_CONSISTENCY_TOL, f"prefill vs full forward differ by {diff_prefill}"
+    assert diff_decode < SELF_CONSISTENCY_TOL, f"incremental decode vs full forward differ by {diff_decode}"
+
+    # Greedy chain check: decode_ids[i+1] == argmax(decode_logits[i]).
+    assert int(prefill_logits[-1].argmax()) == decode_ids[0]
+    for i in range(DECODE_STEPS - 1):
+        assert int(decode_logits_t[i].argmax()) == decode_ids[i + 1]
+
+    # Margins that decide greedy tokens (the 8 stored ids).
+    deciding = torch.cat([prefill_logits[-1:], decode_logits_t[:-1]])
+    top2 = deciding.topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+
+    stats = {
+        "prefill_logits_std": prefill_logits.std().item(),
+        "prefill_logits_absmax": prefill_logits.abs().max().item(),
+        "decode_logits_std": decode_logits_t.std().item(),
+        "distinct_prefill_argmax": int(prefill_logits.argmax(-1).unique().numel()),
+        "distinct_decode_ids": int(decode_ids_t.unique().numel()),
+        "min_greedy_top2_margin": min(margins),
+        "max_abs_diff_prefill_vs_full_forward": diff_prefill,
+        "max_abs_diff_decode_vs_full_forward": diff_decode,
+    }
+    tensors = {
+        "input_ids": input_ids.contiguous(),
+        "prefill_logits": prefill_logits.contiguous(),
+        "decode_ids": decode_ids_t.contiguous(),
+        "decode_logits": decode_logits_t.contiguous(),
+    }
+    return tensors, stats
+
+
+# A feature counts as exercised when switching it off moves some prefill logit by more than this.
+MIN_FEATURE_EFFECT = 0.05
+
+
+@torch.no_grad()
+def feature_effects(spec, model, config, input_ids, prefill_logits) -> dict:
+    """Max |logit change| when each listed feature is switched off; each must be large."""
+    effects = {}
+    for label, kind, change in spec["sensitivity"]:
+        cfg = copy.deepcopy(config)
+        if kind == "config":
+            for key, value in change.items():
+                setattr(cfg, key, copy.deepcopy(value))
+        variant = spec["model_cls"](cfg).to(torch.float32).eval()
+        variant.load_state_dict(model.state_dict())
+        if kind == "params":
+            suffix, value = change
+            for name, param in variant.named_parameters():
+                if name.endswith(suffix):
+                    param.fill_(value)
+        logits = variant(input_ids=input_ids[None], use_cache=False).logits[0]
+        effect = (logits - prefill_logits).abs().max().item()
+        if effect < MIN_FEATURE_EFFECT:
+            raise RuntimeError(f"{spec['name']}: '{label}' changes logits by only {effect:.2e}; not exercised")
+        effects[label] = effect
+    return effects
+
+
+def degeneracy_problem(stats: dict) -> str | None:
+    """Why these goldens would make a weak test, or None when they are fine."""
+    std = stats["prefill_logits_std"]
+    if not (0.5 <= std <= 8.0):
+        return f"prefill logits std {std:.3f} outside [0.5, 8]; adjust init scales"
+    if stats["distinct_prefill_argmax"] < 10:
+        return "prefill argmax nearly constant; adjust init scales"
+    if stats["distinct_decode_ids"] < MIN_DISTINCT_DECODE_IDS:
+        return f"greedy decode has only {stats['distinct_decode_ids']} distinct tokens"
+    if stats["min_greedy_top2_margin"] < MIN_TOP2_MARGIN:
+        return f"greedy top-2 margin {stats['min_greedy_top2_margin']:.4f} < {MIN_TOP2_MARGIN}"
+    return None
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def save_model(model, out_dir: Path, max_shard_size) -> None:
+    kwargs = {}
+    params = inspect.signature(model.save_pretrained).parameters
+    if "safe_serialization" in params:
+        kwargs["safe_serialization"] = True
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **kwargs)
+    if not any(out_dir.glob("*.safetensors")):
+        raise RuntimeError(f"{out_dir}: save_pretrained wrote no safetensors")
+    if any(out_dir.glob("*.bin")):
+        raise RuntimeError(f"{out_dir}: save_pretrained wrote pickle weights")
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def legacy_config_dict(spec, new_config_path: Path) -> dict:
+    """The saved config.json rewritten in the pre-5.x rope/sliding spelling."""
+    cfg = json.loads(new_config_path.read_text())
+    legacy = dict(spec["legacy_rope"])
+    cfg.pop("rope_parameters", None)
+    if legacy.pop("drop_layer_types", False):
+        cfg.pop("layer_types", None)
+        cfg.pop("_sliding_window_pattern", None)
+    for key, value in legacy.items():
+        cfg[key] = value
+    return cfg
+
+
+def rope_params_of(config) -> dict:
+    return json.loads(json.dumps(config.rope_parameters, sort_keys=True))
+
+
+def verify_legacy_equivalent(spec, legacy_path: Path) -> None:
+    """Load the legacy spelling with transformers; it must normalize to the same math."""
+    cls = type(spec["config"])
+    loaded = cls.from_json_file(str(legacy_path))
+    want = rope_params_of(spec["config"])
+    got = rope_params_of(loaded)
+    if got != want:
+        raise RuntimeError(f"{legacy_path}: legacy rope spelling loads as {got}, expected {want}")
+    if getattr(spec["config"], "layer_types", None) is not None:
+        if list(loaded.layer_types) != list(spec["config"].layer_types):
+            raise RuntimeError(f"{legacy_path}: layer_types {loaded.layer_types} != {spec['config'].layer_types}")
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def build_one(spec_fn, out_root: Path, versions: dict) -> dict:
+    spec = spec_fn()
+    name = spec["name"]
+    config = spec["config"]
+    config._attn_implementation = "eager"
+    rejected = []
+    for attempt in range(MAX_SEED_ATTEMPTS):
+        seed = spec["seed"] + attempt
+        torch.manual_seed(seed)
+        model = spec["model_cls"](config).to(torch.float32).eval()
+        init_summary = rerandomize(model, spec["norm_style"], seed, spec["embed_std"], spec["final_norm_gain"])
+        if config.tie_word_embeddings:
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "tie broken"
+        tensors, stats = make_goldens(model, config, seed)
+        problem = degeneracy_problem(stats)
+        if problem is None:
+            break
+        rejected.append({"seed": seed, "why": problem})
+    else:
+        raise RuntimeError(f"{name}: no seed in {MAX_SEED_ATTEMPTS} attempts gave usable goldens: {rejected[-3:]}")
+    effects = feature_effects(spec, model, config, tensors["input_ids"], tensors["prefill_logits"])
+
+    out_dir = out_root / name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    save_model(model, out_dir, spec["max_shard_size"])
+    save_file(tensors, str(out_dir / "golden.safetensors"), metadata={"format": "pt"})
+
+    # Reload what we saved and confirm it reproduces the goldens.
+    reloaded = spec["model_cls"].from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=tensors["input_ids"][None], use_cache=False).logits[0]
+    reload_diff = (again - tensors["prefill_logits"]).abs().max().item()
+    assert reload_diff < SELF_CONSISTENCY_TOL, f"{name}: reloaded model differs by {reload_diff}"
+    stats["max_abs_diff_reloaded_vs_golden"] = reload_diff
+
+    sharded = (out_dir / "model.safetensors.index.json").exists()
+    if name == "llama" and not sharded:
+        raise RuntimeError("llama fixture must be sharded; lower max_shard_size")
+
+    saved_cfg = json.loads((out_dir / "config.json").read_text())
+    meta = {
+        "arch": saved_cfg.get("architectures", [None])[0],
+        "model_type": saved_cfg.get("model_type"),
+        "versions": versions,
+        "N": PROMPT_LEN,
+        "decode_steps": DECODE_STEPS,
+        "vocab_size": config.vocab_size,
+        "seed": seed,
+        "input_ids_seed": seed + 7,
+        "rejected_seeds": rejected,
+        "embed_std": spec["embed_std"],
+        "final_norm_effective_gain": spec["final_norm_gain"],
+        "dtype": "float32",
+        "attn_implementation": "eager",
+        "sharded": sharded,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "features": spec["features"],
+        "softcapping": {
+            "final_logit_softcapping": saved_cfg.get("final_logit_softcapping", "absent"),
+            "attn_logit_softcapping": saved_cfg.get("attn_logit_softcapping", "absent"),
+        },
+        "config_json_keys": sorted(saved_cfg.keys()),
+        "rope_parameters_as_saved": saved_cfg.get("rope_parameters"),
+        "feature_effects_max_abs_logit_change_when_disabled": effects,
+        "param_init": init_summary,
+        "stats": stats,
+        "tolerance_used_for_self_consistency": SELF_CONSISTENCY_TOL,
+    }
+    write_json(out_dir / "meta.json", meta)
+
+    legacy_dir = out_root / "legacy_configs"
+    legacy_dir.mkdir(exist_ok=True)
+    legacy_path = legacy_dir / f"{name}.json"
+    write_json(legacy_path, legacy_config_dict(spec, out_dir / "config.json"))
+    verify_legacy_equivalent(spec, legacy_path)
+
+    size = dir_size(out_dir)
+    if size > MAX_FIXTURE_BYTES:
+        raise RuntimeError(f"{name}: fixture is {size} bytes, over {MAX_FIXTURE_BYTES}")
+    return {"name": name, "dir": out_dir, "stats": stats, "effects": effects, "size": size, "decode_ids": tensors["decode_ids"].tolist()}
+
+
+def build_multimodal_config(out_root: Path) -> Path:
+    text = gemma3_spec()["config"]
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=250,
+        eoi_token_index=251,
+        image_token_index=252,
+    )
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    out_dir = out_root / "gemma3_multimodal_config"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    cfg.save_pretrained(out_dir)
+    # The nested text config must parse back to the same text model.
+    loaded = Gemma3Config.from_pretrained(out_dir)
+    assert rope_params_of(loaded.text_config) == rope_params_of(text)
+    assert list(loaded.text_config.layer_types) == list(text.layer_types)
+    assert loaded.text_config.sliding_window == text.sliding_window
+    assert loaded.text_config.query_pre_attn_scalar == text.query_pre_attn_scalar
+    return out_dir / "config.json"
+
+
+README_TEXT = """# Logit-parity fixtures (generated; do not edit by hand)
+
+Generated by `scripts/make_parity_fixtures.py` (versions in each `meta.json`).
+Re-run with `python scripts/make_parity_fixtures.py`; it is deterministic on CPU.
+
+Each of `llama/`, `qwen2/`, `qwen3/`, `gemma3/` holds a tiny RANDOM-weight model
+saved by transformers `save_pretrained` (safetensors, float32) and its goldens.
+Every parameter was re-randomized with a fixed seed (norm weights random around
+1, or around 0 for Gemma's `(1 + w)` norms; biases nonzero), so each weight
+changes the logits (tied models use small embeddings and a final-norm gain of
+3-4 so the layers, not the embedding, dominate the output; see `param_init`
+in `meta.json`). Built with `attn_implementation="eager"`, float32,
+`model.eval()`, `torch.no_grad()`. All weights are stored as F32.
+
+The script also proves each listed feature is exercised: switching it off
+(e.g. gemma3 sliding window 32 -> 4096, llama3 scaling -> plain rope, qwen2
+biases -> 0, qwen3 q/k norm -> 1) must move some prefill logit by > 0.05;
+the measured effects are in `meta.json` under
+`feature_effects_max_abs_logit_change_when_disabled` (all are > 1).
+
+| dir | files |
+|-----|-------|
+| `llama/` | `config.json`, SHARDED weights `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` |
+| `qwen2/`, `qwen3/`, `gemma3/` | `config.json`, single `model.safetensors` |
+| all four | `generation_config.json` (ignore), `golden.safetensors`, `meta.json` |
+| `gemma3_multimodal_config/config.json` | a `Gemma3ForConditionalGeneration` config (nested `text_config`, `vision_config`); its `text_config` is the same text model as `gemma3/`; no weights |
+| `legacy_configs/<name>.json` | the same configs in the pre-transformers-5 spelling (see below); transformers loads each to identical rope parameters / layer types |
+
+## golden.safetensors
+
+| tensor | dtype | shape | meaning |
+|--------|-------|-------|---------|
+| `input_ids` | I64 | [N] | prompt, uniform random ids in [0, vocab) (N = 320) |
+| `prefill_logits` | F32 | [N, vocab] | `prefill_logits[p]` = logits at prompt position p (predicting token p+1), one causal forward over the whole prompt, positions 0..N-1 |
+| `decode_ids` | I64 | [8] | greedy tokens: `decode_ids[0] = argmax(prefill_logits[N-1])`, `decode_ids[i+1] = argmax(decode_logits[i])` |
+| `decode_logits` | F32 | [8, vocab] | `decode_logits[i]` = logits after feeding `decode_ids[i]` at position `N + i` on top of the KV cache of everything before it |
+
+So `decode_logits[7]` is the logits after the 8th generated token (it would
+produce a 9th token that is not stored). The prompt is NOT prefixed with BOS:
+feed `input_ids` exactly as stored. Positions start at 0.
+
+Decoding was done one token at a time with a `DynamicCache` (the real
+incremental path). The script asserts that one non-cached forward over
+`input_ids ++ decode_ids` reproduces `prefill_logits` and `decode_logits` to
+< 1e-4, and that the greedy top-1/top-2 gap at each of the 8 deciding steps
+is >= 0.05 (so a correct implementation picks the same tokens).
+
+## config.json spellings (Rust parser must accept both)
+
+transformers >= 5 writes rope settings as one `rope_parameters` object and no
+longer writes `rope_theta` / `rope_scaling` at the top level:
+
+* llama: `"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+  "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}`
+* qwen2: `"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}`
+* qwen3: `"rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+  "original_max_position_embeddings": 128}` (`beta_fast` 32, `beta_slow` 1, `truncate` true,
+  `attention_factor` = 0.1 ln(factor) + 1 are the defaults when absent)
+* gemma3: `rope_parameters` is nested per layer type:
+  `{"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}`,
+  plus explicit `layer_types` (list, one per layer) and `sliding_window`.
+  TRAP: transformers also writes a stale private `"_sliding_window_pattern": 6`
+  that does NOT agree with `layer_types` here. When `layer_types` is present it
+  is the truth; use `sliding_window_pattern` (no underscore) only when
+  `layer_types` is absent, and ignore `_sliding_window_pattern`.
+* qwen2 / qwen3 write `layer_types` (all `full_attention`), `sliding_window: null`,
+  `use_sliding_window: false` and `max_window_layers: 28`; with
+  `use_sliding_window` false there is no sliding window at all.
+* `head_dim` is written for llama, qwen3 and gemma3; qwen2 has none (it is
+  hidden_size / num_attention_heads).
+* Tied models (qwen2, gemma3) have no `lm_head.weight` tensor.
+* `gemma3_multimodal_config/config.json` has `model_type: "gemma3"`,
+  `architectures: ["Gemma3ForConditionalGeneration"]` and the text model under
+  `text_config` (`model_type: "gemma3_text"`, no `architectures`, no `dtype`).
+  This fixture has no weights; real multimodal checkpoints name the text
+  weights `language_model.model.*` (Hub files from transformers 4.x) or
+  `model.language_model.*` (saved by newer transformers).
+
+The legacy spelling (transformers 4.x, and most Hub checkpoints) is in
+`legacy_configs/`:
+
+* `rope_theta` at the top level, and `rope_scaling` = the same dict minus
+  `rope_theta` (or `null`). Old files may spell `rope_type` as `type`.
+* gemma3: `rope_theta` (global/full layers), `rope_local_base_freq` (sliding
+  layers), `rope_scaling` applies to FULL-attention layers only, and
+  `sliding_window_pattern` k instead of `layer_types`: layer i is
+  full_attention iff (i + 1) % k == 0 (k = 3 here gives
+  [sliding, sliding, full, sliding]).
+
+## Semantics worth knowing
+
+* gemma3: embeddings are multiplied by sqrt(hidden_size) (in the weight dtype);
+  attention scores use `query_pre_attn_scalar ** -0.5` (24 here, head_dim 32);
+  every RMSNorm is `x / rms(x) * (1 + w)` computed in f32; sliding layers let
+  query position q see keys k with `q - sliding_window < k <= q`.
+  `final_logit_softcapping` and `attn_logit_softcapping` are `null` (the
+  transformers default), i.e. no softcapping; see `meta.json`.
+* qwen3: q_norm / k_norm are RMSNorms over head_dim applied per head before rope.
+* yarn multiplies both cos and sin by `attention_factor`.
+* See each `meta.json` `features` for what the fixture exercises and `stats`
+  for logit spread, greedy margins and self-consistency diffs.
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_out = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "parity"
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--only", nargs="*", help="subset of model names to build")
+    args = parser.parse_args()
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    versions = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+    out_root: Path = args.out
+    out_root.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for spec_fn in SPECS:
+        if args.only and spec_fn()["name"] not in args.only:
+            continue
+        results.append(build_one(spec_fn, out_root, versions))
+    mm_path = build_multimodal_config(out_root)
+    (out_root / "README.md").write_text(README_TEXT)
+    write_json(out_root / "versions.json", versions)
+
+    print(f"transformers {versions['transformers']}, torch {versions['torch']}")
+    for r in results:
+        s = r["stats"]
+        print(
+            f"{r['name']:7s} {r['size'] / 1024:7.1f} KiB  logits std {s['prefill_logits_std']:.2f} "
+            f"absmax {s['prefill_logits_absmax']:.2f}  distinct argmax {s['distinct_prefill_argmax']}  "
+            f"decode {r['decode_ids']}  margin {s['min_greedy_top2_margin']:.3f}  "
+            f"self-diff {max(s['max_abs_diff_prefill_vs_full_forward'], s['max_abs_diff_decode_vs_full_forward']):.2e}"
+        )
+        for label, effect in r["effects"].items():
+            print(f"          feature '{label}': logits move by up to {effect:.3f} when disabled")
+        for f in sorted(r["dir"].iterdir()):
+            print(f"          {f.name:45s} {f.stat().st_size:9d} B")
+    print(f"multimodal config: {mm_path} ({mm_path.stat().st_size} B)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
