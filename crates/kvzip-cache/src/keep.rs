@@ -84,12 +84,12 @@ impl KeepMask {
 
     /// `(kept, total)` context pairs over the evictable layers.
     pub fn counts(&self) -> (usize, usize) {
-        self.layers
-            .iter()
-            .flatten()
-            .fold((0, 0), |(k, t), lk| {
-                (k + lk.bits.iter().filter(|b| **b).count(), t + lk.bits.len())
-            })
+        self.layers.iter().flatten().fold((0, 0), |(k, t), lk| {
+            (
+                k + lk.bits.iter().filter(|b| **b).count(),
+                t + lk.bits.len(),
+            )
+        })
     }
 
     /// Fraction of evictable context pairs kept (1.0 for an empty mask).

@@ -1,0 +1,481 @@
+//! Save/load of a (compressed) cache as one safetensors file with JSON metadata.
+//!
+//! Tensors, per layer `l` (rows packed head-major, free capacity dropped):
+//! `layer.{l}.k` / `layer.{l}.v` F32 `[rows, head_dim]`, `layer.{l}.positions` U32 `[rows]`,
+//! `layer.{l}.lens` U64 `[n_kv_heads]`. The safetensors `__metadata__` string map holds
+//! `format` = [`FORMAT_NAME`], `format_version` = [`FORMAT_VERSION`] and `kvzip_cache` = a JSON
+//! object with the spans, `seen_tokens`, the layer geometry and the [`CacheFileMeta`].
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+
+use crate::layer::{LayerCache, MIN_HEAD_SLACK};
+use crate::{CacheError, KvCache};
+
+/// Value of the `format` metadata key identifying a kvzip cache file.
+pub const FORMAT_NAME: &str = "kvzip-rs/kv-cache";
+/// Value of the `format_version` metadata key written by this crate (the only one it reads).
+pub const FORMAT_VERSION: &str = "1";
+
+const KEY_FORMAT: &str = "format";
+const KEY_VERSION: &str = "format_version";
+const KEY_HEADER: &str = "kvzip_cache";
+const RECREATE: &str = "re-create it by compressing the context again with --save-cache";
+
+/// Caller-provided description of a saved cache (stored in the file and returned by `load`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheFileMeta {
+    /// Model identity, e.g. `"<model name>@<weights hash>"`; a loader must check it.
+    pub model_id: String,
+    /// Fraction of context pairs requested to be kept, if the cache was pruned.
+    pub ratio_requested: Option<f64>,
+    /// Fraction of context pairs really kept.
+    pub ratio_real: Option<f64>,
+    /// Selection level used (`"pair"`, `"pair-uniform"`, `"head"`, ...).
+    pub level: Option<String>,
+    /// Token ids of the system prompt + context (`n_sys + n_ctx` ids), to check a match.
+    pub token_ids: Vec<u32>,
+    /// Free-form fields.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl CacheFileMeta {
+    /// Checks the file was made for `model_id` and, if given, from exactly `token_ids`;
+    /// `path` is only used in the error message.
+    pub fn check(
+        &self,
+        path: &Path,
+        model_id: &str,
+        token_ids: Option<&[u32]>,
+    ) -> Result<(), CacheError> {
+        if self.model_id != model_id {
+            return Err(CacheError::Mismatch {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "it was made for model '{}', not '{model_id}'; use that model or {RECREATE}",
+                    self.model_id
+                ),
+            });
+        }
+        if let Some(ids) = token_ids {
+            if ids != self.token_ids.as_slice() {
+                let at = ids
+                    .iter()
+                    .zip(&self.token_ids)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                return Err(CacheError::Mismatch {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "its prompt+context tokens ({} ids) differ from the expected ones ({} ids) \
+                         from index {at}; {RECREATE}",
+                        self.token_ids.len(),
+                        ids.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Geometry and spans stored next to the caller's meta.
+#[derive(Debug, Serialize, Deserialize)]
+struct FileHeader {
+    n_sys: usize,
+    n_ctx: usize,
+    seen_tokens: usize,
+    /// `(n_kv_heads, head_dim)` per layer.
+    layers: Vec<(usize, usize)>,
+    meta: CacheFileMeta,
+}
+
+/// A tensor whose little-endian bytes are produced only when the serializer asks for them.
+enum LazyTensor<'a> {
+    Rows(&'a LayerCache, bool),
+    Positions(&'a LayerCache),
+    Lens(&'a LayerCache),
+}
+
+impl LazyTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            Self::Rows(..) => Dtype::F32,
+            Self::Positions(_) => Dtype::U32,
+            Self::Lens(_) => Dtype::U64,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.data_len());
+        match self {
+            Self::Rows(layer, is_k) => {
+                for h in 0..layer.n_kv_heads() {
+                    let rows = if *is_k {
+                        layer.head_keys(h)
+                    } else {
+                        layer.head_values(h)
+                    };
+                    rows.iter()
+                        .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+                }
+            }
+            Self::Positions(layer) => {
+                for h in 0..layer.n_kv_heads() {
+                    let pos = layer.head_positions(h);
+                    pos.iter()
+                        .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+                }
+            }
+            Self::Lens(layer) => {
+                for &len in layer.lens() {
+                    out.extend_from_slice(&(len as u64).to_le_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            Self::Rows(layer, _) => layer.rows() * layer.head_dim() * 4,
+            Self::Positions(layer) => layer.rows() * 4,
+            Self::Lens(layer) => layer.n_kv_heads() * 8,
+        }
+    }
+}
+
+/// A [`LazyTensor`] with its shape, as the safetensors serializer wants it.
+struct Shaped<'a> {
+    tensor: LazyTensor<'a>,
+    shape: Vec<usize>,
+}
+
+impl View for Shaped<'_> {
+    fn dtype(&self) -> Dtype {
+        self.tensor.dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.tensor.bytes())
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.data_len()
+    }
+}
+
+fn format_err(path: &Path, msg: impl Into<String>) -> CacheError {
+    CacheError::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl KvCache {
+    /// Writes the live rows, positions, lengths, spans and `meta` to `path` as one
+    /// safetensors file (F32, bit-exact). Atomic: written to a temporary file in the same
+    /// directory, then renamed over `path`.
+    pub fn save(&self, path: impl AsRef<Path>, meta: &CacheFileMeta) -> Result<(), CacheError> {
+        let path = path.as_ref();
+        let header = FileHeader {
+            n_sys: self.n_sys(),
+            n_ctx: self.n_ctx(),
+            seen_tokens: self.seen_tokens(),
+            layers: self
+                .layers()
+                .iter()
+                .map(|l| (l.n_kv_heads(), l.head_dim()))
+                .collect(),
+            meta: meta.clone(),
+        };
+        let header_json = serde_json::to_string(&header)
+            .map_err(|e| format_err(path, format!("cannot encode metadata as JSON: {e}")))?;
+        let info: HashMap<String, String> = [
+            (KEY_FORMAT.to_string(), FORMAT_NAME.to_string()),
+            (KEY_VERSION.to_string(), FORMAT_VERSION.to_string()),
+            (KEY_HEADER.to_string(), header_json),
+        ]
+        .into();
+        let mut tensors: Vec<(String, Shaped)> = Vec::new();
+        for (l, layer) in self.layers().iter().enumerate() {
+            let (rows, hd) = (layer.rows(), layer.head_dim());
+            let items = [
+                ("k", LazyTensor::Rows(layer, true), vec![rows, hd]),
+                ("v", LazyTensor::Rows(layer, false), vec![rows, hd]),
+                ("positions", LazyTensor::Positions(layer), vec![rows]),
+                ("lens", LazyTensor::Lens(layer), vec![layer.n_kv_heads()]),
+            ];
+            for (name, tensor, shape) in items {
+                tensors.push((format!("layer.{l}.{name}"), Shaped { tensor, shape }));
+            }
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
+        safetensors::serialize_to_file(tensors, &Some(info), tmp.path()).map_err(|e| match e {
+            SafeTensorError::IoError(source) => CacheError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => format_err(path, format!("cannot serialize: {other}")),
+        })?;
+        tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
+        tmp.persist(path).map_err(|e| CacheError::Io {
+            path: path.to_path_buf(),
+            source: e.error,
+        })?;
+        Ok(())
+    }
+
+    /// Reads a file written by [`save`](Self::save), validating its format, version and every
+    /// shape; returns the cache (with [`MIN_HEAD_SLACK`] free rows per head) and its meta.
+    pub fn load(path: impl AsRef<Path>) -> Result<(KvCache, CacheFileMeta), CacheError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        let st = parse_safetensors(path, &bytes)?;
+        let header = read_header(path, &bytes)?;
+        let mut layers = Vec::with_capacity(header.layers.len());
+        for (l, &(n_heads, head_dim)) in header.layers.iter().enumerate() {
+            layers.push(read_layer(
+                path,
+                &st,
+                l,
+                n_heads,
+                head_dim,
+                header.seen_tokens,
+            )?);
+        }
+        let cache = KvCache::from_layers(layers, header.n_sys, header.n_ctx, header.seen_tokens);
+        Ok((cache, header.meta))
+    }
+}
+
+fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, CacheError> {
+    if bytes.len() < 8 {
+        return Err(format_err(
+            path,
+            format!(
+                "truncated: only {} bytes, not even a safetensors header; {RECREATE}",
+                bytes.len()
+            ),
+        ));
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(n);
+    if header_len > 100_000_000
+        || bytes.get(8) != Some(&b'{') && header_len as usize + 8 <= bytes.len()
+    {
+        return Err(format_err(
+            path,
+            "not a safetensors file (bad header); pass a cache file written by --save-cache",
+        ));
+    }
+    if header_len as usize + 8 > bytes.len() {
+        return Err(format_err(
+            path,
+            format!(
+                "truncated: header needs {} bytes but the file has {}; {RECREATE}",
+                header_len + 8,
+                bytes.len()
+            ),
+        ));
+    }
+    SafeTensors::deserialize(bytes).map_err(|e| match e {
+        SafeTensorError::MetadataIncompleteBuffer => format_err(
+            path,
+            format!(
+                "truncated or corrupted: the data size does not match the tensor table; {RECREATE}"
+            ),
+        ),
+        other => format_err(
+            path,
+            format!("not a valid safetensors file ({other}); {RECREATE}"),
+        ),
+    })
+}
+
+fn read_header(path: &Path, bytes: &[u8]) -> Result<FileHeader, CacheError> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        format_err(
+            path,
+            format!("cannot read the safetensors header ({e}); {RECREATE}"),
+        )
+    })?;
+    let map = metadata.metadata().clone().unwrap_or_default();
+    let foreign = || {
+        format_err(
+            path,
+            format!(
+                "a safetensors file, but not a kvzip cache (metadata key '{KEY_FORMAT}' is not \
+                 '{FORMAT_NAME}'; is it a model weight file?); pass a file written by --save-cache"
+            ),
+        )
+    };
+    match map.get(KEY_FORMAT) {
+        Some(f) if f == FORMAT_NAME => {}
+        _ => return Err(foreign()),
+    }
+    match map.get(KEY_VERSION).map(String::as_str) {
+        Some(FORMAT_VERSION) => {}
+        Some(v) => {
+            return Err(format_err(
+                path,
+                format!(
+                    "cache format version {v}, this build reads version {FORMAT_VERSION}; \
+                     use the kvzip version that wrote it or {RECREATE}"
+                ),
+            ))
+        }
+        None => {
+            return Err(format_err(
+                path,
+                format!("metadata key '{KEY_VERSION}' missing; {RECREATE}"),
+            ))
+        }
+    }
+    let json = map.get(KEY_HEADER).ok_or_else(|| {
+        format_err(
+            path,
+            format!("metadata key '{KEY_HEADER}' missing; {RECREATE}"),
+        )
+    })?;
+    let header: FileHeader = serde_json::from_str(json).map_err(|e| {
+        format_err(
+            path,
+            format!("metadata '{KEY_HEADER}' is not valid: {e}; {RECREATE}"),
+        )
+    })?;
+    if header.n_sys + header.n_ctx > header.seen_tokens {
+        return Err(format_err(
+            path,
+            format!(
+                "n_sys {} + n_ctx {} exceeds seen_tokens {}; {RECREATE}",
+                header.n_sys, header.n_ctx, header.seen_tokens
+            ),
+        ));
+    }
+    Ok(header)
+}
+
+/// Tensor `name` with dtype `dtype` and shape `shape`, as raw little-endian bytes.
+fn tensor_bytes<'a>(
+    path: &Path,
+    st: &SafeTensors<'a>,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<&'a [u8], CacheError> {
+    let t = st
+        .tensor(name)
+        .map_err(|_| format_err(path, format!("tensor '{name}' missing; {RECREATE}")))?;
+    if t.dtype() != dtype || t.shape() != shape {
+        return Err(format_err(
+            path,
+            format!(
+                "tensor '{name}' is {:?} {:?}, expected {dtype:?} {shape:?}; {RECREATE}",
+                t.dtype(),
+                t.shape()
+            ),
+        ));
+    }
+    Ok(t.data())
+}
+
+fn read_layer(
+    path: &Path,
+    st: &SafeTensors,
+    l: usize,
+    n_heads: usize,
+    head_dim: usize,
+    seen_tokens: usize,
+) -> Result<LayerCache, CacheError> {
+    let shape_err = |msg: String| format_err(path, format!("layer {l}: {msg}; {RECREATE}"));
+    if n_heads == 0 || head_dim == 0 {
+        return Err(shape_err(format!(
+            "geometry {n_heads} heads x head_dim {head_dim}"
+        )));
+    }
+    let lens_raw = tensor_bytes(path, st, &format!("layer.{l}.lens"), Dtype::U64, &[n_heads])?;
+    let mut lens = Vec::with_capacity(n_heads);
+    for c in lens_raw.chunks_exact(8) {
+        let len = u64::from_le_bytes(c.try_into().unwrap_or([0xff; 8]));
+        let len = usize::try_from(len).map_err(|_| shape_err(format!("head length {len}")))?;
+        lens.push(len);
+    }
+    let rows = lens
+        .iter()
+        .try_fold(0usize, |a, &b| a.checked_add(b))
+        .filter(|&r| r <= seen_tokens.saturating_mul(n_heads))
+        .ok_or_else(|| {
+            shape_err(format!(
+                "head lengths {lens:?} exceed seen_tokens {seen_tokens} per head"
+            ))
+        })?;
+    let k_raw = tensor_bytes(
+        path,
+        st,
+        &format!("layer.{l}.k"),
+        Dtype::F32,
+        &[rows, head_dim],
+    )?;
+    let v_raw = tensor_bytes(
+        path,
+        st,
+        &format!("layer.{l}.v"),
+        Dtype::F32,
+        &[rows, head_dim],
+    )?;
+    let p_raw = tensor_bytes(
+        path,
+        st,
+        &format!("layer.{l}.positions"),
+        Dtype::U32,
+        &[rows],
+    )?;
+    let to_f32 = |raw: &[u8]| -> Vec<f32> {
+        raw.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let positions: Vec<u32> = p_raw
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let mut start = 0;
+    for (h, &len) in lens.iter().enumerate() {
+        let head = &positions[start..start + len];
+        if head.windows(2).any(|w| w[0] >= w[1])
+            || head.last().is_some_and(|&p| p as usize >= seen_tokens)
+        {
+            return Err(shape_err(format!(
+                "head {h} positions are not increasing and below seen_tokens {seen_tokens}"
+            )));
+        }
+        start += len;
+    }
+    LayerCache::from_packed(
+        head_dim,
+        &lens,
+        &to_f32(k_raw),
+        &to_f32(v_raw),
+        &positions,
+        MIN_HEAD_SLACK,
+    )
+    .map_err(|e| shape_err(e.to_string()))
+}
