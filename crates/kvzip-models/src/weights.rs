@@ -1,0 +1,227 @@
+//! Safetensors weight loading through memory maps, single file or sharded
+//! (`model.safetensors.index.json`), converting F32/BF16/F16 tensors to f32.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+
+use crate::error::{ModelError, Result};
+
+/// Location of one tensor inside a mapped file.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range inside the file.
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a checkpoint, memory-mapped; tensors are converted to f32 on request.
+pub struct Weights {
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+fn weights_err(path: &Path, tensor: &str, msg: impl Into<String>) -> ModelError {
+    ModelError::Weights {
+        path: path.to_path_buf(),
+        tensor: tensor.into(),
+        msg: msg.into(),
+    }
+}
+
+impl Weights {
+    /// Opens the checkpoint in `dir`: `model.safetensors`, or the shards listed by
+    /// `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let bytes = std::fs::read(&index).map_err(|source| ModelError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                weights_err(&index, "", format!("index is not valid JSON ({e})"))
+            })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| weights_err(&index, "", "missing object field `weight_map`"))?;
+            let mut shard_names: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    weights_err(&index, tensor, "weight_map value must be a file name")
+                })?;
+                if file.contains('/') || file.contains('\\') || file.starts_with("..") {
+                    return Err(weights_err(&index, tensor, "shard name must be a plain file name"));
+                }
+                if !shard_names.iter().any(|s| s == file) {
+                    shard_names.push(file.to_owned());
+                }
+            }
+            shard_names.sort();
+            let paths: Vec<PathBuf> = shard_names.iter().map(|s| dir.join(s)).collect();
+            Self::open_files(&paths)
+        } else if single.exists() {
+            Self::open_files(&[single])
+        } else {
+            Err(weights_err(
+                &single,
+                "",
+                "no model.safetensors or model.safetensors.index.json in the model directory",
+            ))
+        }
+    }
+
+    /// Opens explicit safetensors files; a tensor name appearing twice is an error.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (fi, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the file is opened read-only; we never hand out references that outlive
+            // the map, and a concurrent truncation by another process is outside our contract.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                let what = match e {
+                    safetensors::SafeTensorError::MetadataIncompleteBuffer
+                    | safetensors::SafeTensorError::HeaderTooSmall => {
+                        "the file is truncated (its data is shorter than its header declares)"
+                            .to_owned()
+                    }
+                    other => format!("not a valid safetensors file ({other})"),
+                };
+                weights_err(path, "", format!("{what}; re-download or re-export it"))
+            })?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let start = data_start + info.data_offsets.0;
+                let end = data_start + info.data_offsets.1;
+                if end > mmap.len() || start > end {
+                    return Err(weights_err(
+                        path,
+                        &name,
+                        format!(
+                            "data range {start}..{end} lies beyond the end of the file ({} bytes): the file is truncated",
+                            mmap.len()
+                        ),
+                    ));
+                }
+                let n: usize = info.shape.iter().product();
+                if n * info.dtype.size() != end - start {
+                    return Err(weights_err(
+                        path,
+                        &name,
+                        format!(
+                            "shape {:?} of {:?} needs {} bytes but the file stores {}",
+                            info.shape,
+                            info.dtype,
+                            n * info.dtype.size(),
+                            end - start
+                        ),
+                    ));
+                }
+                let entry = TensorEntry {
+                    file: fi,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start,
+                    end,
+                };
+                if tensors.insert(name.clone(), entry).is_some() {
+                    return Err(weights_err(path, &name, "tensor appears in more than one shard"));
+                }
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self { files, tensors })
+    }
+
+    /// Whether a tensor named `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of all tensors (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Shape of tensor `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The file that would be reported for a missing tensor.
+    fn primary_path(&self) -> PathBuf {
+        self.files
+            .first()
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default()
+    }
+
+    /// Loads tensor `name` as f32, checking it has exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let entry = self.tensors.get(name).ok_or_else(|| {
+            weights_err(
+                &self.primary_path(),
+                name,
+                "missing from the checkpoint (does config.json match the weights?)",
+            )
+        })?;
+        let path = &self.files[entry.file].0;
+        if entry.shape != shape {
+            return Err(weights_err(
+                path,
+                name,
+                format!(
+                    "has shape {:?} but the config implies {:?}; the checkpoint does not match config.json",
+                    entry.shape, shape
+                ),
+            ));
+        }
+        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        let out = match entry.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(weights_err(
+                    path,
+                    name,
+                    format!("dtype {other:?} is not supported; store weights as F32, BF16 or F16"),
+                ))
+            }
+        };
+        Ok(out)
+    }
+
+    /// Loads `name` if present (with shape check), `Ok(None)` if absent.
+    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        if self.contains(name) {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
