@@ -1,0 +1,216 @@
+//! Tiled causal-softmax column statistics: for a block of query rows and a set of key segments,
+//! the max (or sum) over rows of the softmax probability at each key of a target range.
+//!
+//! Two passes per row tile, nothing larger than a `ROW_TILE x KEY_TILE` logit tile held:
+//! pass 1 computes each row's log-sum-exp over all visible keys (online max/sum), pass 2
+//! recomputes logits of the target keys and reduces `exp(s - lse)` over rows.
+//! Visibility is causal by position: a key at position `kp` is visible to a row at position
+//! `p` iff `kp <= p`.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+/// Query rows per tile.
+const ROW_TILE: usize = 128;
+/// Key rows per tile.
+const KEY_TILE: usize = 256;
+
+/// How column statistics reduce over query rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ColReduce {
+    /// Maximum probability over rows.
+    Max,
+    /// Sum of probabilities over rows.
+    Sum,
+}
+
+/// One independent unit of work: a contiguous block of query rows attending to one key matrix.
+pub(crate) struct Unit<'a> {
+    /// `[n_rows, d]` query rows, contiguous.
+    pub q: &'a [f32],
+    /// All key rows of the unit's KV head, row r = position r, `d` floats each.
+    pub keys: &'a [f32],
+    /// Rows are ordered `(g, t)`; the position of row r is `first_pos + r % period`.
+    pub period: usize,
+    /// Position of the row with `t = 0`.
+    pub first_pos: usize,
+}
+
+/// `c[m, n] = alpha * a[m, k] · b[n, k]^T` with `a`, `b` and `c` contiguous row-major.
+pub(crate) fn matmul_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    alpha: f32,
+) {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return;
+    }
+    // SAFETY: the asserts above bound every access: a is read at row stride k (m rows), b at
+    // column stride k (n columns), c is written at row stride n (m rows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Column statistics for several units, parallel over (unit, row tile).
+///
+/// `segments` are disjoint ascending key-position ranges forming the softmax key set;
+/// `target` (inside the segments) is the range whose statistics are written to
+/// `out[u * target.len() + (kp - target.start)]`. `Max` outputs are overwritten; `Sum` outputs
+/// are overwritten with the sum.
+pub(crate) fn column_stats(
+    units: &[Unit<'_>],
+    d: usize,
+    scale: f32,
+    segments: &[Range<usize>],
+    target: Range<usize>,
+    reduce: ColReduce,
+    out: &mut [f32],
+) {
+    let tlen = target.len();
+    let jobs: Vec<(usize, usize)> = units
+        .iter()
+        .enumerate()
+        .flat_map(|(u, unit)| {
+            let n_rows = unit.q.len() / d.max(1);
+            (0..n_rows.div_ceil(ROW_TILE)).map(move |t| (u, t * ROW_TILE))
+        })
+        .collect();
+    let partials: Vec<(usize, Vec<f32>)> = jobs
+        .par_iter()
+        .map(|&(u, r0)| {
+            let unit = &units[u];
+            let n_rows = unit.q.len() / d;
+            let r1 = (r0 + ROW_TILE).min(n_rows);
+            let mut acc = vec![0.0f32; tlen];
+            row_tile_stats(
+                unit,
+                r0..r1,
+                d,
+                scale,
+                segments,
+                target.clone(),
+                reduce,
+                &mut acc,
+            );
+            (u, acc)
+        })
+        .collect();
+    out[..units.len() * tlen].fill(0.0);
+    for (u, acc) in partials {
+        let dst = &mut out[u * tlen..(u + 1) * tlen];
+        match reduce {
+            ColReduce::Max => dst.iter_mut().zip(&acc).for_each(|(o, a)| *o = o.max(*a)),
+            ColReduce::Sum => dst.iter_mut().zip(&acc).for_each(|(o, a)| *o += *a),
+        }
+    }
+}
+
+/// Both passes for rows `rows` of one unit; reduces into `acc` (`target.len()` floats).
+#[allow(clippy::too_many_arguments)]
+fn row_tile_stats(
+    unit: &Unit<'_>,
+    rows: Range<usize>,
+    d: usize,
+    scale: f32,
+    segments: &[Range<usize>],
+    target: Range<usize>,
+    reduce: ColReduce,
+    acc: &mut [f32],
+) {
+    let nr = rows.len();
+    let q = &unit.q[rows.start * d..rows.end * d];
+    let pos: Vec<usize> = rows
+        .clone()
+        .map(|r| unit.first_pos + r % unit.period)
+        .collect();
+    let max_pos = pos.iter().copied().max().unwrap_or(0);
+    let mut tile = vec![0.0f32; nr * KEY_TILE];
+    let mut run_max = vec![f32::NEG_INFINITY; nr];
+    let mut run_sum = vec![0.0f32; nr];
+
+    // Pass 1: online log-sum-exp over every visible key of every segment.
+    for seg in segments {
+        let mut k0 = seg.start;
+        while k0 < seg.end && k0 <= max_pos {
+            let k1 = (k0 + KEY_TILE).min(seg.end);
+            let nk = k1 - k0;
+            matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale);
+            for (i, &p) in pos.iter().enumerate() {
+                let visible = nk.min((p + 1).saturating_sub(k0));
+                if visible == 0 {
+                    continue;
+                }
+                let s = &tile[i * nk..i * nk + visible];
+                let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = run_max[i].max(tile_max);
+                let mut sum = run_sum[i] * (run_max[i] - new_max).exp();
+                sum += s.iter().map(|&x| (x - new_max).exp()).sum::<f32>();
+                run_max[i] = new_max;
+                run_sum[i] = sum;
+            }
+            k0 = k1;
+        }
+    }
+    let lse: Vec<f32> = run_max
+        .iter()
+        .zip(&run_sum)
+        .map(|(&m, &s)| if s > 0.0 { m + s.ln() } else { f32::INFINITY })
+        .collect();
+
+    // Pass 2: probabilities at the target keys, reduced over rows.
+    let mut k0 = target.start;
+    while k0 < target.end && k0 <= max_pos {
+        let k1 = (k0 + KEY_TILE).min(target.end);
+        let nk = k1 - k0;
+        matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale);
+        let dst = &mut acc[k0 - target.start..k1 - target.start];
+        for (i, &p) in pos.iter().enumerate() {
+            let visible = nk.min((p + 1).saturating_sub(k0));
+            let s = &tile[i * nk..i * nk + visible];
+            match reduce {
+                ColReduce::Max => {
+                    for (o, &x) in dst.iter_mut().zip(s) {
+                        *o = o.max((x - lse[i]).exp());
+                    }
+                }
+                ColReduce::Sum => {
+                    for (o, &x) in dst.iter_mut().zip(s) {
+                        *o += (x - lse[i]).exp();
+                    }
+                }
+            }
+        }
+        k0 = k1;
+    }
+}
