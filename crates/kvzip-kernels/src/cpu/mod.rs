@@ -1,0 +1,21 @@
+//! Fast CPU backend: rayon parallelism over rows / heads plus the `gemm` crate's SIMD GEMM.
+//!
+//! Every op has the same signature and validation as its twin in [`crate::reference`].
+//! Element-wise transcendental functions use a vectorisable polynomial `exp` (about 2 ulp),
+//! so results match the reference to ~1e-6 relative, not bit for bit.
+
+mod act;
+mod attention;
+mod gemm;
+pub(crate) mod math;
+mod norm;
+mod rope;
+
+pub use act::{add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
+pub use attention::{attention, attention_tiled, AttentionArgs, AttentionTiling};
+pub use gemm::{linear, matmul};
+pub use norm::{rms_norm, softmax_rows};
+pub use rope::rope_inplace;
+
+/// Element count below which element-wise ops stay on the calling thread.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
