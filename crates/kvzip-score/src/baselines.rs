@@ -246,7 +246,7 @@ impl BaselineScorer {
             target.clone(),
             reduce,
             &mut out,
-        );
+        )?;
         let n_ctx = self.n_ctx;
         let la = self.layers[layer].get_or_insert_with(|| LayerAcc {
             acc: vec![0.0; n_units * n_ctx],

@@ -11,6 +11,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::Result;
+
 /// Query rows per tile.
 const ROW_TILE: usize = 128;
 /// Key rows per tile.
@@ -37,8 +39,9 @@ pub(crate) struct Unit<'a> {
     pub first_pos: usize,
 }
 
-/// `c[m, n] = alpha * a[m, k] · b[n, k]^T` with `a`, `b` and `c` contiguous row-major.
-pub(crate) fn matmul_nt(
+/// `c[m, n] = alpha * a[m, k] · b[n, k]^T` (slices cut to exactly those sizes), through the
+/// workspace GEMM of `kvzip-kernels`.
+fn matmul_nt(
     m: usize,
     n: usize,
     k: usize,
@@ -46,40 +49,19 @@ pub(crate) fn matmul_nt(
     b: &[f32],
     c: &mut [f32],
     alpha: f32,
-) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c[..m * n].fill(0.0);
-        return;
-    }
-    // SAFETY: the asserts above bound every access: a is read at row stride k (m rows), b at
-    // column stride k (n columns), c is written at row stride n (m rows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+) -> Result<()> {
+    kvzip_kernels::cpu::matmul(
+        &a[..m * k],
+        &b[..n * k],
+        m,
+        k,
+        n,
+        true,
+        alpha,
+        0.0,
+        &mut c[..m * n],
+    )?;
+    Ok(())
 }
 
 /// Column statistics for several units, parallel over (unit, row tile).
@@ -96,7 +78,7 @@ pub(crate) fn column_stats(
     target: Range<usize>,
     reduce: ColReduce,
     out: &mut [f32],
-) {
+) -> Result<()> {
     let tlen = target.len();
     let jobs: Vec<(usize, usize)> = units
         .iter()
@@ -122,10 +104,10 @@ pub(crate) fn column_stats(
                 target.clone(),
                 reduce,
                 &mut acc,
-            );
-            (u, acc)
+            )?;
+            Ok((u, acc))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     out[..units.len() * tlen].fill(0.0);
     for (u, acc) in partials {
         let dst = &mut out[u * tlen..(u + 1) * tlen];
@@ -134,6 +116,7 @@ pub(crate) fn column_stats(
             ColReduce::Sum => dst.iter_mut().zip(&acc).for_each(|(o, a)| *o += *a),
         }
     }
+    Ok(())
 }
 
 /// Both passes for rows `rows` of one unit; reduces into `acc` (`target.len()` floats).
@@ -147,7 +130,7 @@ fn row_tile_stats(
     target: Range<usize>,
     reduce: ColReduce,
     acc: &mut [f32],
-) {
+) -> Result<()> {
     let nr = rows.len();
     let q = &unit.q[rows.start * d..rows.end * d];
     let pos: Vec<usize> = rows
@@ -165,7 +148,7 @@ fn row_tile_stats(
         while k0 < seg.end && k0 <= max_pos {
             let k1 = (k0 + KEY_TILE).min(seg.end);
             let nk = k1 - k0;
-            matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale);
+            matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale)?;
             for (i, &p) in pos.iter().enumerate() {
                 let visible = nk.min((p + 1).saturating_sub(k0));
                 if visible == 0 {
@@ -193,7 +176,7 @@ fn row_tile_stats(
     while k0 < target.end && k0 <= max_pos {
         let k1 = (k0 + KEY_TILE).min(target.end);
         let nk = k1 - k0;
-        matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale);
+        matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale)?;
         let dst = &mut acc[k0 - target.start..k1 - target.start];
         for (i, &p) in pos.iter().enumerate() {
             let visible = nk.min((p + 1).saturating_sub(k0));
@@ -213,4 +196,5 @@ fn row_tile_stats(
         }
         k0 = k1;
     }
+    Ok(())
 }

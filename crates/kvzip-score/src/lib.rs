@@ -61,6 +61,9 @@ pub enum ScoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A compute-kernel error from `kvzip-kernels`.
+    #[error(transparent)]
+    Kernel(#[from] kvzip_kernels::KernelError),
     /// A keep-mask error from `kvzip-cache`.
     #[error(transparent)]
     Cache(#[from] kvzip_cache::CacheError),

@@ -152,7 +152,7 @@ where
         target,
         ColReduce::Max,
         out,
-    );
+    )?;
     Ok(())
 }
 
