@@ -24,7 +24,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -52,15 +55,21 @@ impl ChatTemplate {
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_formatter(|out, state, value| {
-            if matches!(value.kind(), minijinja::value::ValueKind::String | minijinja::value::ValueKind::Undefined) {
+            if matches!(
+                value.kind(),
+                minijinja::value::ValueKind::String | minijinja::value::ValueKind::Undefined
+            ) {
                 minijinja::escape_formatter(out, state, value)
             } else {
                 out.write_str(&python_str(value)).map_err(Error::from)
             }
         });
-        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         env.add_filter("tojson", tojson_filter);
         env.add_template_owned(TEMPLATE_NAME, neutralize_generation_tags(source))?;
@@ -89,7 +98,10 @@ impl ChatTemplate {
             context.insert(key.clone(), Value::from_serialize(value));
         }
         context.insert("messages".into(), Value::from_serialize(messages));
-        context.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
+        context.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
         context.insert("tools".into(), Value::from(()));
         context.insert("documents".into(), Value::from(()));
         if let Some(bos) = &self.bos_token {
@@ -165,13 +177,16 @@ mod tests {
     fn generation_tags_become_plain_blocks() {
         let source = "{%- for m in messages %}{%- generation -%} {{ m.content }} {%- endgeneration %}{% endfor %}";
         let template = ChatTemplate::new(source, None, None).unwrap();
-        let out = template.render(&[ChatMessage::new("assistant", "hi")], false).unwrap();
+        let out = template
+            .render(&[ChatMessage::new("assistant", "hi")], false)
+            .unwrap();
         assert_eq!(out, "hi");
     }
 
     #[test]
     fn raise_exception_is_an_error_with_the_message() {
-        let template = ChatTemplate::new("{{ raise_exception('no system role') }}", None, None).unwrap();
+        let template =
+            ChatTemplate::new("{{ raise_exception('no system role') }}", None, None).unwrap();
         let err = template.render(&[], false).unwrap_err().to_string();
         assert!(err.contains("no system role"), "{err}");
     }

@@ -25,7 +25,13 @@ pub struct DecodeStream<'a> {
 impl<'a> DecodeStream<'a> {
     /// A fresh stream over `tokenizer`.
     pub fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
-        Self { tokenizer, skip_special_tokens, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self {
+            tokenizer,
+            skip_special_tokens,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 
     /// Adds one id; returns the new text, or `None` while the text is incomplete (a partial UTF-8
@@ -64,7 +70,8 @@ impl<'a> DecodeStream<'a> {
         if start >= end {
             return Ok(String::new());
         }
-        self.tokenizer.decode(&self.ids[start..end], self.skip_special_tokens)
+        self.tokenizer
+            .decode(&self.ids[start..end], self.skip_special_tokens)
     }
 }
 

@@ -47,8 +47,8 @@ pub use chat_template::{ChatMessage, ChatTemplate};
 pub use decode_stream::DecodeStream;
 pub use error::{Result, TemplateError};
 pub use prompt::{
-    chunk_ranges, format_query, query_piece, reconstruction_inputs, ModelFamily, PromptIds, PromptPieces,
-    ReconstructionChunk, Task, HINT_TOKENS, PREFILL_CHUNK_TOKENS, REPEAT_FIRST_PROMPT, REPEAT_NEXT_PROMPT,
-    SCORING_CHUNK_TOKENS, SYSTEM_MESSAGE,
+    chunk_ranges, format_query, query_piece, reconstruction_inputs, ModelFamily, PromptIds,
+    PromptPieces, ReconstructionChunk, Task, HINT_TOKENS, PREFILL_CHUNK_TOKENS,
+    REPEAT_FIRST_PROMPT, REPEAT_NEXT_PROMPT, SCORING_CHUNK_TOKENS, SYSTEM_MESSAGE,
 };
 pub use tokenizer::{SpecialTokens, Tokenizer};

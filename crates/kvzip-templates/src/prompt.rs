@@ -12,7 +12,8 @@ use crate::tokenizer::Tokenizer;
 pub const REPEAT_FIRST_PROMPT: &str = "\n\nRepeat the previous context exactly.";
 /// Repeat prompt of every later scoring chunk; followed by [`HINT_TOKENS`] ids of the previous
 /// chunk (note the trailing space) (§1.1).
-pub const REPEAT_NEXT_PROMPT: &str = "\n\nRepeat the part of the previous context exactly, starting with ";
+pub const REPEAT_NEXT_PROMPT: &str =
+    "\n\nRepeat the part of the previous context exactly, starting with ";
 /// Context tokens per scoring chunk (§1.1).
 pub const SCORING_CHUNK_TOKENS: usize = 2000;
 /// Trailing ids of the previous chunk repeated as a hint (`prev_postfix_size`) (§1.1).
@@ -103,7 +104,8 @@ impl ModelFamily {
 
     /// (prefix without task line, postfix), exactly as KVzip writes them.
     fn raw_pieces(self) -> (&'static str, &'static str) {
-        const CHATML_PREFIX: &str = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n";
+        const CHATML_PREFIX: &str =
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n";
         match self {
             ModelFamily::Llama => (
                 "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant\
@@ -137,7 +139,10 @@ impl PromptPieces {
     /// KVzip's hand-written pieces of a family, with the task line appended to the prefix.
     pub fn for_family(family: ModelFamily, task: Task) -> Self {
         let (prefix, postfix) = family.raw_pieces();
-        Self { prefix: format!("{prefix}{}", task.task_line()), postfix: postfix.to_string() }
+        Self {
+            prefix: format!("{prefix}{}", task.task_line()),
+            postfix: postfix.to_string(),
+        }
     }
 
     /// Derives the pieces from a model's own chat template: renders `[system: "You are a helpful
@@ -148,11 +153,17 @@ impl PromptPieces {
     pub fn from_chat_template(template: &ChatTemplate, task: Task) -> Result<Self> {
         let mut extra = serde_json::Map::new();
         extra.insert("enable_thinking".into(), serde_json::Value::Bool(false));
-        let with_system = [ChatMessage::new("system", SYSTEM_MESSAGE), ChatMessage::new("user", USER_PLACEHOLDER)];
+        let with_system = [
+            ChatMessage::new("system", SYSTEM_MESSAGE),
+            ChatMessage::new("user", USER_PLACEHOLDER),
+        ];
         let rendered = match template.render_with(&with_system, true, &extra) {
             Ok(text) if text.contains(SYSTEM_MESSAGE) => text,
             _ => {
-                let merged = [ChatMessage::new("user", format!("{SYSTEM_MESSAGE}\n\n{USER_PLACEHOLDER}"))];
+                let merged = [ChatMessage::new(
+                    "user",
+                    format!("{SYSTEM_MESSAGE}\n\n{USER_PLACEHOLDER}"),
+                )];
                 template.render_with(&merged, true, &extra)?
             }
         };
@@ -162,7 +173,10 @@ impl PromptPieces {
                 "the user message must appear exactly once in the rendered template, got: {rendered:?}"
             )));
         };
-        Ok(Self { prefix: format!("{prefix}{}", task.task_line()), postfix: postfix.to_string() })
+        Ok(Self {
+            prefix: format!("{prefix}{}", task.task_line()),
+            postfix: postfix.to_string(),
+        })
     }
 
     /// Token ids of the fixed pieces, each encoded on its own (§0).
@@ -204,8 +218,18 @@ impl PromptIds {
     }
 
     /// Scoring inputs of a context, see [`reconstruction_inputs`].
-    pub fn reconstruction_inputs(&self, context_ids: &[u32], chunk: usize) -> Result<Vec<ReconstructionChunk>> {
-        reconstruction_inputs(context_ids, &self.postfix_ids, &self.repeat_first_ids, &self.repeat_next_ids, chunk)
+    pub fn reconstruction_inputs(
+        &self,
+        context_ids: &[u32],
+        chunk: usize,
+    ) -> Result<Vec<ReconstructionChunk>> {
+        reconstruction_inputs(
+            context_ids,
+            &self.postfix_ids,
+            &self.repeat_first_ids,
+            &self.repeat_next_ids,
+            chunk,
+        )
     }
 }
 
@@ -222,9 +246,15 @@ pub struct ReconstructionChunk {
 /// (`chunk_fn`). Empty for `len == 0`.
 pub fn chunk_ranges(len: usize, chunk: usize) -> Result<Vec<Range<usize>>> {
     if chunk == 0 {
-        return Err(TemplateError::InvalidArgument { name: "chunk", problem: "must be at least 1".into() });
+        return Err(TemplateError::InvalidArgument {
+            name: "chunk",
+            problem: "must be at least 1".into(),
+        });
     }
-    Ok((0..len).step_by(chunk).map(|start| start..(start + chunk).min(len)).collect())
+    Ok((0..len)
+        .step_by(chunk)
+        .map(|start| start..(start + chunk).min(len))
+        .collect())
 }
 
 /// Context-reconstruction inputs (§1.1): chunk 0 is `repeat_first ++ postfix ++ chunk0`; chunk
@@ -241,16 +271,23 @@ pub fn reconstruction_inputs(
     Ok(ranges
         .into_iter()
         .map(|range| {
-            let mut input_ids = Vec::with_capacity(repeat_next_ids.len() + HINT_TOKENS + postfix_ids.len() + range.len());
+            let mut input_ids = Vec::with_capacity(
+                repeat_next_ids.len() + HINT_TOKENS + postfix_ids.len() + range.len(),
+            );
             if range.start == 0 {
                 input_ids.extend_from_slice(repeat_first_ids);
             } else {
                 input_ids.extend_from_slice(repeat_next_ids);
-                input_ids.extend_from_slice(&context_ids[range.start.saturating_sub(HINT_TOKENS)..range.start]);
+                input_ids.extend_from_slice(
+                    &context_ids[range.start.saturating_sub(HINT_TOKENS)..range.start],
+                );
             }
             input_ids.extend_from_slice(postfix_ids);
             input_ids.extend_from_slice(&context_ids[range.clone()]);
-            ReconstructionChunk { input_ids, ctx_range: range }
+            ReconstructionChunk {
+                input_ids,
+                ctx_range: range,
+            }
         })
         .collect())
 }
@@ -261,12 +298,24 @@ mod tests {
 
     #[test]
     fn family_matching_follows_kvzip() {
-        assert_eq!(ModelFamily::from_model_name("llama3.1-8b"), ModelFamily::Llama);
+        assert_eq!(
+            ModelFamily::from_model_name("llama3.1-8b"),
+            ModelFamily::Llama
+        );
         assert_eq!(ModelFamily::from_model_name("duo"), ModelFamily::Llama);
-        assert_eq!(ModelFamily::from_model_name("Qwen/Qwen2.5-7B-Instruct-1M"), ModelFamily::Qwen);
+        assert_eq!(
+            ModelFamily::from_model_name("Qwen/Qwen2.5-7B-Instruct-1M"),
+            ModelFamily::Qwen
+        );
         assert_eq!(ModelFamily::from_model_name("qwen3-8b"), ModelFamily::Qwen3);
-        assert_eq!(ModelFamily::from_model_name("google/gemma-3-12b-it"), ModelFamily::Gemma3);
-        assert_eq!(ModelFamily::from_model_name("smollm2-135m-instruct"), ModelFamily::Fallback);
+        assert_eq!(
+            ModelFamily::from_model_name("google/gemma-3-12b-it"),
+            ModelFamily::Gemma3
+        );
+        assert_eq!(
+            ModelFamily::from_model_name("smollm2-135m-instruct"),
+            ModelFamily::Fallback
+        );
     }
 
     #[test]
@@ -277,14 +326,22 @@ mod tests {
         assert_eq!(out[0].ctx_range, 0..10);
         assert_eq!(out[0].input_ids, [&[1, 7, 7][..], &ctx[0..10]].concat());
         assert_eq!(out[2].ctx_range, 20..25);
-        assert_eq!(out[2].input_ids, [&[2, 2][..], &ctx[12..20], &[7, 7], &ctx[20..25]].concat());
-        assert!(reconstruction_inputs(&[], &[], &[], &[], 10).unwrap().is_empty());
+        assert_eq!(
+            out[2].input_ids,
+            [&[2, 2][..], &ctx[12..20], &[7, 7], &ctx[20..25]].concat()
+        );
+        assert!(reconstruction_inputs(&[], &[], &[], &[], 10)
+            .unwrap()
+            .is_empty());
         assert!(chunk_ranges(5, 0).is_err());
     }
 
     #[test]
     fn queries() {
-        assert_eq!(query_piece(&format_query(Task::Qa, " What?\n")), "\n\nQ:  What?");
+        assert_eq!(
+            query_piece(&format_query(Task::Qa, " What?\n")),
+            "\n\nQ:  What?"
+        );
         assert!(format_query(Task::Gsm, "x").ends_with("'The answer is'. Q: x"));
         assert_eq!(Task::from_dataset_name("gsm"), Task::Gsm);
         assert_eq!(Task::from_dataset_name("squad"), Task::Qa);

@@ -26,7 +26,9 @@ pub fn tojson_filter(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) => Some(if let Some(s) = v.as_str() {
             s.to_string()
         } else {
-            let n = v.as_i64().ok_or_else(|| invalid("tojson: indent must be an integer or a string"))?;
+            let n = v
+                .as_i64()
+                .ok_or_else(|| invalid("tojson: indent must be an integer or a string"))?;
             " ".repeat(usize::try_from(n).unwrap_or(0))
         }),
     };
@@ -67,7 +69,9 @@ impl JsonDumper {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
             ValueKind::Number => out.push_str(&python_number(value)),
-            ValueKind::String => json_string(value.as_str().unwrap_or_default(), self.ensure_ascii, out),
+            ValueKind::String => {
+                json_string(value.as_str().unwrap_or_default(), self.ensure_ascii, out)
+            }
             ValueKind::Map => {
                 let mut entries = Vec::new();
                 for key in value.try_iter()? {
@@ -89,7 +93,9 @@ impl JsonDumper {
             }
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = value.try_iter()?.collect();
-                self.container(out, depth, '[', ']', &items, |item, out| self.dump(item, depth + 1, out))?;
+                self.container(out, depth, '[', ']', &items, |item, out| {
+                    self.dump(item, depth + 1, out)
+                })?;
             }
             _ => json_string(&value.to_string(), self.ensure_ascii, out),
         }
@@ -166,7 +172,11 @@ fn python_number(value: &Value) -> String {
         return "NaN".into();
     }
     if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let text = format!("{x:?}");
     match text.split_once('e') {
@@ -204,7 +214,11 @@ fn python_repr(value: &Value) -> String {
         }
         ValueKind::String => {
             let s = value.as_str().unwrap_or_default();
-            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let quote = if s.contains('\'') && !s.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
             let mut out = String::from(quote);
             for c in s.chars() {
                 match c {
@@ -223,7 +237,13 @@ fn python_repr(value: &Value) -> String {
             out
         }
         ValueKind::Seq | ValueKind::Iterable => match value.try_iter() {
-            Ok(items) => format!("[{}]", items.map(|v| python_repr(&v)).collect::<Vec<_>>().join(", ")),
+            Ok(items) => format!(
+                "[{}]",
+                items
+                    .map(|v| python_repr(&v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Err(_) => value.to_string(),
         },
         ValueKind::Map => match value.try_iter() {
@@ -253,9 +273,29 @@ pub fn strftime_now(format: &str) -> String {
 
 /// Formats `unix_seconds` (UTC) with a `strftime` format.
 pub fn format_utc(unix_seconds: u64, format: &str) -> String {
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = unix_seconds / 86_400;
     let secs_of_day = unix_seconds % 86_400;
     let (year, month, day) = civil_from_days(days as i64);
@@ -328,7 +368,10 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday, day 60.
         let t = 1_709_211_909;
         assert_eq!(format_utc(t, "%d %b %Y"), "29 Feb 2024");
-        assert_eq!(format_utc(t, "%A %B %j %H:%M:%S %I%p %y %%"), "Thursday February 060 13:05:09 01PM 24 %");
+        assert_eq!(
+            format_utc(t, "%A %B %j %H:%M:%S %I%p %y %%"),
+            "Thursday February 060 13:05:09 01PM 24 %"
+        );
         assert_eq!(format_utc(0, "%Y-%m-%d %a"), "1970-01-01 Thu");
     }
 

@@ -46,10 +46,12 @@ pub struct Tokenizer {
 /// Reads a JSON file; `Ok(None)` when it does not exist.
 fn read_optional_json(path: &Path) -> Result<Option<Value>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|source| TemplateError::Json {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| TemplateError::Json {
+                path: path.to_path_buf(),
+                source,
+            }),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(TemplateError::Io {
             path: path.to_path_buf(),
@@ -68,9 +70,17 @@ fn token_field(config: Option<&Value>, path: &Path, field: &str) -> Result<Optio
         Value::String(s) => Ok(Some(s.clone())),
         Value::Object(map) => match map.get("content") {
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(invalid(path, field, "is an object without a string `content`")),
+            _ => Err(invalid(
+                path,
+                field,
+                "is an object without a string `content`",
+            )),
         },
-        _ => Err(invalid(path, field, "must be a string, an object with `content`, or null")),
+        _ => Err(invalid(
+            path,
+            field,
+            "must be a string, an object with `content`, or null",
+        )),
     }
 }
 
@@ -82,7 +92,13 @@ fn id_field(config: Option<&Value>, path: &Path, field: &str) -> Result<Vec<u32>
     let to_id = |v: &Value| {
         v.as_u64()
             .and_then(|id| u32::try_from(id).ok())
-            .ok_or_else(|| invalid(path, field, "must be a non-negative integer or a list of them"))
+            .ok_or_else(|| {
+                invalid(
+                    path,
+                    field,
+                    "must be a non-negative integer or a list of them",
+                )
+            })
     };
     match value {
         Value::Null => Ok(Vec::new()),
@@ -109,13 +125,26 @@ fn chat_template_field(config: Option<&Value>, path: &Path) -> Result<Option<Str
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s.clone())),
         Value::Array(items) => {
-            let named = items.iter().find(|item| item.get("name").and_then(Value::as_str) == Some("default"));
-            match named.and_then(|item| item.get("template")).and_then(Value::as_str) {
+            let named = items
+                .iter()
+                .find(|item| item.get("name").and_then(Value::as_str) == Some("default"));
+            match named
+                .and_then(|item| item.get("template"))
+                .and_then(Value::as_str)
+            {
                 Some(s) => Ok(Some(s.to_string())),
-                None => Err(invalid(path, "chat_template", "is a list without a `default` entry with a `template` string")),
+                None => Err(invalid(
+                    path,
+                    "chat_template",
+                    "is a list without a `default` entry with a `template` string",
+                )),
             }
         }
-        _ => Err(invalid(path, "chat_template", "must be a string or a list of {name, template}")),
+        _ => Err(invalid(
+            path,
+            "chat_template",
+            "must be a string or a list of {name, template}",
+        )),
     }
 }
 
@@ -183,13 +212,28 @@ impl Tokenizer {
         let jinja_path = dir.join("chat_template.jinja");
         let chat_template = match std::fs::read_to_string(&jinja_path) {
             Ok(text) => Some(text),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => chat_template_field(tc, &tok_config_path)?,
-            Err(source) => return Err(TemplateError::Io { path: jinja_path, source }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                chat_template_field(tc, &tok_config_path)?
+            }
+            Err(source) => {
+                return Err(TemplateError::Io {
+                    path: jinja_path,
+                    source,
+                })
+            }
         };
 
         Ok(Self {
             inner,
-            special: SpecialTokens { bos_id, eos_ids, pad_id, bos_token, eos_token, pad_token, unk_token },
+            special: SpecialTokens {
+                bos_id,
+                eos_ids,
+                pad_id,
+                bos_token,
+                eos_token,
+                pad_token,
+                unk_token,
+            },
             chat_template,
             source: dir.to_path_buf(),
         })
@@ -209,10 +253,13 @@ impl Tokenizer {
     /// Token ids of `text`, without BOS/EOS (`add_special_tokens=false`); special-token strings in
     /// the text become their single ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode_fast(text, false).map_err(|e| TemplateError::Tokenize {
-            operation: "encode",
-            message: e.to_string(),
-        })?;
+        let encoding =
+            self.inner
+                .encode_fast(text, false)
+                .map_err(|e| TemplateError::Tokenize {
+                    operation: "encode",
+                    message: e.to_string(),
+                })?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -229,10 +276,12 @@ impl Tokenizer {
 
     /// Text of `ids`; with `skip_special_tokens`, special tokens (BOS, `<|im_end|>`, ...) are dropped.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| TemplateError::Tokenize {
-            operation: "decode",
-            message: e.to_string(),
-        })
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TemplateError::Tokenize {
+                operation: "decode",
+                message: e.to_string(),
+            })
     }
 
     /// A streaming detokenizer that turns ids, pushed one at a time, into text deltas.
@@ -257,7 +306,10 @@ impl Tokenizer {
 
     /// Whether `id` is an added token marked `special` in `tokenizer.json`.
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special)
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
     }
 
     /// The special tokens of the model.
@@ -272,10 +324,17 @@ impl Tokenizer {
 
     /// The model's chat template, compiled, with this tokenizer's `bos_token` / `eos_token`.
     pub fn chat_template(&self) -> Result<ChatTemplate> {
-        let source = self.chat_template.as_deref().ok_or_else(|| TemplateError::MissingChatTemplate {
-            dir: self.source.clone(),
-        })?;
-        ChatTemplate::new(source, self.special.bos_token.as_deref(), self.special.eos_token.as_deref())
+        let source =
+            self.chat_template
+                .as_deref()
+                .ok_or_else(|| TemplateError::MissingChatTemplate {
+                    dir: self.source.clone(),
+                })?;
+        ChatTemplate::new(
+            source,
+            self.special.bos_token.as_deref(),
+            self.special.eos_token.as_deref(),
+        )
     }
 
     /// The underlying `tokenizers` tokenizer.

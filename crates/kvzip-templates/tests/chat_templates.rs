@@ -5,8 +5,12 @@ use kvzip_templates::{ChatMessage, ChatTemplate, ModelFamily, PromptPieces, Task
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/chat_templates.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture readable")).expect("fixture is JSON")
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/chat_templates.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture readable"))
+        .expect("fixture is JSON")
 }
 
 fn template(fx: &Value, name: &str) -> ChatTemplate {
@@ -24,7 +28,8 @@ fn renders_exactly_like_transformers() {
     for case in cases {
         let name = case["template"].as_str().unwrap();
         let conversation = case["conversation"].as_str().unwrap();
-        let messages: Vec<ChatMessage> = serde_json::from_value(fx["conversations"][conversation].clone()).unwrap();
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(fx["conversations"][conversation].clone()).unwrap();
         let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
         let extra = case["extra"].as_object().unwrap();
         let result = template(&fx, name).render_with(&messages, add_generation_prompt, extra);
@@ -36,13 +41,19 @@ fn renders_exactly_like_transformers() {
             }
             (_, Value::String(message)) => {
                 let err = result.expect_err(&label).to_string();
-                assert!(err.contains(message.as_str()), "{label}: error {err:?} lacks {message:?}");
+                assert!(
+                    err.contains(message.as_str()),
+                    "{label}: error {err:?} lacks {message:?}"
+                );
                 checked_errors += 1;
             }
             _ => panic!("{label}: case has neither expected nor error"),
         }
     }
-    assert!(checked_errors >= 2, "the raise_exception cases were not exercised");
+    assert!(
+        checked_errors >= 2,
+        "the raise_exception cases were not exercised"
+    );
 }
 
 #[test]
@@ -56,7 +67,11 @@ fn pieces_from_chat_templates_match_kvzip_families() {
             ("gemma3", ModelFamily::Gemma3),
         ] {
             let derived = PromptPieces::from_chat_template(&template(&fx, name), task).unwrap();
-            assert_eq!(derived, PromptPieces::for_family(family, task), "template {name}, task {task:?}");
+            assert_eq!(
+                derived,
+                PromptPieces::for_family(family, task),
+                "template {name}, task {task:?}"
+            );
         }
     }
     // Llama 3's own template differs from KVzip's hand-written one: a period after the system
@@ -68,7 +83,10 @@ fn pieces_from_chat_templates_match_kvzip_families() {
          <|start_header_id|>user<|end_header_id|>\n\n\
          Given the context, answer to the following question or request without explanation.\n\n"
     );
-    assert_eq!(llama.postfix, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    assert_eq!(
+        llama.postfix,
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
 }
 
 #[test]
@@ -90,8 +108,14 @@ fn kvzip_family_strings_are_exact() {
          <|start_header_id|>user<|end_header_id|>\n\n\
          Given the context, answer to the following question or request without explanation.\n\n"
     );
-    assert_eq!(llama.postfix, "\n\n<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n");
+    assert_eq!(
+        llama.postfix,
+        "\n\n<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
     let fallback = PromptPieces::for_family(ModelFamily::Fallback, Task::Gsm);
-    assert_eq!(fallback.prefix, "<|begin_of_text|>Given the context, answer to the following reasoning question.\n\n");
+    assert_eq!(
+        fallback.prefix,
+        "<|begin_of_text|>Given the context, answer to the following reasoning question.\n\n"
+    );
     assert_eq!(fallback.postfix, "\n\nAnswer: ");
 }
