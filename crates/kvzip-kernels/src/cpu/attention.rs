@@ -263,21 +263,7 @@ fn run_item(
         let end = (start + tile).min(item.k1);
         let nk = end - start;
         let s_tile = &mut s[..rows * nk];
-        let lhs = MatRef {
-            data: &qb,
-            rows,
-            cols: hd,
-            row_stride: hd,
-            col_stride: 1,
-        };
-        let k_t = MatRef {
-            data: &keys[start * hd..end * hd],
-            rows: hd,
-            cols: nk,
-            row_stride: 1,
-            col_stride: hd,
-        };
-        gemm_into(s_tile, nk, lhs, k_t, None, 1.0, Parallelism::None)?;
+        scores_tile(&qb, rows, hd, &keys[start * hd..end * hd], s_tile)?;
         for r in 0..rows {
             let i_t = first_index + item.t0 + r / group;
             let vis_lo = validate::window_start(i_t, args.window).max(start) - start;
@@ -313,24 +299,73 @@ fn run_item(
             l[r] = l[r] * correction + sum;
             m[r] = m_new;
         }
-        let p = MatRef {
-            data: s_tile,
-            rows,
-            cols: nk,
-            row_stride: nk,
-            col_stride: 1,
-        };
-        let v_tile = MatRef {
-            data: &values[start * hd..end * hd],
-            rows: nk,
-            cols: hd,
-            row_stride: hd,
-            col_stride: 1,
-        };
-        gemm_into(&mut o, hd, p, v_tile, Some(1.0), 1.0, Parallelism::None)?;
+        pv_tile(s_tile, rows, &values[start * hd..end * hd], hd, &mut o)?;
         start = end;
     }
     Ok(Partial { o, m, l })
+}
+
+/// Query rows at or below which tiles use dot / axpy loops instead of GEMM (decode: the
+/// work is streaming K and V once; GEMM packing overhead would dominate).
+const SMALL_ROWS: usize = 8;
+
+/// `s[rows, nk] = qb[rows, hd] · keys[nk, hd]^T`.
+fn scores_tile(qb: &[f32], rows: usize, hd: usize, keys: &[f32], s: &mut [f32]) -> Result<()> {
+    let nk = keys.len() / hd;
+    if rows <= SMALL_ROWS {
+        for (j, kr) in keys.chunks_exact(hd).enumerate() {
+            for (r, qr) in qb.chunks_exact(hd).enumerate() {
+                s[r * nk + j] = math::dot(qr, kr);
+            }
+        }
+        return Ok(());
+    }
+    let lhs = MatRef {
+        data: qb,
+        rows,
+        cols: hd,
+        row_stride: hd,
+        col_stride: 1,
+    };
+    let k_t = MatRef {
+        data: keys,
+        rows: hd,
+        cols: nk,
+        row_stride: 1,
+        col_stride: hd,
+    };
+    gemm_into(s, nk, lhs, k_t, None, 1.0, Parallelism::None)
+}
+
+/// `o[rows, hd] += p[rows, nk] · values[nk, hd]`.
+fn pv_tile(p: &[f32], rows: usize, values: &[f32], hd: usize, o: &mut [f32]) -> Result<()> {
+    let nk = values.len() / hd;
+    if rows <= SMALL_ROWS {
+        for (j, vr) in values.chunks_exact(hd).enumerate() {
+            for (r, orow) in o.chunks_exact_mut(hd).enumerate() {
+                let pj = p[r * nk + j];
+                if pj != 0.0 {
+                    math::axpy(pj, vr, orow);
+                }
+            }
+        }
+        return Ok(());
+    }
+    let p = MatRef {
+        data: p,
+        rows,
+        cols: nk,
+        row_stride: nk,
+        col_stride: 1,
+    };
+    let v = MatRef {
+        data: values,
+        rows: nk,
+        cols: hd,
+        row_stride: hd,
+        col_stride: 1,
+    };
+    gemm_into(o, hd, p, v, Some(1.0), 1.0, Parallelism::None)
 }
 
 /// Merges the key chunks of one (head, block) by log-sum-exp and normalises: `[rows, head_dim]`.
