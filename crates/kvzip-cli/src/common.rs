@@ -1,0 +1,121 @@
+//! Shared CLI plumbing: model resolution (auto-fetch of the default model), tokenizer and KVzip
+//! prompt pieces, progress bars, and JSON output.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvzip_models::engine::Engine;
+use kvzip_models::fetch::{default_cache_dir, resolve_model};
+use kvzip_templates::{ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
+use sha2::{Digest, Sha256};
+
+/// A model ready to run: engine, tokenizer, and identity.
+pub struct LoadedModel {
+    /// The engine.
+    pub engine: Engine,
+    /// Its tokenizer (with chat template when the model has one).
+    pub tokenizer: Tokenizer,
+    /// Model directory.
+    pub dir: PathBuf,
+    /// Short name (last path component).
+    pub name: String,
+    /// `name@<sha256 of config.json, 16 hex>`: identity recorded in saved caches.
+    pub model_id: String,
+}
+
+/// Resolves `--model` (directory or short name; the default model is fetched when missing).
+pub fn resolve(model: &str) -> Result<PathBuf> {
+    let cache = default_cache_dir().context("cannot determine the kvzip cache directory")?;
+    Ok(resolve_model(model, &cache, true)?)
+}
+
+/// Loads model and tokenizer from `--model`.
+pub fn load_model(model: &str) -> Result<LoadedModel> {
+    let dir = resolve(model)?;
+    let engine = Engine::load(&dir)?;
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let name = dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| model.to_owned());
+    let config = std::fs::read(dir.join("config.json"))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    let digest = Sha256::digest(&config);
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Ok(LoadedModel {
+        model_id: format!("{name}@{hex}"),
+        engine,
+        tokenizer,
+        dir,
+        name,
+    })
+}
+
+impl LoadedModel {
+    /// KVzip prompt pieces: derived from the model's own chat template when it has one,
+    /// otherwise KVzip's hand-written family pieces (KVZIP-SPEC §5.2).
+    pub fn prompt_pieces(&self, task: Task) -> Result<PromptPieces> {
+        match self.tokenizer.chat_template() {
+            Ok(t) => Ok(PromptPieces::from_chat_template(&t, task)?),
+            Err(_) => Ok(PromptPieces::for_family(
+                ModelFamily::from_model_name(&self.name),
+                task,
+            )),
+        }
+    }
+
+    /// Token ids of the prompt pieces.
+    pub fn prompt_ids(&self, task: Task) -> Result<PromptIds> {
+        Ok(self.prompt_pieces(task)?.encode(&self.tokenizer)?)
+    }
+
+    /// Ids that end generation: the model's EOS ids plus the tokenizer's EOS/end-of-turn tokens.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        let mut ids = self.engine.spec().eos_token_ids.clone();
+        for tok in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "</s>",
+            "<eos>",
+        ] {
+            if let Some(id) = self.tokenizer.token_to_id(tok) {
+                if self.tokenizer.is_special(id) && !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.extend(self.tokenizer.special_tokens().eos_ids.iter().copied());
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// A progress bar on stderr for `total` units, hidden when `quiet`.
+pub fn progress_bar(total: u64, label: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_owned());
+    pb
+}
+
+/// Reads a UTF-8 text file, naming it in the error.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

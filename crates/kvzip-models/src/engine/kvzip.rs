@@ -1,0 +1,459 @@
+//! KVzip on top of the engine: prefill a context once, score every context KV pair (context
+//! reconstruction, head scores, or a baseline), prune to a ratio, then answer any number of
+//! queries from the small cache (KVZIP-SPEC §0–§3, DESIGN §2–§3).
+
+use std::time::Instant;
+
+use kvzip_cache::KvCache;
+use kvzip_score::baselines::{Baseline, BaselineScorer, LayerObservation};
+use kvzip_score::{
+    select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, ScoreShape,
+};
+use kvzip_templates::{reconstruction_inputs, PromptIds};
+
+use super::{Engine, GenerateOptions, Generation};
+use crate::error::{ModelError, Result};
+use crate::model::{AttentionHook, ForwardOptions, LogitsMode};
+
+/// Context tokens per reconstruction chunk (KVZIP-SPEC §1.1).
+pub const DEFAULT_SCORING_CHUNK: usize = 2000;
+
+/// How context KV pairs are scored after the prefill.
+#[derive(Debug, Clone)]
+pub enum Scoring {
+    /// KVzip context reconstruction with chunks of `chunk` context tokens.
+    Reconstruct {
+        /// Context tokens per chunk (2000 in the reference).
+        chunk: usize,
+    },
+    /// Context-independent head scores loaded from a file (no scoring passes).
+    HeadScores(HeadScores),
+    /// A baseline policy computed from the prefill's own attention.
+    Baseline(Baseline),
+    /// No scoring: the cache can only be used at ratio 1.
+    None,
+}
+
+/// Whether pruning removes pairs for good or keeps the full cache for later re-pruning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvType {
+    /// Compact the cache in place (real memory savings; prune once).
+    Evict,
+    /// Keep the full cache and derive a compacted copy per ratio.
+    Retain,
+}
+
+/// Wall-clock timings of a context prefill, in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContextTimings {
+    /// Prefill of system prompt + context.
+    pub prefill_ms: f64,
+    /// Scoring passes (reconstruction) or baseline scoring.
+    pub scoring_ms: f64,
+}
+
+/// Outcome of [`ContextCache::prune`].
+#[derive(Debug, Clone, Copy)]
+pub struct PruneReport {
+    /// The ratio asked for.
+    pub ratio_requested: f64,
+    /// Kept / total context pairs over the scored layers.
+    pub ratio_real: f64,
+    /// Lowest kept score.
+    pub threshold: f32,
+    /// Context KV bytes before pruning (all layers, system prompt excluded).
+    pub kv_bytes_full: usize,
+    /// Context KV bytes kept.
+    pub kv_bytes_kept: usize,
+}
+
+/// A prefilled (and possibly pruned) context ready to answer queries.
+pub struct ContextCache {
+    /// The live cache queries run on.
+    pub cache: KvCache,
+    full: Option<KvCache>,
+    /// Per-pair scores (absent for head-score mode and `Scoring::None`).
+    pub scores: Option<ContextScores>,
+    head_scores: Option<HeadScores>,
+    /// System-prompt tokens (never evicted).
+    pub n_sys: usize,
+    /// Context tokens (the evictable span).
+    pub n_ctx: usize,
+    /// Prefill ids: system prompt ++ context.
+    pub prefill_ids: Vec<u32>,
+    /// Evict or retain.
+    pub kv_type: KvType,
+    /// Timings of prefill and scoring.
+    pub timings: ContextTimings,
+    pruned: bool,
+    layer_heads: Vec<Option<usize>>,
+    elem_bytes: usize,
+}
+
+/// Hook that runs the reconstruction score op in every scored layer.
+struct ReconstructHook<'a> {
+    acc: &'a mut ScoreAccumulator,
+    layer_heads: &'a [Option<usize>],
+    group: usize,
+    head_dim: usize,
+    n_sys: usize,
+    chunk: std::ops::Range<usize>,
+}
+
+impl AttentionHook for ReconstructHook<'_> {
+    fn after_append(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        q_len: usize,
+        cache: &KvCache,
+    ) -> Result<()> {
+        let Some(Some(n_kv)) = self.layer_heads.get(layer) else {
+            return Ok(());
+        };
+        let shape = ScoreShape {
+            q_len,
+            n_kv_heads: *n_kv,
+            group: self.group,
+            head_dim: self.head_dim,
+            n_sys: self.n_sys,
+        };
+        let lc = cache
+            .layer(layer)
+            .ok_or_else(|| ModelError::Input(format!("cache has no layer {layer}")))?;
+        self.acc
+            .score_layer_chunk(layer, &shape, q, |h| lc.head_keys(h), self.chunk.clone())
+            .map_err(score_err)
+    }
+}
+
+/// Hook that feeds the prefill's queries to a baseline scorer.
+struct BaselineHook<'a> {
+    scorer: &'a mut BaselineScorer,
+    layer_heads: &'a [Option<usize>],
+    n_q_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    first_pos: usize,
+}
+
+impl AttentionHook for BaselineHook<'_> {
+    fn after_append(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        _q_len: usize,
+        cache: &KvCache,
+    ) -> Result<()> {
+        let Some(Some(n_kv)) = self.layer_heads.get(layer) else {
+            return Ok(());
+        };
+        let lc = cache
+            .layer(layer)
+            .ok_or_else(|| ModelError::Input(format!("cache has no layer {layer}")))?;
+        let keys = |h: usize| lc.head_keys(h);
+        let obs = LayerObservation {
+            q,
+            n_q_heads: self.n_q_heads,
+            head_dim: self.head_dim,
+            first_pos: self.first_pos,
+            n_kv_heads: *n_kv,
+            head_keys: &keys,
+            scale: self.scale,
+        };
+        self.scorer.observe_layer(layer, &obs).map_err(score_err)
+    }
+}
+
+fn score_err(e: kvzip_score::ScoreError) -> ModelError {
+    ModelError::Input(e.to_string())
+}
+
+impl Engine {
+    /// KV heads per layer that KVzip scores and evicts: every global layer (`None` for
+    /// sliding-window layers, which keep their window).
+    pub fn scored_layer_heads(&self) -> Vec<Option<usize>> {
+        let s = self.spec();
+        (0..s.n_layers())
+            .map(|l| s.is_global(l).then_some(s.n_kv_heads))
+            .collect()
+    }
+
+    /// Prefills `prompt.system_ids ++ context_ids`, then scores the context per `scoring`.
+    /// `progress(stage, done, total)` reports prefill (`"prefill"`) and scoring (`"score"`).
+    pub fn prefill_context(
+        &self,
+        prompt: &PromptIds,
+        context_ids: &[u32],
+        scoring: &Scoring,
+        kv_type: KvType,
+        progress: &mut dyn FnMut(&str, usize, usize),
+    ) -> Result<ContextCache> {
+        if context_ids.is_empty() {
+            return Err(ModelError::Input(
+                "the context is empty: KVzip compresses a context, give one (e.g. --context FILE)"
+                    .into(),
+            ));
+        }
+        let spec = self.spec();
+        let n_sys = prompt.system_ids.len();
+        let n_ctx = context_ids.len();
+        let prefill_ids = prompt.prefill_ids(context_ids);
+        let layer_heads = self.scored_layer_heads();
+        let mut cache = self.new_cache()?;
+        cache.set_spans(n_sys, n_ctx);
+        self.check_length(&cache, prefill_ids.len())?;
+
+        // Prefill, with a baseline hook if the policy needs the prefill's attention.
+        let t0 = Instant::now();
+        let mut baseline = match scoring {
+            Scoring::Baseline(kind) => {
+                Some(BaselineScorer::new(*kind, n_sys, n_ctx, &layer_heads).map_err(score_err)?)
+            }
+            _ => None,
+        };
+        let chunk = self.prefill_chunk.max(1);
+        let mut done = 0;
+        for piece in prefill_ids.chunks(chunk) {
+            match baseline.as_mut().filter(|b| b.needs_attention()) {
+                Some(scorer) => {
+                    let hook = BaselineHook {
+                        scorer,
+                        layer_heads: &layer_heads,
+                        n_q_heads: spec.n_heads,
+                        head_dim: spec.head_dim,
+                        scale: spec.attn_scale,
+                        first_pos: done,
+                    };
+                    self.model.forward(
+                        piece,
+                        &mut cache,
+                        ForwardOptions {
+                            logits: LogitsMode::None,
+                            hook: Some(&mut { hook }),
+                        },
+                    )?
+                }
+                None => self.model.forward(
+                    piece,
+                    &mut cache,
+                    ForwardOptions::logits(LogitsMode::None),
+                )?,
+            };
+            done += piece.len();
+            progress("prefill", done, prefill_ids.len());
+        }
+        self.commit_windows(&mut cache)?;
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        // Scoring.
+        let t1 = Instant::now();
+        let (scores, head_scores) = match scoring {
+            Scoring::Reconstruct { chunk } => {
+                let scores =
+                    self.reconstruction_scores(&mut cache, prompt, context_ids, *chunk, progress)?;
+                (Some(scores), None)
+            }
+            Scoring::HeadScores(hs) => {
+                hs.check_model(&layer_heads).map_err(score_err)?;
+                (None, Some(hs.clone()))
+            }
+            Scoring::Baseline(_) => {
+                let scorer = baseline
+                    .take()
+                    .ok_or_else(|| ModelError::Input("baseline scorer missing".into()))?;
+                (Some(scorer.finish().map_err(score_err)?), None)
+            }
+            Scoring::None => (None, None),
+        };
+        let scoring_ms = t1.elapsed().as_secs_f64() * 1e3;
+        Ok(ContextCache {
+            cache,
+            full: None,
+            scores,
+            head_scores,
+            n_sys,
+            n_ctx,
+            prefill_ids,
+            kv_type,
+            timings: ContextTimings {
+                prefill_ms,
+                scoring_ms,
+            },
+            pruned: false,
+            layer_heads,
+            elem_bytes: std::mem::size_of::<f32>(),
+        })
+    }
+
+    /// Runs the reconstruction passes over an unpruned cache holding exactly system prompt +
+    /// context, returning per-pair scores. The cache is left as it was.
+    pub fn reconstruction_scores(
+        &self,
+        cache: &mut KvCache,
+        prompt: &PromptIds,
+        context_ids: &[u32],
+        chunk: usize,
+        progress: &mut dyn FnMut(&str, usize, usize),
+    ) -> Result<ContextScores> {
+        let spec = self.spec();
+        let layer_heads = self.scored_layer_heads();
+        let inputs = reconstruction_inputs(
+            context_ids,
+            &prompt.postfix_ids,
+            &prompt.repeat_first_ids,
+            &prompt.repeat_next_ids,
+            chunk,
+        )
+        .map_err(|e| ModelError::Input(e.to_string()))?;
+        let mut acc = ScoreAccumulator::new(context_ids.len(), &layer_heads);
+        let longest = inputs.iter().map(|c| c.input_ids.len()).max().unwrap_or(0);
+        self.check_length(cache, longest)?;
+        for (i, input) in inputs.iter().enumerate() {
+            let mark = cache.mark();
+            let mut hook = ReconstructHook {
+                acc: &mut acc,
+                layer_heads: &layer_heads,
+                group: spec.group(),
+                head_dim: spec.head_dim,
+                n_sys: prompt.system_ids.len(),
+                chunk: input.ctx_range.clone(),
+            };
+            let res = self.model.forward(
+                &input.input_ids,
+                cache,
+                ForwardOptions {
+                    logits: LogitsMode::None,
+                    hook: Some(&mut hook),
+                },
+            );
+            cache.rollback(&mark)?;
+            res?;
+            progress("score", i + 1, inputs.len());
+        }
+        acc.finish().map_err(score_err)
+    }
+
+    /// Answers one query from the context cache: feeds `query_ids` (query piece + postfix),
+    /// generates, then either keeps the turn (`update_cache`) or restores the cache exactly.
+    pub fn answer(
+        &self,
+        ctx: &mut ContextCache,
+        query_ids: &[u32],
+        opts: &GenerateOptions,
+        update_cache: bool,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Generation> {
+        let mark = ctx.cache.mark();
+        let gen = self.generate(&mut ctx.cache, query_ids, opts, false, on_token);
+        match (&gen, update_cache) {
+            (Ok(_), true) => self.commit_windows(&mut ctx.cache)?,
+            _ => ctx.cache.rollback(&mark)?,
+        }
+        gen
+    }
+}
+
+impl ContextCache {
+    /// Wraps a cache loaded from disk (already pruned; evict mode, no scores). `prefill_ids`
+    /// are the system prompt + context ids recorded with it.
+    pub fn from_saved(cache: KvCache, prefill_ids: Vec<u32>) -> Result<Self> {
+        let (n_sys, n_ctx) = (cache.n_sys(), cache.n_ctx());
+        if prefill_ids.len() != n_sys + n_ctx {
+            return Err(ModelError::Input(format!(
+                "saved cache records {} prefill ids but spans {n_sys} system + {n_ctx} context tokens",
+                prefill_ids.len()
+            )));
+        }
+        let layer_heads = cache
+            .layers()
+            .iter()
+            .map(|l| Some(l.n_kv_heads()))
+            .collect();
+        Ok(Self {
+            cache,
+            full: None,
+            scores: None,
+            head_scores: None,
+            n_sys,
+            n_ctx,
+            prefill_ids,
+            kv_type: KvType::Evict,
+            timings: ContextTimings::default(),
+            pruned: true,
+            layer_heads,
+            elem_bytes: std::mem::size_of::<f32>(),
+        })
+    }
+
+    /// Context KV bytes currently held (all layers, system prompt and later tokens excluded).
+    pub fn kv_bytes_context(&self) -> usize {
+        self.cache
+            .context_usage(self.elem_bytes, |_| true)
+            .bytes_kept
+    }
+
+    /// Scores of the context pairs (pair-level policies).
+    pub fn scores(&self) -> Option<&ContextScores> {
+        self.scores.as_ref()
+    }
+
+    /// Keeps `ratio` of the context KV pairs at `level` (ratio in (0, 1]). Evict mode compacts
+    /// the live cache once; retain mode keeps the full cache and can be re-pruned at any ratio.
+    pub fn prune(&mut self, ratio: f64, level: Level) -> Result<PruneReport> {
+        if !(ratio > 0.0 && ratio <= 1.0) {
+            return Err(ModelError::Input(format!(
+                "ratio {ratio} is outside (0, 1]: it is the fraction of context KV pairs kept"
+            )));
+        }
+        if self.pruned && self.kv_type == KvType::Evict {
+            return Err(ModelError::Input(
+                "this cache was already pruned in evict mode; use kv-type retain to re-prune"
+                    .into(),
+            ));
+        }
+        let selection = match (&self.head_scores, &self.scores) {
+            (Some(hs), _) => select_heads(hs, ratio, self.n_ctx, &self.layer_heads),
+            (None, Some(scores)) => select(scores, ratio, level),
+            (None, None) => {
+                return Err(ModelError::Input(
+                    "the context was prefilled without scoring; nothing to prune by".into(),
+                ))
+            }
+        }
+        .map_err(score_err)?;
+        let full = self.full.as_ref().unwrap_or(&self.cache);
+        let kv_bytes_full = full.context_usage(self.elem_bytes, |_| true).bytes_kept;
+        match self.kv_type {
+            KvType::Evict => self.cache.compact(&selection.mask)?,
+            KvType::Retain => {
+                let full = self.full.take().unwrap_or_else(|| self.cache.clone());
+                self.cache = full.compacted_view(&selection.mask)?;
+                self.full = Some(full);
+            }
+        }
+        self.pruned = true;
+        Ok(PruneReport {
+            ratio_requested: ratio,
+            ratio_real: selection.ratio_real,
+            threshold: selection.threshold,
+            kv_bytes_full,
+            kv_bytes_kept: self.kv_bytes_context(),
+        })
+    }
+
+    /// Restores the full (unpruned) cache in retain mode.
+    pub fn unprune(&mut self) -> Result<()> {
+        match self.full.take() {
+            Some(full) => {
+                self.cache = full;
+                self.pruned = false;
+                Ok(())
+            }
+            None if !self.pruned => Ok(()),
+            None => Err(ModelError::Input(
+                "an evicted cache cannot be restored; use kv-type retain".into(),
+            )),
+        }
+    }
+}
