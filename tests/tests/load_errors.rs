@@ -33,7 +33,10 @@ fn corrupt_safetensors_header_names_file() {
     std::fs::write(&path, &bytes).unwrap();
     let msg = load_err(tmp.path()).to_string();
     assert!(msg.contains("model.safetensors"), "{msg}");
-    assert!(msg.contains("not a valid safetensors") || msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("not a valid safetensors") || msg.contains("truncated"),
+        "{msg}"
+    );
     // Every prefix of the file is rejected cleanly too.
     let good = std::fs::read(parity_dir("qwen3").join("model.safetensors")).unwrap();
     for cut in [0, 4, 8, 9, 100, 1000] {
@@ -106,7 +109,10 @@ fn unsupported_architecture_is_clear() {
     cfg["architectures"] = serde_json::json!(["MambaForCausalLM"]);
     std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
     let msg = load_err(tmp.path()).to_string();
-    assert!(msg.contains("MambaForCausalLM") && msg.contains("LlamaForCausalLM"), "{msg}");
+    assert!(
+        msg.contains("MambaForCausalLM") && msg.contains("LlamaForCausalLM"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -119,7 +125,19 @@ fn gemma3_multimodal_config_reads_text_config() {
     let text = RawConfig::load(&parity_dir("gemma3").join("config.json")).unwrap();
     let (a, b) = (mm.base_spec().unwrap(), text.base_spec().unwrap());
     assert_eq!(
-        (a.hidden_size, a.n_heads, a.n_kv_heads, a.head_dim, a.n_layers()),
-        (b.hidden_size, b.n_heads, b.n_kv_heads, b.head_dim, b.n_layers())
+        (
+            a.hidden_size,
+            a.n_heads,
+            a.n_kv_heads,
+            a.head_dim,
+            a.n_layers()
+        ),
+        (
+            b.hidden_size,
+            b.n_heads,
+            b.n_kv_heads,
+            b.head_dim,
+            b.n_layers()
+        )
     );
 }

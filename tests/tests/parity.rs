@@ -50,7 +50,10 @@ fn check_parity(model_dir: &Path, golden_dir: &Path, prefill_chunk: usize) {
     );
     // step_logits[0] are the last prefill logits; step_logits[i + 1] follow decode_ids[i].
     for i in 0..want_decode_ids.len() {
-        let d = max_abs_diff(&gen.step_logits[i + 1], &want_decode[i * vocab..(i + 1) * vocab]);
+        let d = max_abs_diff(
+            &gen.step_logits[i + 1],
+            &want_decode[i * vocab..(i + 1) * vocab],
+        );
         assert!(d <= TOL, "decode step {i}: max |diff| {d} > {TOL}");
     }
 }

@@ -454,13 +454,7 @@ impl RawConfig {
             final_softcap: self.opt_f64("final_logit_softcapping")?.map(|x| x as f32),
             embed_scale: 1.0,
             max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(8192),
-            layers: vec![
-                LayerSpec {
-                    window: None,
-                    rope,
-                };
-                n_layers
-            ],
+            layers: vec![LayerSpec { window: None, rope }; n_layers],
             bos_token_id: self.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: self.token_ids("eos_token_id")?,
         })
@@ -468,7 +462,8 @@ impl RawConfig {
 
     /// Applies `layer_types` / `use_sliding_window` sliding windows to `spec` (Qwen-style configs).
     pub fn apply_sliding_layers(&self, spec: &mut ModelSpec) -> Result<()> {
-        if self.get("layer_types").is_none() && !self.opt_bool("use_sliding_window")?.unwrap_or(false)
+        if self.get("layer_types").is_none()
+            && !self.opt_bool("use_sliding_window")?.unwrap_or(false)
         {
             return Ok(());
         }

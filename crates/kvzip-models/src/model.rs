@@ -64,8 +64,12 @@ pub trait CausalLm: Send + Sync {
 
     /// Runs `ids` at positions `cache.seen_tokens()..+ids.len()`, appending their K/V to the
     /// cache and advancing `seen_tokens`. Returns logits per `opts.logits` (empty for `None`).
-    fn forward(&self, ids: &[u32], cache: &mut KvCache, opts: ForwardOptions<'_>)
-        -> Result<Vec<f32>>;
+    fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        opts: ForwardOptions<'_>,
+    ) -> Result<Vec<f32>>;
 }
 
 /// Norm layout of a decoder layer.

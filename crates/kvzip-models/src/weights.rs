@@ -45,9 +45,8 @@ impl Weights {
                 path: index.clone(),
                 source,
             })?;
-            let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-                weights_err(&index, "", format!("index is not valid JSON ({e})"))
-            })?;
+            let json: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| weights_err(&index, "", format!("index is not valid JSON ({e})")))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -58,7 +57,11 @@ impl Weights {
                     weights_err(&index, tensor, "weight_map value must be a file name")
                 })?;
                 if file.contains('/') || file.contains('\\') || file.starts_with("..") {
-                    return Err(weights_err(&index, tensor, "shard name must be a plain file name"));
+                    return Err(weights_err(
+                        &index,
+                        tensor,
+                        "shard name must be a plain file name",
+                    ));
                 }
                 if !shard_names.iter().any(|s| s == file) {
                     shard_names.push(file.to_owned());
@@ -140,7 +143,11 @@ impl Weights {
                     end,
                 };
                 if tensors.insert(name.clone(), entry).is_some() {
-                    return Err(weights_err(path, &name, "tensor appears in more than one shard"));
+                    return Err(weights_err(
+                        path,
+                        &name,
+                        "tensor appears in more than one shard",
+                    ));
                 }
             }
             files.push((path.clone(), mmap));

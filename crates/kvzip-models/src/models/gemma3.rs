@@ -76,7 +76,9 @@ pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
     } else {
         ("language_model.model", "language_model.lm_head.weight")
     };
-    Ok(Box::new(Gemma3(DecoderStack::load(w, prefix, lm_head, spec)?)))
+    Ok(Box::new(Gemma3(DecoderStack::load(
+        w, prefix, lm_head, spec,
+    )?)))
 }
 
 super::impl_causal_lm_for_stack!(Gemma3);
