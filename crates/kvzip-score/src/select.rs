@@ -217,10 +217,12 @@ fn select_whole_heads(scores: &ContextScores, ratio: f64) -> Result<Selection> {
     let head_max: Vec<f32> = scores
         .scored_layers()
         .flat_map(|(_, ls)| {
-            ls.values
-                .chunks(n_ctx.max(1))
-                .take(ls.n_heads)
-                .map(|c| c.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+            (0..ls.n_heads).map(move |h| {
+                ls.values[h * n_ctx..(h + 1) * n_ctx]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max)
+            })
         })
         .collect();
     let (flags, threshold) = top_k(&head_max, budget(ratio, head_max.len()));

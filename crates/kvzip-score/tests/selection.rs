@@ -224,3 +224,18 @@ fn level_parses_from_cli_spelling() {
     }
     assert!("uniform".parse::<Level>().is_err());
 }
+
+#[test]
+fn empty_context_and_no_scored_layers_are_fine() {
+    let s = ContextScores::zeros(0, &[Some(2), None]);
+    for level in [Level::Pair, Level::PairUniform, Level::Head, Level::Pyramid] {
+        let sel = select(&s, 0.3, level).unwrap();
+        assert_eq!(
+            (sel.kept, sel.total, sel.ratio_real),
+            (0, 0, 1.0),
+            "{level}"
+        );
+    }
+    let s = ContextScores::zeros(10, &[None, None]);
+    assert_eq!(select(&s, 0.5, Level::Pair).unwrap().total, 0);
+}
