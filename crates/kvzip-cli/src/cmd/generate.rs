@@ -9,7 +9,12 @@ use kvzip_models::engine::GenerateOptions;
 use kvzip_templates::ChatMessage;
 use serde_json::json;
 
-use crate::common::{load_model, print_json, LoadedModel};
+use kvzip_models::LogitsMode;
+
+use crate::common::{load_model, print_json, progress_bar, LoadedModel};
+
+/// Prompts longer than this many tokens get a prefill progress bar.
+const LONG_PROMPT_TOKENS: usize = 512;
 
 /// Sampling flags shared by generate, chat and run.
 #[derive(clap::Args, Debug, Clone)]
@@ -86,6 +91,20 @@ fn stream_generate(
     opts: &GenerateOptions,
     quiet: bool,
 ) -> Result<(Vec<u32>, String, f64)> {
+    // Long prompts: prefill all but the last token with a progress bar, then generate.
+    let ids = if ids.len() > LONG_PROMPT_TOKENS {
+        let (head, last) = ids.split_at(ids.len() - 1);
+        let pb = progress_bar(head.len() as u64, "prefill", quiet);
+        model
+            .engine
+            .feed(cache, head, LogitsMode::None, &mut |done, _| {
+                pb.set_position(done as u64)
+            })?;
+        pb.finish_and_clear();
+        last
+    } else {
+        ids
+    };
     let mut stream = model.tokenizer.decode_stream(true);
     let mut text = String::new();
     let mut out = std::io::stdout();

@@ -215,6 +215,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     let summary = json!({
         "model": model.name,
+        "model_dir": model.dir.display().to_string(),
         "answers": answers,
         "n_sys": ctx.n_sys,
         "n_ctx": ctx.n_ctx,

@@ -185,7 +185,7 @@ impl Engine {
             ));
         }
         self.check_length(cache, prompt.len() + opts.max_new_tokens)?;
-        let mut sampler = Sampler::new(opts.sampling.clone())?;
+        let mut sampler = Sampler::new(opts.sampling)?;
         let mut gen = Generation::default();
         let mut logits = self.feed(cache, prompt, LogitsMode::Last, &mut |_, _| {})?;
         for step in 0..opts.max_new_tokens {
