@@ -60,7 +60,7 @@ pub fn head_scores(args: &HeadScoresArgs) -> Result<()> {
             bail!("scoring produced no scores for {}", path.display());
         };
         let hs =
-            HeadScores::from_context_scores(scores, &model.model_id, &path.display().to_string())?;
+            HeadScores::from_context_scores(scores, &model.model_id, path.display().to_string())?;
         merged = Some(match merged {
             Some(m) => m.merge_max(&hs)?,
             None => hs,

@@ -53,7 +53,7 @@ pub struct ProfileArgs {
 }
 
 /// One SQuAD paragraph: context and its questions.
-fn squad_example(path: &PathBuf, idx: usize) -> Result<(String, Vec<String>)> {
+fn squad_example(path: &std::path::Path, idx: usize) -> Result<(String, Vec<String>)> {
     let text = read_text(path)?;
     let root: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
