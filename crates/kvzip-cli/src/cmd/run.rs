@@ -131,8 +131,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let prompt = model.prompt_ids(task)?;
     let t_all = Instant::now();
 
+    let mut ratio_requested = args.ratio;
     let (mut ctx, ratio_real, kv_full, kv_kept, prune_ms) = if let Some(path) = &args.load_cache {
         let (ctx, meta) = load_saved(&model, path, &prompt)?;
+        ratio_requested = meta.ratio_requested.unwrap_or(1.0);
         let kept = ctx.kv_bytes_context();
         let full = meta
             .extra
@@ -219,7 +221,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "answers": answers,
         "n_sys": ctx.n_sys,
         "n_ctx": ctx.n_ctx,
-        "ratio_requested": args.ratio,
+        "ratio_requested": ratio_requested,
         "ratio_real": ratio_real,
         "level": args.level,
         "kv_type": args.kv_type,

@@ -165,6 +165,15 @@ impl AttentionHook for BaselineHook<'_> {
     }
 }
 
+/// Context KV bytes of `cache` over the layers with `Some` in `layer_heads`.
+fn context_bytes(cache: &KvCache, layer_heads: &[Option<usize>], elem_bytes: usize) -> usize {
+    cache
+        .context_usage(elem_bytes, |l| {
+            layer_heads.get(l).is_some_and(|h| h.is_some())
+        })
+        .bytes_kept
+}
+
 fn score_err(e: kvzip_score::ScoreError) -> ModelError {
     ModelError::Input(e.to_string())
 }
@@ -386,11 +395,10 @@ impl ContextCache {
         })
     }
 
-    /// Context KV bytes currently held (all layers, system prompt and later tokens excluded).
+    /// Context KV bytes currently held in the evictable (scored) layers; the system prompt,
+    /// later tokens and sliding-window layers (which only ever hold their window) are excluded.
     pub fn kv_bytes_context(&self) -> usize {
-        self.cache
-            .context_usage(self.elem_bytes, |_| true)
-            .bytes_kept
+        context_bytes(&self.cache, &self.layer_heads, self.elem_bytes)
     }
 
     /// Scores of the context pairs (pair-level policies).
@@ -423,7 +431,7 @@ impl ContextCache {
         }
         .map_err(score_err)?;
         let full = self.full.as_ref().unwrap_or(&self.cache);
-        let kv_bytes_full = full.context_usage(self.elem_bytes, |_| true).bytes_kept;
+        let kv_bytes_full = context_bytes(full, &self.layer_heads, self.elem_bytes);
         match self.kv_type {
             KvType::Evict => self.cache.compact(&selection.mask)?,
             KvType::Retain => {
