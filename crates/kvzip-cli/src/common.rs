@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring};
 use kvzip_models::engine::Engine;
 use kvzip_models::fetch::{default_cache_dir, resolve_model};
 use kvzip_templates::{ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
@@ -68,6 +69,32 @@ impl LoadedModel {
     /// Token ids of the prompt pieces.
     pub fn prompt_ids(&self, task: Task) -> Result<PromptIds> {
         Ok(self.prompt_pieces(task)?.encode(&self.tokenizer)?)
+    }
+
+    /// [`kvzip_models::engine::Engine::prefill_context`] with a progress bar on stderr (hidden
+    /// when `quiet`) showing the prefill and scoring stages.
+    pub fn prefill_context(
+        &self,
+        prompt: &PromptIds,
+        context_ids: &[u32],
+        scoring: &Scoring,
+        kv_type: KvType,
+        quiet: bool,
+    ) -> Result<ContextCache> {
+        let pb = progress_bar(context_ids.len() as u64, "prefill", quiet);
+        let ctx = self.engine.prefill_context(
+            prompt,
+            context_ids,
+            scoring,
+            kv_type,
+            &mut |stage, done, total| {
+                pb.set_prefix(stage.to_owned());
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+            },
+        )?;
+        pb.finish_and_clear();
+        Ok(ctx)
     }
 
     /// Ids that end generation: the model's EOS ids plus the tokenizer's EOS/end-of-turn tokens.

@@ -162,12 +162,14 @@ impl Attention {
     }
 
     /// `x: [t, hidden]` normalised input → attention output `[t, hidden]`; appends this step's
-    /// K/V (rotated) to `cache` layer `layer` at `positions` and calls `hook` with the rotated
-    /// queries once the cache holds them.
+    /// K/V (rotated) to `cache` layer `layer` at `positions` (the same positions as `u32` in
+    /// `cache_positions`) and calls `hook` with the rotated queries once the cache holds them.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &[f32],
         positions: &[usize],
+        cache_positions: &[u32],
         layer: usize,
         cache: &mut KvCache,
         hook: &mut Option<&mut dyn AttentionHook>,
@@ -199,8 +201,7 @@ impl Attention {
             &self.inv_freq,
             self.rope_factor,
         )?;
-        let pos32: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        cache.append(layer, &k, &v, &pos32)?;
+        cache.append(layer, &k, &v, cache_positions)?;
         if let Some(h) = hook.as_deref_mut() {
             h.after_append(layer, &q, t, cache)?;
         }

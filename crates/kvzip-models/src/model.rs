@@ -130,11 +130,13 @@ impl DecoderLayer {
         })
     }
 
-    /// Updates the residual stream `x: [t, hidden]` in place.
+    /// Updates the residual stream `x: [t, hidden]` in place; `positions` and `cache_positions`
+    /// are the step's absolute positions (as `usize` for RoPE, as `u32` for the cache).
     pub fn forward(
         &self,
         x: &mut [f32],
         positions: &[usize],
+        cache_positions: &[u32],
         layer: usize,
         cache: &mut KvCache,
         hook: &mut Option<&mut dyn AttentionHook>,
@@ -158,7 +160,9 @@ impl DecoderLayer {
             ),
         };
         let h = input.forward(x)?;
-        let mut a = self.attn.forward(&h, positions, layer, cache, hook)?;
+        let mut a = self
+            .attn
+            .forward(&h, positions, cache_positions, layer, cache, hook)?;
         if let Some(n) = post_attn {
             n.forward_inplace(&mut a)?;
         }
@@ -224,11 +228,19 @@ impl DecoderStack {
         }
         let h = self.spec.hidden_size;
         let start = cache.seen_tokens();
+        let cache_positions = cache.next_positions(t);
         let positions: Vec<usize> = (start..start + t).collect();
         let mut x = vec![0.0; t * h];
         cpu::embedding(ids, &self.embed, h, self.spec.embed_scale, &mut x)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            layer.forward(&mut x, &positions, l, cache, &mut opts.hook)?;
+            layer.forward(
+                &mut x,
+                &positions,
+                &cache_positions,
+                l,
+                cache,
+                &mut opts.hook,
+            )?;
         }
         cache.set_seen_tokens(start + t);
         let rows = match opts.logits {

@@ -216,22 +216,11 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
         let (tokens, answer, _) = stream_generate(&model, &mut cache, new, &opts, false)?;
         println!();
         model.engine.commit_windows(&mut cache)?;
-        fed = ids.clone();
-        // The last generated token was never fed; the cache holds the rest.
+        // The cache holds the prompt and every generated token but the last (never fed); the
+        // next turn's rendered conversation brings that token back as part of its new ids.
+        fed = ids;
         fed.extend_from_slice(&tokens[..tokens.len().saturating_sub(1)]);
-        if let Some(last) = tokens.last() {
-            cache_feed_last(&model, &mut cache, *last)?;
-            fed.push(*last);
-        }
         messages.push(ChatMessage::new("assistant", answer.trim().to_owned()));
     }
-    Ok(())
-}
-
-/// Feeds the final generated token so the cache covers the whole turn.
-fn cache_feed_last(model: &LoadedModel, cache: &mut kvzip_cache::KvCache, id: u32) -> Result<()> {
-    model
-        .engine
-        .prefill(cache, &[id], kvzip_models::LogitsMode::None)?;
     Ok(())
 }

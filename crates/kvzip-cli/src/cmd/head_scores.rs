@@ -8,7 +8,7 @@ use kvzip_models::engine::kvzip::{KvType, Scoring, DEFAULT_SCORING_CHUNK};
 use kvzip_score::HeadScores;
 use kvzip_templates::Task;
 
-use crate::common::{load_model, progress_bar, read_text};
+use crate::common::{load_model, read_text};
 
 /// Arguments of `kvzip head-scores`.
 #[derive(clap::Args, Debug)]
@@ -41,21 +41,15 @@ pub fn head_scores(args: &HeadScoresArgs) -> Result<()> {
     }
     for path in &args.contexts {
         let ids = model.tokenizer.encode(&read_text(path)?)?;
-        let pb = progress_bar(ids.len() as u64, "prefill", false);
-        let ctx = model.engine.prefill_context(
+        let ctx = model.prefill_context(
             &prompt,
             &ids,
             &Scoring::Reconstruct {
                 chunk: DEFAULT_SCORING_CHUNK,
             },
             KvType::Evict,
-            &mut |stage, done, total| {
-                pb.set_prefix(stage.to_owned());
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-            },
+            false,
         )?;
-        pb.finish_and_clear();
         let Some(scores) = ctx.scores() else {
             bail!("scoring produced no scores for {}", path.display());
         };

@@ -8,12 +8,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring, DEFAULT_SCORING_CHUNK};
 use kvzip_models::LogitsMode;
+use kvzip_score::Level;
 use kvzip_templates::{format_query, Task};
 use serde_json::json;
 
 use super::generate::SamplingArgs;
-use super::run::{parse_level, parse_task};
-use crate::common::{load_model, print_json, progress_bar, read_text, LoadedModel};
+use super::run::parse_task;
+use crate::common::{load_model, print_json, read_text, LoadedModel};
 
 /// Arguments of `kvzip profile`.
 #[derive(clap::Args, Debug)]
@@ -41,7 +42,7 @@ pub struct ProfileArgs {
     pub ratio: f64,
     /// Selection level.
     #[arg(long, default_value = "pair")]
-    pub level: String,
+    pub level: Level,
     /// Task template: qa or gsm.
     #[arg(long, default_value = "qa")]
     pub task: String,
@@ -149,7 +150,6 @@ fn stats(x: &[f32]) -> [f32; 3] {
 pub fn profile(args: &ProfileArgs) -> Result<()> {
     let model = load_model(&args.model)?;
     let task: Task = parse_task(&args.task)?;
-    let level = parse_level(&args.level)?;
     let (context, questions) = match &args.context {
         Some(p) => (read_text(p)?, args.queries.clone()),
         None => {
@@ -170,21 +170,15 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
     }
     let prompt = model.prompt_ids(task)?;
     let context_ids = model.tokenizer.encode(&context)?;
-    let pb = progress_bar(context_ids.len() as u64, "prefill", args.json);
-    let mut ctx = model.engine.prefill_context(
+    let mut ctx = model.prefill_context(
         &prompt,
         &context_ids,
         &Scoring::Reconstruct {
             chunk: DEFAULT_SCORING_CHUNK,
         },
         KvType::Retain,
-        &mut |stage, done, total| {
-            pb.set_prefix(stage.to_owned());
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        },
+        args.json,
     )?;
-    pb.finish_and_clear();
     let opts = args.sampling.options(&model);
 
     let mut rows = Vec::new();
@@ -192,15 +186,18 @@ pub fn profile(args: &ProfileArgs) -> Result<()> {
     let t_full = Instant::now();
     for q in &questions {
         let ids = prompt.query_input_ids(&model.tokenizer, &format_query(task, q))?;
+        // The generation's own step logits are the full cache's teacher-forced logits.
+        let mark = ctx.cache.mark();
         let gen = model
             .engine
-            .answer(&mut ctx, &ids, &opts, false, &mut |_| true)?;
-        let forced = forced_logits(&model, &mut ctx, &ids, &gen.tokens)?;
-        full_answers.push((ids, gen.tokens, forced));
+            .generate(&mut ctx.cache, &ids, &opts, true, &mut |_| true);
+        ctx.cache.rollback(&mark)?;
+        let gen = gen?;
+        full_answers.push((ids, gen.tokens, gen.step_logits.concat()));
     }
     let full_ms = t_full.elapsed().as_secs_f64() * 1e3;
     let kv_full = ctx.kv_bytes_context();
-    let report = ctx.prune(args.ratio, level)?;
+    let report = ctx.prune(args.ratio, args.level)?;
     let t_pruned = Instant::now();
     let v = model.engine.spec().vocab_size;
     let (mut d_pans, mut d_margin, mut d_p, mut flips) = (vec![], vec![], vec![], 0usize);

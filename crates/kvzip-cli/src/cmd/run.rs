@@ -11,7 +11,7 @@ use kvzip_templates::{format_query, PromptIds, Task};
 use serde_json::json;
 
 use super::generate::SamplingArgs;
-use crate::common::{load_model, print_json, progress_bar, read_text, LoadedModel};
+use crate::common::{load_model, print_json, read_text, LoadedModel};
 
 /// Arguments of `kvzip run`.
 #[derive(clap::Args, Debug)]
@@ -28,9 +28,9 @@ pub struct RunArgs {
     /// Fraction of context KV pairs to keep, in (0, 1].
     #[arg(long, default_value_t = 0.3)]
     pub ratio: f64,
-    /// Selection level: pair, pair-uniform or head.
+    /// Selection level: pair, pair-uniform, head (or pyramid).
     #[arg(long, default_value = "pair")]
-    pub level: String,
+    pub level: Level,
     /// Context-independent head scores (safetensors [layers, kv-heads]); skips scoring.
     #[arg(long)]
     pub head_scores: Vec<PathBuf>,
@@ -62,16 +62,6 @@ pub fn parse_kv_type(s: &str) -> Result<KvType> {
         "evict" => Ok(KvType::Evict),
         "retain" => Ok(KvType::Retain),
         other => bail!("--kv-type {other:?}: expected evict or retain"),
-    }
-}
-
-/// Parses a `--level` value.
-pub fn parse_level(s: &str) -> Result<Level> {
-    match s {
-        "pair" => Ok(Level::Pair),
-        "pair-uniform" => Ok(Level::PairUniform),
-        "head" => Ok(Level::Head),
-        other => bail!("--level {other:?}: expected pair, pair-uniform or head"),
     }
 }
 
@@ -126,7 +116,6 @@ fn load_saved(
 pub fn run(args: &RunArgs) -> Result<()> {
     let model = load_model(&args.model)?;
     let task = parse_task(&args.task)?;
-    let level = parse_level(&args.level)?;
     let kv_type = parse_kv_type(&args.kv_type)?;
     let prompt = model.prompt_ids(task)?;
     let t_all = Instant::now();
@@ -157,23 +146,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         } else {
             Scoring::None
         };
-        let pb = progress_bar(context_ids.len() as u64, "prefill", args.json);
-        let mut ctx = model.engine.prefill_context(
-            &prompt,
-            &context_ids,
-            &scoring,
-            kv_type,
-            &mut |stage, done, total| {
-                pb.set_prefix(stage.to_owned());
-                pb.set_length(total as u64);
-                pb.set_position(done as u64);
-            },
-        )?;
-        pb.finish_and_clear();
+        let mut ctx = model.prefill_context(&prompt, &context_ids, &scoring, kv_type, args.json)?;
         let t0 = Instant::now();
         let full = ctx.kv_bytes_context();
         let (ratio_real, kept) = if args.ratio < 1.0 {
-            let report = ctx.prune(args.ratio, level)?;
+            let report = ctx.prune(args.ratio, args.level)?;
             (report.ratio_real, report.kv_bytes_kept)
         } else {
             (1.0, full)
@@ -192,7 +169,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             model_id: model.model_id.clone(),
             ratio_requested: Some(args.ratio),
             ratio_real: Some(ratio_real),
-            level: Some(args.level.clone()),
+            level: Some(args.level.to_string()),
             token_ids: ctx.prefill_ids.clone(),
             extra: Default::default(),
         };
@@ -223,7 +200,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "n_ctx": ctx.n_ctx,
         "ratio_requested": ratio_requested,
         "ratio_real": ratio_real,
-        "level": args.level,
+        "level": args.level.to_string(),
         "kv_type": args.kv_type,
         "kv_bytes_full": kv_full,
         "kv_bytes_kept": kv_kept,

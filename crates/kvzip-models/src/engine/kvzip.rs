@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use kvzip_cache::KvCache;
+use kvzip_cache::{KvCache, LayerCache};
 use kvzip_score::baselines::{Baseline, BaselineScorer, LayerObservation};
 use kvzip_score::{
     select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, ScoreShape,
@@ -14,6 +14,9 @@ use kvzip_templates::{reconstruction_inputs, PromptIds};
 use super::{Engine, GenerateOptions, Generation};
 use crate::error::{ModelError, Result};
 use crate::model::{AttentionHook, ForwardOptions, LogitsMode};
+
+/// Bytes per stored K or V element of the CPU cache (f32).
+const KV_ELEM_BYTES: usize = std::mem::size_of::<f32>();
 
 /// Context tokens per reconstruction chunk (KVZIP-SPEC §1.1).
 pub const DEFAULT_SCORING_CHUNK: usize = 2000;
@@ -87,7 +90,6 @@ pub struct ContextCache {
     pub timings: ContextTimings,
     pruned: bool,
     layer_heads: Vec<Option<usize>>,
-    elem_bytes: usize,
 }
 
 /// Hook that runs the reconstruction score op in every scored layer.
@@ -108,19 +110,16 @@ impl AttentionHook for ReconstructHook<'_> {
         q_len: usize,
         cache: &KvCache,
     ) -> Result<()> {
-        let Some(Some(n_kv)) = self.layer_heads.get(layer) else {
+        let Some((n_kv, lc)) = scored_layer(self.layer_heads, cache, layer)? else {
             return Ok(());
         };
         let shape = ScoreShape {
             q_len,
-            n_kv_heads: *n_kv,
+            n_kv_heads: n_kv,
             group: self.group,
             head_dim: self.head_dim,
             n_sys: self.n_sys,
         };
-        let lc = cache
-            .layer(layer)
-            .ok_or_else(|| ModelError::Input(format!("cache has no layer {layer}")))?;
         self.acc
             .score_layer_chunk(layer, &shape, q, |h| lc.head_keys(h), self.chunk.clone())
             .map_err(score_err)
@@ -134,7 +133,6 @@ struct BaselineHook<'a> {
     n_q_heads: usize,
     head_dim: usize,
     scale: f32,
-    first_pos: usize,
 }
 
 impl AttentionHook for BaselineHook<'_> {
@@ -142,22 +140,20 @@ impl AttentionHook for BaselineHook<'_> {
         &mut self,
         layer: usize,
         q: &[f32],
-        _q_len: usize,
+        q_len: usize,
         cache: &KvCache,
     ) -> Result<()> {
-        let Some(Some(n_kv)) = self.layer_heads.get(layer) else {
+        let Some((n_kv, lc)) = scored_layer(self.layer_heads, cache, layer)? else {
             return Ok(());
         };
-        let lc = cache
-            .layer(layer)
-            .ok_or_else(|| ModelError::Input(format!("cache has no layer {layer}")))?;
         let keys = |h: usize| lc.head_keys(h);
         let obs = LayerObservation {
             q,
             n_q_heads: self.n_q_heads,
             head_dim: self.head_dim,
-            first_pos: self.first_pos,
-            n_kv_heads: *n_kv,
+            // The step's rows are already appended, so they end at `seen_tokens`.
+            first_pos: cache.seen_tokens() - q_len,
+            n_kv_heads: n_kv,
             head_keys: &keys,
             scale: self.scale,
         };
@@ -165,10 +161,25 @@ impl AttentionHook for BaselineHook<'_> {
     }
 }
 
+/// The KV head count and cache layer of `layer` if it is scored (`None` for sliding layers).
+fn scored_layer<'c>(
+    layer_heads: &[Option<usize>],
+    cache: &'c KvCache,
+    layer: usize,
+) -> Result<Option<(usize, &'c LayerCache)>> {
+    let Some(Some(n_kv)) = layer_heads.get(layer).copied() else {
+        return Ok(None);
+    };
+    let lc = cache
+        .layer(layer)
+        .ok_or_else(|| ModelError::Input(format!("cache has no layer {layer}")))?;
+    Ok(Some((n_kv, lc)))
+}
+
 /// Context KV bytes of `cache` over the layers with `Some` in `layer_heads`.
-fn context_bytes(cache: &KvCache, layer_heads: &[Option<usize>], elem_bytes: usize) -> usize {
+fn context_bytes(cache: &KvCache, layer_heads: &[Option<usize>]) -> usize {
     cache
-        .context_usage(elem_bytes, |l| {
+        .context_usage(KV_ELEM_BYTES, |l| {
             layer_heads.get(l).is_some_and(|h| h.is_some())
         })
         .bytes_kept
@@ -211,7 +222,6 @@ impl Engine {
         let layer_heads = self.scored_layer_heads();
         let mut cache = self.new_cache()?;
         cache.set_spans(n_sys, n_ctx);
-        self.check_length(&cache, prefill_ids.len())?;
 
         // Prefill, with a baseline hook if the policy needs the prefill's attention.
         let t0 = Instant::now();
@@ -221,37 +231,23 @@ impl Engine {
             }
             _ => None,
         };
-        let chunk = self.prefill_chunk.max(1);
-        let mut done = 0;
-        for piece in prefill_ids.chunks(chunk) {
-            match baseline.as_mut().filter(|b| b.needs_attention()) {
-                Some(scorer) => {
-                    let hook = BaselineHook {
-                        scorer,
-                        layer_heads: &layer_heads,
-                        n_q_heads: spec.n_heads,
-                        head_dim: spec.head_dim,
-                        scale: spec.attn_scale,
-                        first_pos: done,
-                    };
-                    self.model.forward(
-                        piece,
-                        &mut cache,
-                        ForwardOptions {
-                            logits: LogitsMode::None,
-                            hook: Some(&mut { hook }),
-                        },
-                    )?
-                }
-                None => self.model.forward(
-                    piece,
-                    &mut cache,
-                    ForwardOptions::logits(LogitsMode::None),
-                )?,
-            };
-            done += piece.len();
-            progress("prefill", done, prefill_ids.len());
-        }
+        let mut hook = baseline
+            .as_mut()
+            .filter(|b| b.needs_attention())
+            .map(|scorer| BaselineHook {
+                scorer,
+                layer_heads: &layer_heads,
+                n_q_heads: spec.n_heads,
+                head_dim: spec.head_dim,
+                scale: spec.attn_scale,
+            });
+        self.feed_observed(
+            &mut cache,
+            &prefill_ids,
+            LogitsMode::None,
+            hook.as_mut().map(|h| h as &mut dyn AttentionHook),
+            &mut |done, total| progress("prefill", done, total),
+        )?;
         self.commit_windows(&mut cache)?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -291,7 +287,6 @@ impl Engine {
             },
             pruned: false,
             layer_heads,
-            elem_bytes: std::mem::size_of::<f32>(),
         })
     }
 
@@ -391,14 +386,13 @@ impl ContextCache {
             timings: ContextTimings::default(),
             pruned: true,
             layer_heads,
-            elem_bytes: std::mem::size_of::<f32>(),
         })
     }
 
     /// Context KV bytes currently held in the evictable (scored) layers; the system prompt,
     /// later tokens and sliding-window layers (which only ever hold their window) are excluded.
     pub fn kv_bytes_context(&self) -> usize {
-        context_bytes(&self.cache, &self.layer_heads, self.elem_bytes)
+        context_bytes(&self.cache, &self.layer_heads)
     }
 
     /// Scores of the context pairs (pair-level policies).
@@ -431,7 +425,7 @@ impl ContextCache {
         }
         .map_err(score_err)?;
         let full = self.full.as_ref().unwrap_or(&self.cache);
-        let kv_bytes_full = context_bytes(full, &self.layer_heads, self.elem_bytes);
+        let kv_bytes_full = context_bytes(full, &self.layer_heads);
         match self.kv_type {
             KvType::Evict => self.cache.compact(&selection.mask)?,
             KvType::Retain => {

@@ -10,7 +10,7 @@ use kvzip_kernels::sampling::{Sampler, SamplingParams};
 
 use crate::config::ModelSpec;
 use crate::error::{ModelError, Result};
-use crate::model::{CausalLm, ForwardOptions, LogitsMode};
+use crate::model::{AttentionHook, CausalLm, ForwardOptions, LogitsMode};
 
 /// Default prefill chunk in tokens (the reference uses 16000 on GPU; smaller chunks bound the
 /// CPU activation memory without changing results).
@@ -131,6 +131,18 @@ impl Engine {
         mode: LogitsMode,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Vec<f32>> {
+        self.feed_observed(cache, ids, mode, None, progress)
+    }
+
+    /// [`Engine::feed`] with an optional attention hook called in every layer of every chunk.
+    pub fn feed_observed(
+        &self,
+        cache: &mut KvCache,
+        ids: &[u32],
+        mode: LogitsMode,
+        mut hook: Option<&mut dyn AttentionHook>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(ModelError::Input("prefill called with no tokens".into()));
         }
@@ -145,9 +157,11 @@ impl Engine {
                 LogitsMode::Last if last => LogitsMode::Last,
                 _ => LogitsMode::None,
             };
-            let logits = self
-                .model
-                .forward(piece, cache, ForwardOptions::logits(piece_mode))?;
+            let opts = ForwardOptions {
+                logits: piece_mode,
+                hook: hook.as_mut().map(|h| &mut **h as &mut dyn AttentionHook),
+            };
+            let logits = self.model.forward(piece, cache, opts)?;
             out.extend_from_slice(&logits);
             progress(((i + 1) * chunk).min(ids.len()), ids.len());
         }

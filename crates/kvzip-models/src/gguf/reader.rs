@@ -291,28 +291,22 @@ impl GgufFile {
 
     /// An optional array of strings (`Err` if it is not an array of strings).
     pub fn opt_str_array(&self, key: &str) -> Result<Option<Vec<&str>>> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let arr = v.as_array().ok_or_else(|| {
-            self.meta_err(key, format!("expected an array, found {}", v.type_name()))
-        })?;
-        arr.iter()
-            .enumerate()
-            .map(|(i, e)| {
-                e.as_str().ok_or_else(|| {
-                    self.meta_err(
-                        key,
-                        format!("element {i} is {}, not a string", e.type_name()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.opt_array(key, "a string", GgufValue::as_str)
     }
 
     /// An optional array of integers (`Err` if it is not an array of integers).
     pub fn opt_i64_array(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        self.opt_array(key, "an integer", GgufValue::as_i64)
+    }
+
+    /// An optional array whose every element converts with `elem` (`what` names the element
+    /// type in errors).
+    fn opt_array<'s, T>(
+        &'s self,
+        key: &str,
+        what: &str,
+        elem: impl Fn(&'s GgufValue) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -322,11 +316,8 @@ impl GgufFile {
         arr.iter()
             .enumerate()
             .map(|(i, e)| {
-                e.as_i64().ok_or_else(|| {
-                    self.meta_err(
-                        key,
-                        format!("element {i} is {}, not an integer", e.type_name()),
-                    )
+                elem(e).ok_or_else(|| {
+                    self.meta_err(key, format!("element {i} is {}, not {what}", e.type_name()))
                 })
             })
             .collect::<Result<Vec<_>>>()
