@@ -12,6 +12,8 @@
 //! on bad sizes.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 mod kv;
 pub mod reference;
