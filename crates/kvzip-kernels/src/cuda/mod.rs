@@ -40,6 +40,7 @@ pub mod params {
     include!(concat!(env!("OUT_DIR"), "/params.rs"));
 }
 
+#[allow(clippy::type_complexity)]
 mod cubins {
     include!(concat!(env!("OUT_DIR"), "/cubins.rs"));
 }

@@ -8,6 +8,7 @@ use kvzip_cache::{KvCache, LayerCache};
 use kvzip_score::baselines::{Baseline, BaselineScorer, LayerObservation};
 use kvzip_score::{
     select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, ScoreShape,
+    Selection,
 };
 use kvzip_templates::{reconstruction_inputs, PromptIds};
 
@@ -161,6 +162,37 @@ impl AttentionHook for BaselineHook<'_> {
     }
 }
 
+/// Hook that feeds the prefill's queries to several baseline scorers at once.
+struct MultiBaselineHook<'a> {
+    scorers: Vec<&'a mut BaselineScorer>,
+    layer_heads: &'a [Option<usize>],
+    n_q_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl AttentionHook for MultiBaselineHook<'_> {
+    fn after_append(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        q_len: usize,
+        cache: &KvCache,
+    ) -> Result<()> {
+        for scorer in self.scorers.iter_mut() {
+            BaselineHook {
+                scorer,
+                layer_heads: self.layer_heads,
+                n_q_heads: self.n_q_heads,
+                head_dim: self.head_dim,
+                scale: self.scale,
+            }
+            .after_append(layer, q, q_len, cache)?;
+        }
+        Ok(())
+    }
+}
+
 /// The KV head count and cache layer of `layer` if it is scored (`None` for sliding layers).
 fn scored_layer<'c>(
     layer_heads: &[Option<usize>],
@@ -288,6 +320,107 @@ impl Engine {
             pruned: false,
             layer_heads,
         })
+    }
+
+    /// Prefills `prompt.system_ids ++ context_ids` once and computes one [`ContextScores`] per
+    /// entry of `scorings`, in order, from that single prefill: every baseline observes the same
+    /// prefill pass, reconstruction runs its passes afterwards, head scores are expanded to
+    /// head-constant `[layer][head, n_ctx]` scores (prune them with [`Level::Head`]).
+    /// The returned cache holds no active scores: prune it with
+    /// [`ContextCache::prune_with_selection`]. `Scoring::None` is rejected.
+    pub fn prefill_context_multi(
+        &self,
+        prompt: &PromptIds,
+        context_ids: &[u32],
+        scorings: &[Scoring],
+        kv_type: KvType,
+        progress: &mut dyn FnMut(&str, usize, usize),
+    ) -> Result<(ContextCache, Vec<ContextScores>)> {
+        if scorings.iter().any(|s| matches!(s, Scoring::None)) {
+            return Err(ModelError::Input(
+                "prefill_context_multi needs real scorings; drop Scoring::None".into(),
+            ));
+        }
+        let n_sys = prompt.system_ids.len();
+        let n_ctx = context_ids.len();
+        let layer_heads = self.scored_layer_heads();
+        let mut baselines: Vec<Option<BaselineScorer>> = scorings
+            .iter()
+            .map(|s| match s {
+                Scoring::Baseline(kind) => BaselineScorer::new(*kind, n_sys, n_ctx, &layer_heads)
+                    .map(Some)
+                    .map_err(score_err),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let spec = self.spec();
+        let prefill_ids = prompt.prefill_ids(context_ids);
+        let mut cache = self.new_cache()?;
+        cache.set_spans(n_sys, n_ctx);
+        let t0 = Instant::now();
+        let mut hook = MultiBaselineHook {
+            scorers: baselines
+                .iter_mut()
+                .flatten()
+                .filter(|b| b.needs_attention())
+                .collect(),
+            layer_heads: &layer_heads,
+            n_q_heads: spec.n_heads,
+            head_dim: spec.head_dim,
+            scale: spec.attn_scale,
+        };
+        let observe = !hook.scorers.is_empty();
+        self.feed_observed(
+            &mut cache,
+            &prefill_ids,
+            LogitsMode::None,
+            observe.then_some(&mut hook as &mut dyn AttentionHook),
+            &mut |done, total| progress("prefill", done, total),
+        )?;
+        drop(hook);
+        self.commit_windows(&mut cache)?;
+        let mut ctx = ContextCache {
+            cache,
+            full: None,
+            scores: None,
+            head_scores: None,
+            n_sys,
+            n_ctx,
+            prefill_ids,
+            kv_type,
+            timings: ContextTimings {
+                prefill_ms: t0.elapsed().as_secs_f64() * 1e3,
+                scoring_ms: 0.0,
+            },
+            pruned: false,
+            layer_heads: layer_heads.clone(),
+        };
+        let t1 = Instant::now();
+        let mut out = Vec::with_capacity(scorings.len());
+        for (scoring, baseline) in scorings.iter().zip(baselines) {
+            let scores = match scoring {
+                Scoring::Reconstruct { chunk } => self.reconstruction_scores(
+                    &mut ctx.cache,
+                    prompt,
+                    context_ids,
+                    *chunk,
+                    progress,
+                )?,
+                Scoring::HeadScores(hs) => hs
+                    .to_context_scores(n_ctx, &layer_heads)
+                    .map_err(score_err)?,
+                Scoring::Baseline(_) => baseline
+                    .ok_or_else(|| ModelError::Input("baseline scorer missing".into()))?
+                    .finish()
+                    .map_err(score_err)?,
+                Scoring::None => {
+                    return Err(ModelError::Input("Scoring::None has no scores".into()))
+                }
+            };
+            out.push(scores);
+        }
+        ctx.timings.scoring_ms = t1.elapsed().as_secs_f64() * 1e3;
+        Ok((ctx, out))
     }
 
     /// Runs the reconstruction passes over an unpruned cache holding exactly system prompt +
@@ -424,6 +557,23 @@ impl ContextCache {
             }
         }
         .map_err(score_err)?;
+        self.prune_with_selection(ratio, &selection)
+    }
+
+    /// Applies a selection computed elsewhere (e.g. by [`kvzip_score::select_pyramid`] on
+    /// scores from [`Engine::prefill_context_multi`]); `ratio` is only reported back. The mask
+    /// must match this cache's layers, heads and context length.
+    pub fn prune_with_selection(
+        &mut self,
+        ratio: f64,
+        selection: &Selection,
+    ) -> Result<PruneReport> {
+        if self.pruned && self.kv_type == KvType::Evict {
+            return Err(ModelError::Input(
+                "this cache was already pruned in evict mode; use kv-type retain to re-prune"
+                    .into(),
+            ));
+        }
         let full = self.full.as_ref().unwrap_or(&self.cache);
         let kv_bytes_full = context_bytes(full, &self.layer_heads);
         match self.kv_type {
@@ -442,6 +592,11 @@ impl ContextCache {
             kv_bytes_full,
             kv_bytes_kept: self.kv_bytes_context(),
         })
+    }
+
+    /// KV heads per layer that are scored and evictable (`None` = sliding-window layer).
+    pub fn layer_heads(&self) -> &[Option<usize>] {
+        &self.layer_heads
     }
 
     /// Restores the full (unpruned) cache in retain mode.
