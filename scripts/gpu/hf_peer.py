@@ -232,7 +232,8 @@ def bench_decode_attention(device, timer, shape, ctx, ratio, sigma, iters):
                 continue
 
             def forced(backend=backend):
-                with sdpa_kernel(backend):
+                with sdpa_kernel(backend), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "kernel not used because ..." for rejected backends
                     F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             rate(dense_bytes, forced, f"dense_sdpa_all_layers_batched_{name.lower()}",
                  api=f"as dense_sdpa_all_layers_batched, forced SDPBackend.{name}")
@@ -289,10 +290,22 @@ def bench_decode_attention(device, timer, shape, ctx, ratio, sigma, iters):
         try:
             from torch.nn.attention.varlen import varlen_attn
 
-            def torch_varlen():
+            def torch_varlen_gqa():
                 return varlen_attn(qr, kr, vr, cu_q_all, cu_k_all, 1, max_k, scale=scale, enable_gqa=True)
-            rate(ragged_bytes, torch_varlen, "ragged_torch_varlen_attn_all_layers",
-                 api="torch.nn.attention.varlen.varlen_attn(enable_gqa=True), one call for all layers")
+            # the group as G non-causal query rows of a single-head sequence: needs no GQA support
+            q_rows = qr.reshape(layers * hkv * group, 1, d)
+            cu_q_rows = cu_q_all * group
+
+            def torch_varlen_rows():
+                return varlen_attn(q_rows, kr, vr, cu_q_rows, cu_k_all, group, max_k, scale=scale)
+            try:
+                torch_varlen_gqa()
+                rate(ragged_bytes, torch_varlen_gqa, "ragged_torch_varlen_attn_all_layers",
+                     api="torch.nn.attention.varlen.varlen_attn(q [L*Hkv, G, D], enable_gqa=True), one call for all layers")
+            except TypeError:  # torch without enable_gqa on varlen_attn (2.11)
+                rate(ragged_bytes, torch_varlen_rows, "ragged_torch_varlen_attn_all_layers",
+                     api="torch.nn.attention.varlen.varlen_attn(q [L*Hkv*G, 1, D], group as query rows, "
+                         "cu_seq_q = G*arange), one call for all layers (this torch has no enable_gqa)")
         except ImportError as e:
             out["ragged_torch_varlen_attn_all_layers"] = {"error": f"unavailable: {e}"}
         try:
@@ -413,7 +426,8 @@ def bench_prefill(model, shape, device, timer, tokens, warm_tokens, reps, gemm_t
             **s, "memory": mem_info(device)}
 
 
-def bench_decode(model, shape, device, timer, ctx, steps, fill, chunk, weight_bytes, copy_tbs):
+def make_decode_cache(model, shape, device, timer, ctx, fill, chunk):
+    """Returns (cache, how it was filled, fill seconds)."""
     t0 = time.monotonic()
     if fill == "random":
         cache = fill_cache_random(model, shape, ctx, device)
@@ -422,10 +436,24 @@ def bench_decode(model, shape, device, timer, ctx, steps, fill, chunk, weight_by
         cache = fill_cache_prefill(model, shape, ctx, device, chunk)
         how = f"chunked HF prefill of random ids, {chunk} tokens per chunk, into a DynamicCache"
     timer.sync()
-    fill_s = time.monotonic() - t0
+    return cache, how, time.monotonic() - t0
+
+
+def sdpa_backend_context(variant, device):
+    """default: PyTorch's own sdpa choice (cuDNN on an H200 with torch 2.11); no_cudnn: every backend but cuDNN."""
+    import contextlib
+    if variant == "default" or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def bench_decode(model, shape, device, timer, ctx, steps, cache_info, variant, weight_bytes, copy_tbs):
+    cache, how, fill_s = cache_info
     vocab = shape["vocab_size"]
     ms = []
-    with torch.inference_mode():
+    start_len = cache.get_seq_length()
+    with torch.inference_mode(), sdpa_backend_context(variant, device):
         ids = torch.randint(0, vocab, (1, 1), device=device)
         warm = 2
         for step in range(warm + steps):
@@ -439,16 +467,15 @@ def bench_decode(model, shape, device, timer, ctx, steps, fill, chunk, weight_by
     s = summary(ms)
     kv_bytes = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * ctx * 2
     res = {"what": "greedy single-token HF forward steps (use_cache, DynamicCache, sdpa, bf16); "
-                   "per step: synchronize, perf_counter, forward + argmax, synchronize",
-           "ctx": ctx, "cache_fill": how, "cache_fill_s": fill_s, "steps": steps, "ms_per_token": s["median_ms"],
+                   "per step: synchronize, perf_counter, forward + argmax, synchronize; median over steps",
+           "sdpa_backends": variant, "ctx": ctx, "cache_len_at_start": start_len, "cache_fill": how,
+           "cache_fill_s": fill_s, "steps": steps, "ms_per_token": s["median_ms"],
            "kv_bytes": kv_bytes, "weight_bytes_read_per_token": weight_bytes, **s, "memory": mem_info(device)}
     if copy_tbs:
         floor_ms = (weight_bytes + kv_bytes) / (copy_tbs * 1e12) * 1e3
         res["bandwidth_floor_ms"] = floor_ms
         res["over_floor"] = s["median_ms"] / floor_ms
         res["floor_definition"] = "(weight bytes excluding embedding table + full K/V bytes) / measured copy TB/s"
-    del cache
-    free_memory(device)
     return res
 
 
@@ -478,9 +505,19 @@ def bench_shape(name, shape, args, device, timer, report, deadline, gemm_tflops,
                 gemm_tflops, holder["n_nonembed"]), deadline)
             free_memory(device)
         for ctx in args.contexts:
-            report.measure(sec, f"decode_{ctx}", lambda: bench_decode(
-                holder["model"], shape, device, timer, ctx, args.decode_steps, args.cache_fill, args.fill_chunk,
-                holder["weight_bytes"], copy_tbs), deadline)
+            try:
+                cache_info = make_decode_cache(holder["model"], shape, device, timer, ctx, args.cache_fill, args.fill_chunk)
+            except Exception as e:  # noqa: BLE001
+                report.doc[sec][f"decode_{ctx}"] = {"error": f"cache fill: {type(e).__name__}: {e}"[:2000]}
+                report.save()
+                free_memory(device)
+                continue
+            for variant in args.decode_sdpa:
+                key = f"decode_{ctx}" if variant == "default" else f"decode_{ctx}_{variant}"
+                report.measure(sec, key, lambda: bench_decode(
+                    holder["model"], shape, device, timer, ctx, args.decode_steps, cache_info, variant,
+                    holder["weight_bytes"], copy_tbs), deadline)
+            del cache_info
             free_memory(device)
     finally:
         holder.clear()
@@ -501,6 +538,8 @@ def parse_args(argv):
     p.add_argument("--prefill-reps", type=int, default=2, help="timed prefill repetitions (median reported)")
     p.add_argument("--cache-fill", choices=["random", "prefill"], default="random",
                    help="decode cache: random K/V via DynamicCache.update (default) or chunked prefill")
+    p.add_argument("--decode-sdpa", default="default,no_cudnn",
+                   help="HF decode sdpa backend variants: default (PyTorch's pick) and/or no_cudnn")
     p.add_argument("--fill-chunk", type=int, default=8192, help="chunk for --cache-fill prefill")
     p.add_argument("--attn-shape", default="llama-3.1-8b", help="shape for the decode-attention bandwidth test; '' = skip")
     p.add_argument("--ratio", type=float, default=0.3, help="KVzip keep ratio for the ragged layout")
@@ -517,6 +556,9 @@ def parse_args(argv):
     a.prefill_warmup = a.prefill_warmup or (64 if a.quick else 4096)
     a.copy_gib = a.copy_gib or (1 / 16 if a.quick else 4.0)
     a.gemm_n = a.gemm_n or (512 if a.quick else 8192)
+    a.decode_sdpa = [v.strip() for v in a.decode_sdpa.split(",") if v.strip()]
+    if any(v not in ("default", "no_cudnn") for v in a.decode_sdpa):
+        p.error("--decode-sdpa takes default and/or no_cudnn")
     a.shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
     for s in a.shapes + ([a.attn_shape] if a.attn_shape else []):
         if s not in SHAPES:
