@@ -49,6 +49,10 @@ pub enum ModelError {
     /// The KV cache rejected an operation.
     #[error(transparent)]
     Cache(#[from] kvzip_cache::CacheError),
+    /// The CUDA backend failed (no GPU, driver error, kernel launch).
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] kvzip_kernels::cuda::CudaError),
     /// Invalid input to the engine (e.g. empty prompt, context longer than the model allows).
     #[error("{0}")]
     Input(String),

@@ -22,3 +22,5 @@ pub use models::load_model_dir;
 
 pub mod fetch;
 pub mod gguf;
+#[cfg(feature = "cuda")]
+pub mod gpu;

@@ -16,13 +16,16 @@
 pub mod attention;
 pub mod cache;
 pub mod gemm;
+pub mod kv;
 pub mod ops;
 pub mod score;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+pub use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DriverError,
+};
 pub use half::bf16;
 
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
