@@ -29,6 +29,10 @@ enum Command {
     Profile(cmd::profile::ProfileArgs),
     /// Compute context-independent head scores from sample contexts.
     HeadScores(cmd::head_scores::HeadScoresArgs),
+    /// Evaluate KVzip and baselines over a dataset at several KV ratios (resumable).
+    Eval(cmd::eval::EvalArgs),
+    /// Tables and score-vs-ratio plots from eval results.
+    Report(cmd::report::ReportArgs),
 }
 
 fn main() {
@@ -41,6 +45,8 @@ fn main() {
         Command::Run(a) => cmd::run::run(a),
         Command::Profile(a) => cmd::profile::profile(a),
         Command::HeadScores(a) => cmd::head_scores::head_scores(a),
+        Command::Eval(a) => cmd::eval::eval(a),
+        Command::Report(a) => cmd::report::report(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

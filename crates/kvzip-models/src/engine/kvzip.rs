@@ -7,8 +7,7 @@ use std::time::Instant;
 use kvzip_cache::{KvCache, LayerCache};
 use kvzip_score::baselines::{Baseline, BaselineScorer, LayerObservation};
 use kvzip_score::{
-    select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, ScoreShape,
-    Selection,
+    select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, ScoreShape, Selection,
 };
 use kvzip_templates::{reconstruction_inputs, PromptIds};
 
