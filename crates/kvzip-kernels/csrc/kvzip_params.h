@@ -173,10 +173,13 @@ typedef struct KvzDecodeParams {
  * scoring input's queries. Each KV head's segment holds [system (n_sys) | context ... | input
  * (n_in)] rows: system rows at 0..n_sys, this chunk's context rows at chunk_start ..
  * chunk_start + chunk_len, the input's own rows at lens[h] - n_in .. lens[h] (causal among
- * themselves). Pass 1 computes each query row's log-sum-exp over exactly those keys
- * (row_lse [n_kv_heads, n_in * group] f32); pass 2 writes, for each chunk key c,
+ * themselves). Pass 1 computes each query row's log-sum-exp (natural log) over exactly those
+ * keys (row_lse [n_kv_heads, n_in * group] f32, row r = t * group + g for input token t and
+ * query head kv_head * group + g); pass 2 writes, for each chunk key c,
  * scores[h * score_stride + chunk_start - n_sys + c] = max(previous, max over rows and group of
- * exp(logit - lse)). logits = (q . k) * scale. */
+ * exp(logit - lse)) by an atomic max on the float bits (previous must be >= 0, or negative to be
+ * overwritten). logits = (q . k) * scale. Needs n_sys <= chunk_start and chunk_start +
+ * chunk_len <= lens[h] - n_in. */
 typedef struct KvzScoreParams {
     const void *q;
     const void *k;

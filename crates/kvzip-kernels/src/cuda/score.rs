@@ -1,1 +1,220 @@
-//! Placeholder: filled by the score kernels.
+//! Fused KVzip reconstruction score of one chunk (KVZIP-SPEC §1.2), `csrc/score.cu`.
+//!
+//! Same function as `kvzip_score::score_chunk_reference`: per KV head the key set is
+//! `[system rows 0..n_sys | the chunk's rows | the scoring input's own last n_in rows (causal)]`,
+//! logits `q·k·scale`, softmax in f32, and the score of a chunk key is the max of its probability
+//! over the group's query heads and all `n_in` input rows. Two launches, nothing of size
+//! rows × keys materialised: pass 1 writes each query row's log-sum-exp, pass 2 recomputes the
+//! chunk logits and takes the column max of `exp(logit − lse)`. Both run on tensor cores
+//! (`mma.sync` m16n8k16 bf16, f32 accumulation).
+
+use cudarc::driver::LaunchConfig;
+
+use super::params::KvzScoreParams;
+use super::{bf16, check_len, dptr, dptr_mut, CudaBackend, CudaError, CudaResult};
+use super::{DevicePtr, DevicePtrMut};
+
+/// Warps per CTA of both passes (must match `SC_WARPS` in `score.cu`).
+const WARPS: usize = 8;
+/// Query rows per pass-1 CTA / chunk keys per pass-2 CTA.
+const PER_CTA: usize = WARPS * 16;
+/// Keys (pass 1) or query rows (pass 2) per shared-memory tile.
+const TILE: usize = 64;
+
+/// Geometry of one [`CudaBackend::score_chunk`] call. Rows are absolute row indices inside each
+/// KV head's segment of the cache (row 0 = first system token).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreChunkShape {
+    /// Rows of the scoring input (repeat prompt + hint + postfix + chunk tokens), ≥ 1; its keys
+    /// are the last `n_in` rows of every head's segment.
+    pub n_in: usize,
+    /// KV heads of the layer.
+    pub n_kv_heads: usize,
+    /// Query heads per KV head; query head index = `kv_head * group + g`.
+    pub group: usize,
+    /// Head dimension: 64, 128 or 256.
+    pub head_dim: usize,
+    /// System-prompt rows `0..n_sys` of every head (always in the softmax key set).
+    pub n_sys: usize,
+    /// First row of the chunk (absolute, ≥ `n_sys`); its context position is `chunk_start - n_sys`.
+    pub chunk_start: usize,
+    /// Rows of the chunk (may be 0: nothing to do).
+    pub chunk_len: usize,
+    /// Floats per KV head in `scores` (≥ the context length).
+    pub score_stride: usize,
+    /// Logit scale, `1 / sqrt(head_dim)` for the reference method.
+    pub scale: f32,
+}
+
+impl ScoreChunkShape {
+    /// Query rows per KV head (`n_in * group`).
+    pub fn rows_per_head(&self) -> usize {
+        self.n_in * self.group
+    }
+
+    /// Floats of the `row_lse` scratch buffer (`n_kv_heads * n_in * group`).
+    pub fn lse_len(&self) -> usize {
+        self.n_kv_heads * self.rows_per_head()
+    }
+
+    /// Multiply-add FLOPs of one call (both passes, `2 * head_dim` per logit, causal half of the
+    /// self block): for throughput reports.
+    pub fn flops(&self) -> f64 {
+        let rows = self.n_in as f64 * self.group as f64 * self.n_kv_heads as f64;
+        let keys_p1 = (self.n_sys + self.chunk_len) as f64 + (self.n_in as f64 + 1.0) / 2.0;
+        2.0 * self.head_dim as f64 * rows * (keys_p1 + self.chunk_len as f64)
+    }
+
+    /// Checks the per-head segments on the host: every head `h` must hold `lens[h] ≥
+    /// chunk_start + chunk_len + n_in` rows inside `k` (`k_rows` rows in all).
+    pub fn check_segments(&self, offsets: &[i64], lens: &[i32], k_rows: usize) -> CudaResult<()> {
+        if offsets.len() < self.n_kv_heads || lens.len() < self.n_kv_heads {
+            return Err(CudaError::Shape(format!(
+                "score: {} offsets / {} lens for {} KV heads",
+                offsets.len(),
+                lens.len(),
+                self.n_kv_heads
+            )));
+        }
+        let need = self.chunk_start + self.chunk_len + self.n_in;
+        for h in 0..self.n_kv_heads {
+            let (off, len) = (offsets[h], lens[h]);
+            if off < 0 || len < 0 || (len as usize) < need {
+                return Err(CudaError::Shape(format!(
+                    "score: head {h} has offset {off}, len {len}; it needs len >= chunk_start + \
+                     chunk_len + n_in = {need} (append the scoring input before scoring)"
+                )));
+            }
+            if off as usize + len as usize > k_rows {
+                return Err(CudaError::Shape(format!(
+                    "score: head {h} rows {off}..{} exceed the {k_rows} rows of k",
+                    off as usize + len as usize
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> CudaResult<()> {
+        if !matches!(self.head_dim, 64 | 128 | 256) {
+            return Err(CudaError::Shape(format!(
+                "score: head_dim {} unsupported (64, 128 or 256)",
+                self.head_dim
+            )));
+        }
+        if self.n_in == 0 || self.group == 0 {
+            return Err(CudaError::Shape(format!(
+                "score: n_in ({}) and group ({}) must be >= 1",
+                self.n_in, self.group
+            )));
+        }
+        if self.chunk_start < self.n_sys {
+            return Err(CudaError::Shape(format!(
+                "score: chunk_start {} lies inside the system prompt (n_sys {})",
+                self.chunk_start, self.n_sys
+            )));
+        }
+        if self.chunk_start - self.n_sys + self.chunk_len > self.score_stride {
+            return Err(CudaError::Shape(format!(
+                "score: context positions up to {} exceed score_stride {}",
+                self.chunk_start - self.n_sys + self.chunk_len,
+                self.score_stride
+            )));
+        }
+        let too_big = [
+            self.rows_per_head(),
+            self.chunk_start + self.chunk_len + self.n_in,
+        ]
+        .iter()
+        .any(|&v| v > i32::MAX as usize / 2);
+        if too_big {
+            return Err(CudaError::Shape("score: row counts exceed i32".into()));
+        }
+        Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// KVzip score of one chunk for every KV head of a layer (two launches, no sync).
+    ///
+    /// * `q`: `[n_in, n_kv_heads * group, head_dim]` bf16, the rotated queries of the scoring input.
+    /// * `k`: the layer's key rows `[rows, head_dim]` bf16; KV head `h` owns rows
+    ///   `offsets[h] .. offsets[h] + lens[h]` (device `i64` / `i32`, `n_kv_heads` each), which
+    ///   must satisfy [`ScoreChunkShape::check_segments`] (the unpruned cache after appending the
+    ///   scoring input).
+    /// * `row_lse`: scratch of [`ScoreChunkShape::lse_len`] f32 (overwritten).
+    /// * `scores`: `[n_kv_heads, score_stride]` f32 indexed by context position;
+    ///   `scores[h * score_stride + chunk_start - n_sys + c]` becomes the max of its previous
+    ///   value and the chunk key's score. Zero it once before scoring the first chunk (any
+    ///   negative value is overwritten too).
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_chunk(
+        &self,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        offsets: &impl DevicePtr<i64>,
+        lens: &impl DevicePtr<i32>,
+        shape: &ScoreChunkShape,
+        row_lse: &mut impl DevicePtrMut<f32>,
+        scores: &mut impl DevicePtrMut<f32>,
+    ) -> CudaResult<()> {
+        shape.validate()?;
+        let s = shape;
+        let d = s.head_dim;
+        check_len("score q", q.len(), s.n_in * s.n_kv_heads * s.group * d)?;
+        check_len(
+            "score k",
+            k.len(),
+            (s.chunk_start + s.chunk_len + s.n_in) * d,
+        )?;
+        check_len("score offsets", offsets.len(), s.n_kv_heads)?;
+        check_len("score lens", lens.len(), s.n_kv_heads)?;
+        check_len("score row_lse", row_lse.len(), s.lse_len())?;
+        check_len("score scores", scores.len(), s.n_kv_heads * s.score_stride)?;
+        if s.chunk_len == 0 || s.n_kv_heads == 0 {
+            return Ok(());
+        }
+        let st = self.stream();
+        let p = KvzScoreParams {
+            q: dptr(q, st) as _,
+            k: dptr(k, st) as _,
+            offsets: dptr(offsets, st) as _,
+            lens: dptr(lens, st) as _,
+            row_lse: dptr_mut(row_lse, st) as _,
+            scores: dptr_mut(scores, st) as _,
+            score_stride: s.score_stride as i64,
+            n_in: s.n_in as i32,
+            n_kv_heads: s.n_kv_heads as i32,
+            group: s.group as i32,
+            head_dim: d as i32,
+            n_sys: s.n_sys as i32,
+            chunk_start: s.chunk_start as i32,
+            chunk_len: s.chunk_len as i32,
+            scale: s.scale,
+        };
+        let rows = s.rows_per_head();
+        let tile_bytes = 2 * TILE * (d + 8) * std::mem::size_of::<bf16>();
+        let lse_cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(PER_CTA) as u32, s.n_kv_heads as u32, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: tile_bytes as u32,
+        };
+        // Pass 2: enough row splits for ~4 CTAs per SM, at most one per 64-row tile.
+        let key_blocks = s.chunk_len.div_ceil(PER_CTA);
+        let row_tiles = rows.div_ceil(TILE);
+        let splits = (4 * self.n_sms)
+            .div_ceil(key_blocks * s.n_kv_heads)
+            .clamp(1, row_tiles);
+        let max_cfg = LaunchConfig {
+            grid_dim: (key_blocks as u32, splits as u32, s.n_kv_heads as u32),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: (tile_bytes + 2 * TILE * 4) as u32,
+        };
+        // SAFETY: buffer lengths checked above; the head segments are the caller's contract
+        // (documented, checkable with `ScoreChunkShape::check_segments`).
+        unsafe {
+            self.launch(&format!("kvz_score_lse_d{d}"), lse_cfg, &p)?;
+            self.launch(&format!("kvz_score_max_d{d}"), max_cfg, &p)
+        }
+    }
+}

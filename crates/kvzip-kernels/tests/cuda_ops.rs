@@ -1,0 +1,293 @@
+//! Element-wise CUDA kernels and cuBLAS GEMMs vs the CPU reference ops on bf16-rounded inputs.
+//! GPU only: run with `--features cuda` on a machine with a CUDA GPU.
+#![cfg(feature = "cuda")]
+
+use half::bf16;
+use kvzip_kernels::cuda::ops::Activation;
+use kvzip_kernels::cuda::CudaBackend;
+use kvzip_kernels::reference;
+use kvzip_kernels::sampling::{argmax, Rng};
+
+fn backend() -> CudaBackend {
+    CudaBackend::new(0).expect("these tests need a CUDA GPU (run them on the GPU machine)")
+}
+
+/// Random values in [lo, hi) rounded to bf16 (so host and device see the same inputs).
+fn rand_r(rng: &mut Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    rng.uniform_vec(n, lo, hi).into_iter().map(round).collect()
+}
+
+fn round(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// ‖got − want‖ / ‖want‖ (NaN fails).
+fn assert_rel(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    let rel = (num / den.max(1e-30)).sqrt();
+    println!("{what}: rel {rel:.2e}");
+    assert!(rel <= tol, "{what}: relative error {rel} > {tol}");
+}
+
+#[test]
+fn rms_norm_plain_gemma_and_fused_residual() {
+    let be = backend();
+    let mut rng = Rng::new(1);
+    for (rows, dim) in [(5usize, 4096usize), (3, 100), (1, 8)] {
+        for (offset, fused) in [(0.0f32, false), (1.0, false), (0.0, true), (1.0, true)] {
+            let x = rand_r(&mut rng, rows * dim, -3.0, 3.0);
+            let res = rand_r(&mut rng, rows * dim, -3.0, 3.0);
+            let w = rand_r(&mut rng, dim, -1.0, 1.5);
+            let mut xd = be.upload_bf16(&x).unwrap();
+            let rd = be.upload_bf16(&res).unwrap();
+            let wd = be.upload_bf16(&w).unwrap();
+            let mut out = be.upload_bf16(&vec![f32::NAN; rows * dim]).unwrap();
+            let residual: Option<&dyn kvzip_kernels::cuda::DevicePtr<bf16>> =
+                if fused { Some(&rd) } else { None };
+            be.rms_norm(&mut xd, residual, &wd, &mut out, rows, dim, 1e-6, offset)
+                .unwrap();
+            let summed: Vec<f32> = if fused {
+                x.iter().zip(&res).map(|(a, b)| round(a + b)).collect()
+            } else {
+                x.clone()
+            };
+            let mut want = vec![0f32; rows * dim];
+            reference::rms_norm(&summed, &w, 1e-6, offset, dim, &mut want).unwrap();
+            let what = format!("rms_norm rows {rows} dim {dim} offset {offset} fused {fused}");
+            assert_rel(&what, &be.download_f32(&out).unwrap(), &want, 1e-2);
+            assert_eq!(
+                be.download_f32(&xd).unwrap(),
+                summed,
+                "{what}: x after the fused add"
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_partial_rotary_with_attention_factor() {
+    let be = backend();
+    let mut rng = Rng::new(2);
+    for (head_dim, rot_half, factor) in [(128usize, 64usize, 1.0f32), (128, 32, 1.3), (64, 16, 0.9)]
+    {
+        let (tokens, n_q, n_kv) = (7usize, 4usize, 2usize);
+        let mut q = rand_r(&mut rng, tokens * n_q * head_dim, -2.0, 2.0);
+        let mut k = rand_r(&mut rng, tokens * n_kv * head_dim, -2.0, 2.0);
+        let inv_freq: Vec<f32> = (0..rot_half)
+            .map(|i| 1.0 / 500000f32.powf(2.0 * i as f32 / (2 * rot_half) as f32))
+            .collect();
+        let positions: Vec<usize> = (0..tokens)
+            .map(|_| (rng.next_u64() % 40000) as usize)
+            .collect();
+        let mut qd = be.upload_bf16(&q).unwrap();
+        let mut kd = be.upload_bf16(&k).unwrap();
+        let pd = be
+            .upload(&positions.iter().map(|&p| p as i32).collect::<Vec<_>>())
+            .unwrap();
+        let fd = be.upload(&inv_freq).unwrap();
+        be.rope(
+            &mut qd,
+            Some(&mut kd),
+            &pd,
+            &fd,
+            tokens,
+            n_q,
+            n_kv,
+            head_dim,
+            factor,
+        )
+        .unwrap();
+        reference::rope_inplace(&mut q, &positions, n_q, head_dim, &inv_freq, factor).unwrap();
+        reference::rope_inplace(&mut k, &positions, n_kv, head_dim, &inv_freq, factor).unwrap();
+        let what = format!("rope head_dim {head_dim} rot_half {rot_half} factor {factor}");
+        assert_rel(
+            &format!("{what} q"),
+            &be.download_f32(&qd).unwrap(),
+            &q,
+            1e-2,
+        );
+        assert_rel(
+            &format!("{what} k"),
+            &be.download_f32(&kd).unwrap(),
+            &k,
+            1e-2,
+        );
+    }
+}
+
+#[test]
+fn act_mul_silu_and_gelu() {
+    let be = backend();
+    let mut rng = Rng::new(3);
+    for (rows, inter) in [(3usize, 1000usize), (2, 13)] {
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let gu = rand_r(&mut rng, rows * 2 * inter, -4.0, 4.0);
+            let gd = be.upload_bf16(&gu).unwrap();
+            let mut out = be.upload_bf16(&vec![f32::NAN; rows * inter]).unwrap();
+            be.act_mul(&gd, &mut out, rows, inter, act).unwrap();
+            let mut want = vec![0f32; rows * inter];
+            for r in 0..rows {
+                let g = &gu[r * 2 * inter..r * 2 * inter + inter];
+                let u = &gu[r * 2 * inter + inter..(r + 1) * 2 * inter];
+                let o = &mut want[r * inter..(r + 1) * inter];
+                match act {
+                    Activation::Silu => reference::silu_mul(g, u, o).unwrap(),
+                    Activation::GeluTanh => reference::gelu_tanh_mul(g, u, o).unwrap(),
+                }
+            }
+            let what = format!("act_mul {act:?} rows {rows} inter {inter}");
+            assert_rel(&what, &be.download_f32(&out).unwrap(), &want, 1e-2);
+        }
+    }
+}
+
+#[test]
+fn embedding_with_scale() {
+    let be = backend();
+    let mut rng = Rng::new(4);
+    let (vocab, dim) = (50usize, 96usize);
+    let table = rand_r(&mut rng, vocab * dim, -1.0, 1.0);
+    let ids: Vec<u32> = (0..9)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect();
+    let (td, idd) = (be.upload_bf16(&table).unwrap(), be.upload(&ids).unwrap());
+    for scale in [1.0f32, (2048f32).sqrt()] {
+        let mut out = be.upload_bf16(&vec![f32::NAN; ids.len() * dim]).unwrap();
+        be.embedding(&idd, &td, &mut out, dim, scale).unwrap();
+        let mut want = vec![0f32; ids.len() * dim];
+        reference::embedding(&ids, &table, dim, scale, &mut want).unwrap();
+        let want: Vec<f32> = want.into_iter().map(round).collect();
+        assert_eq!(
+            be.download_f32(&out).unwrap(),
+            want,
+            "embedding scale {scale}"
+        );
+    }
+}
+
+#[test]
+fn add_and_add_bias() {
+    let be = backend();
+    let mut rng = Rng::new(5);
+    let n = 1003;
+    let (x, y) = (
+        rand_r(&mut rng, n, -5.0, 5.0),
+        rand_r(&mut rng, n, -5.0, 5.0),
+    );
+    let mut xd = be.upload_bf16(&x).unwrap();
+    be.add(&mut xd, &be.upload_bf16(&y).unwrap(), n).unwrap();
+    let want: Vec<f32> = x.iter().zip(&y).map(|(a, b)| round(a + b)).collect();
+    assert_eq!(be.download_f32(&xd).unwrap(), want, "add");
+    let (rows, cols) = (4usize, 96usize);
+    let x = rand_r(&mut rng, rows * cols, -5.0, 5.0);
+    let bias = rand_r(&mut rng, cols, -1.0, 1.0);
+    let mut xd = be.upload_bf16(&x).unwrap();
+    be.add_bias(&mut xd, &be.upload_bf16(&bias).unwrap(), rows)
+        .unwrap();
+    let want: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, a)| round(a + bias[i % cols]))
+        .collect();
+    assert_eq!(be.download_f32(&xd).unwrap(), want, "add_bias");
+}
+
+#[test]
+fn sample_argmax_and_softcap() {
+    let be = backend();
+    let mut rng = Rng::new(6);
+    let (rows, vocab) = (3usize, 50_000usize);
+    for softcap in [0.0f32, 30.0] {
+        let mut logits = rng.uniform_vec(rows * vocab, -40.0, 40.0);
+        let mut ld = be.upload(&logits).unwrap();
+        let mut out = be.upload(&vec![u32::MAX; rows]).unwrap();
+        be.sample(&mut ld, &mut out, rows, vocab, softcap, 0.0, 1, 0)
+            .unwrap();
+        if softcap > 0.0 {
+            reference::softcap_inplace(&mut logits, softcap);
+            assert_rel(
+                "softcapped logits",
+                &be.download(&ld).unwrap(),
+                &logits,
+                1e-6,
+            );
+        }
+        let got = be.download(&out).unwrap();
+        for r in 0..rows {
+            let want = argmax(&logits[r * vocab..(r + 1) * vocab]);
+            assert_eq!(got[r] as usize, want, "argmax row {r} softcap {softcap}");
+        }
+    }
+}
+
+#[test]
+fn sample_temperature_matches_softmax_frequencies() {
+    let be = backend();
+    let logits = [1.0f32, 0.0, -1.0, 2.0, 0.5, -3.0, 1.5, 0.2];
+    let (vocab, rows, temperature) = (logits.len(), 40_000usize, 0.8f32);
+    let mut counts = vec![0usize; vocab];
+    for step in 0..2u64 {
+        let all: Vec<f32> = (0..rows).flat_map(|_| logits).collect();
+        let mut ld = be.upload(&all).unwrap();
+        let mut out = be.upload(&vec![u32::MAX; rows]).unwrap();
+        be.sample(&mut ld, &mut out, rows, vocab, 0.0, temperature, 42, step)
+            .unwrap();
+        for id in be.download(&out).unwrap() {
+            counts[id as usize] += 1;
+        }
+    }
+    let n = (2 * rows) as f64;
+    let z: f64 = logits
+        .iter()
+        .map(|&l| ((l / temperature) as f64).exp())
+        .sum();
+    let chi2: f64 = logits
+        .iter()
+        .zip(&counts)
+        .map(|(&l, &c)| {
+            let e = n * ((l / temperature) as f64).exp() / z;
+            (c as f64 - e).powi(2) / e
+        })
+        .sum();
+    println!("sample counts {counts:?}, chi2 {chi2:.2} (7 dof)");
+    // 7 degrees of freedom: P(chi2 > 29.9) = 1e-4 under the right distribution.
+    assert!(
+        chi2 < 29.9,
+        "sampling frequencies off: chi2 {chi2}, counts {counts:?}"
+    );
+}
+
+#[test]
+fn linear_and_linear_f32_match_reference() {
+    let be = backend();
+    let mut rng = Rng::new(8);
+    for (m, n, k) in [(33usize, 70usize, 256usize), (1, 4096, 512)] {
+        let x = rand_r(&mut rng, m * k, -1.0, 1.0);
+        let w = rand_r(&mut rng, n * k, -1.0, 1.0);
+        let (xd, wd) = (be.upload_bf16(&x).unwrap(), be.upload_bf16(&w).unwrap());
+        let mut want = vec![0f32; m * n];
+        reference::linear(&x, &w, None, m, k, n, &mut want).unwrap();
+        let mut out = be.upload_bf16(&vec![f32::NAN; m * n]).unwrap();
+        be.linear(&xd, &wd, &mut out, m, n, k).unwrap();
+        assert_rel(
+            &format!("linear {m}x{n}x{k}"),
+            &be.download_f32(&out).unwrap(),
+            &want,
+            1e-2,
+        );
+        let mut out32 = be.upload(&vec![f32::NAN; m * n]).unwrap();
+        be.linear_f32(&xd, &wd, &mut out32, m, n, k).unwrap();
+        assert_rel(
+            &format!("linear_f32 {m}x{n}x{k}"),
+            &be.download(&out32).unwrap(),
+            &want,
+            1e-4,
+        );
+    }
+}
