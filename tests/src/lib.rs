@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
-/// Root of the committed fixtures (`tests/fixtures`).
+/// Root of the committed fixtures (`tests/fixtures`); `KVZIP_FIXTURES_DIR` overrides it (test
+/// binaries carried to another machine, e.g. the GPU bundle of `cargo xtask gpu`).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    std::env::var_os("KVZIP_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
 }
 
 /// Directory of the parity fixture `name` (`llama`, `qwen2`, `qwen3`, `gemma3`).

@@ -3,6 +3,11 @@
 //! - `ci`: run `.ci/run` (fmt, clippy, cuda build check, tests) exactly as CI does.
 //! - `fixtures [parity|scores|templates|real]`: regenerate committed fixtures with the Python
 //!   scripts in `scripts/` (needs a Python with torch + transformers; set `KVZIP_PYTHON`).
+//! - `gpu`: build the GPU bundle here (no GPU needed): every CUDA test binary and the release
+//!   `kvzip-bench`, copied into `.gpu/bundle/` (git-ignored, carried to the GPU machine), then
+//!   run `bash scripts/gpu/run-all.sh` there (tests, memcheck, benchmark, HF peer).
+//! - `bench`: on a machine with a GPU, build and run `kvzip-bench` and the HF peer
+//!   (`scripts/gpu/hf_peer.py`), writing `bench/gpu/kvzip.json` and `bench/gpu/hf_peer.json`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,14 +53,127 @@ fn fixtures(which: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Builds the CUDA test binaries and the release benchmark into `.gpu/bundle`.
+fn gpu_bundle() -> Result<()> {
+    let root = repo_root();
+    let bundle = root.join(".gpu/bundle");
+    if bundle.exists() {
+        std::fs::remove_dir_all(&bundle).with_context(|| format!("clear {}", bundle.display()))?;
+    }
+    std::fs::create_dir_all(bundle.join("tests"))?;
+    let output = Command::new("cargo")
+        .args([
+            "test",
+            "--no-run",
+            "--features",
+            "cuda",
+            "-p",
+            "kvzip-kernels",
+            "-p",
+            "kvzip-tests",
+            "--message-format=json",
+        ])
+        .current_dir(&root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !output.status.success() {
+        bail!("building the CUDA test binaries failed");
+    }
+    let mut copied = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(exe), Some(name)) = (msg["executable"].as_str(), msg["target"]["name"].as_str())
+        else {
+            continue;
+        };
+        if name.starts_with("cuda_") || name.starts_with("gpu_") {
+            std::fs::copy(exe, bundle.join("tests").join(name))
+                .with_context(|| format!("copy {exe}"))?;
+            copied += 1;
+        }
+    }
+    if copied == 0 {
+        bail!("no cuda_* / gpu_* test binaries were built");
+    }
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--features",
+            "cuda",
+            "-p",
+            "kvzip-bench",
+        ])
+        .current_dir(&root))?;
+    std::fs::copy(
+        root.join("target/release/kvzip-bench"),
+        bundle.join("kvzip-bench"),
+    )?;
+    let size: u64 = walk_size(&bundle);
+    eprintln!(
+        "bundle: {copied} test binaries + kvzip-bench, {:.1} MiB in {}",
+        size as f64 / (1 << 20) as f64,
+        bundle.display()
+    );
+    if size > 60 << 20 {
+        bail!("the bundle is over 60 MiB; the GPU machine takes 64 MiB per call");
+    }
+    Ok(())
+}
+
+fn walk_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        walk_size(&p)
+                    } else {
+                        e.metadata().map_or(0, |m| m.len())
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs the benchmark and the HF peer on this machine's GPU.
+fn bench(extra: &[String]) -> Result<()> {
+    let root = repo_root();
+    run(Command::new("cargo")
+        .args([
+            "run",
+            "--release",
+            "--features",
+            "cuda",
+            "-p",
+            "kvzip-bench",
+            "--",
+            "--out",
+            "bench/gpu/kvzip.json",
+        ])
+        .args(extra)
+        .current_dir(&root))?;
+    let python = std::env::var("KVZIP_PYTHON").unwrap_or_else(|_| "python3".into());
+    run(Command::new(python)
+        .args(["scripts/gpu/hf_peer.py", "--out", "bench/gpu/hf_peer.json"])
+        .current_dir(&root))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => run(Command::new("bash").arg(".ci/run").current_dir(repo_root())),
         Some("fixtures") => fixtures(&args[1..]),
+        Some("gpu") => gpu_bundle(),
+        Some("bench") => bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | cargo xtask fixtures [parity|scores|templates|real]"
+                "usage: cargo xtask ci | gpu | bench [kvzip-bench args] | fixtures [parity|scores|templates|real]"
             );
             bail!("no task given")
         }

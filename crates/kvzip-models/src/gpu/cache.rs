@@ -193,6 +193,58 @@ impl GpuKvCache {
         )
     }
 
+    /// Benchmarks: sets every head's valid length (`lens[layer][head]`, each within capacity)
+    /// and the next position, without touching the data.
+    pub fn set_lens(
+        &mut self,
+        gpu: &CudaBackend,
+        lens: &[Vec<usize>],
+        seen_tokens: usize,
+    ) -> Result<()> {
+        if lens.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "set_lens: {} layers given, cache has {}",
+                lens.len(),
+                self.layers.len()
+            )));
+        }
+        for (l, (layer, want)) in self.layers.iter_mut().zip(lens).enumerate() {
+            if want.len() != self.n_kv || want.iter().zip(&layer.caps).any(|(w, c)| w > c) {
+                return Err(ModelError::Input(format!(
+                    "set_lens: layer {l} lengths {want:?} exceed capacity or head count"
+                )));
+            }
+            layer.lens.clone_from(want);
+        }
+        self.seen_tokens = seen_tokens;
+        self.sync_device(gpu, 0)
+    }
+
+    /// Benchmarks: fills every K/V buffer with seeded random bf16 values in [-1, 1) (one random
+    /// block uploaded per layer, tiled on the device): decode speed does not depend on values,
+    /// but zeros can run faster than real data.
+    pub fn fill_random(&mut self, gpu: &CudaBackend, seed: u64) -> Result<()> {
+        const BLOCK: usize = 1 << 24;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for (i, buf) in [&mut layer.k, &mut layer.v].into_iter().enumerate() {
+                let n = buf.len();
+                let b = BLOCK.min(n);
+                let block =
+                    super::model::random_bf16(b, seed ^ ((l * 2 + i) as u64) << 20, -1.0, 1.0);
+                let dev = gpu.upload(&block)?;
+                let mut at = 0;
+                while at < n {
+                    let m = b.min(n - at);
+                    gpu.stream()
+                        .memcpy_dtod(&dev.slice(..m), &mut buf.slice_mut(at..at + m))
+                        .map_err(cuda_err)?;
+                    at += m;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Current lengths (host).
     pub fn mark(&self) -> GpuCacheMark {
         GpuCacheMark {

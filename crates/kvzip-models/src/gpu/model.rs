@@ -129,7 +129,7 @@ enum Kind {
 }
 
 /// `n` uniform bf16 values in `[lo, hi)` from a counter-based hash (parallel, reproducible).
-fn random_bf16(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<bf16> {
+pub(crate) fn random_bf16(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<bf16> {
     use rayon::prelude::*;
     let mut out = vec![bf16::ZERO; n];
     out.par_chunks_mut(1 << 16)
@@ -147,6 +147,11 @@ fn random_bf16(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<bf16> {
             }
         });
     out
+}
+
+/// `n` seeded uniform bf16 values in `[-1, 1)` (benchmark inputs).
+pub fn random_bf16_pub(n: usize, seed: u64) -> Vec<bf16> {
+    random_bf16(n, seed, -1.0, 1.0)
 }
 
 impl GpuModel {

@@ -1,0 +1,384 @@
+//! The GPU measurements (feature `cuda`).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use kvzip_kernels::cuda::attention::{AttentionShape, DecodePlan};
+use kvzip_kernels::cuda::{bf16, CudaBackend};
+use kvzip_models::gpu::{GpuEngine, GpuKvCache, GpuModel};
+use kvzip_models::{LogitsMode, ModelSpec, RawConfig};
+use kvzip_templates::PromptIds;
+use serde_json::{json, Value};
+
+use crate::Args;
+
+/// Vendor dense bf16 rate of an H100/H200 SXM, FLOP/s (for MFU).
+const PEAK_BF16: f64 = 989e12;
+
+/// Timing with CUDA events: median of `reps` runs of `f` after `warm` warm-ups, milliseconds.
+fn time_ms(
+    gpu: &CudaBackend,
+    warm: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    for _ in 0..warm {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = gpu.stream().record_event(flags)?;
+        f()?;
+        let end = gpu.stream().record_event(flags)?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Copy bandwidth (bytes read + written per second) and the bf16 GEMM rate of our cuBLAS path.
+fn ceilings(gpu: &CudaBackend, quick: bool) -> Result<Value> {
+    let n: usize = if quick { 1 << 26 } else { 1 << 31 };
+    let src = gpu.upload(&vec![bf16::from_f32(0.5); 1 << 20])?;
+    let mut a = gpu.alloc::<bf16>(n)?;
+    let mut at = 0;
+    while at < n {
+        let m = (1 << 20).min(n - at);
+        gpu.stream()
+            .memcpy_dtod(&src.slice(..m), &mut a.slice_mut(at..at + m))?;
+        at += m;
+    }
+    let mut b = gpu.alloc::<bf16>(n)?;
+    let copy_ms = time_ms(gpu, 2, 10, || Ok(gpu.stream().memcpy_dtod(&a, &mut b)?))?;
+    let copy_bps = 2.0 * (n * 2) as f64 / (copy_ms * 1e-3);
+    drop((a, b));
+    let g = if quick { 1024 } else { 8192 };
+    let x = gpu.upload(&kvzip_models::gpu::model::random_bf16_pub(g * g, 1))?;
+    let w = gpu.upload(&kvzip_models::gpu::model::random_bf16_pub(g * g, 2))?;
+    let mut y = gpu.alloc::<bf16>(g * g)?;
+    let gemm_ms = time_ms(gpu, 3, 10, || Ok(gpu.linear(&x, &w, &mut y, g, g, g)?))?;
+    let gemm_flops = 2.0 * (g as f64).powi(3) / (gemm_ms * 1e-3);
+    Ok(json!({
+        "copy_bytes_per_s": copy_bps,
+        "copy_tb_per_s": copy_bps / 1e12,
+        "gemm_bf16_tflop_per_s": gemm_flops / 1e12,
+        "gemm_n": g,
+    }))
+}
+
+/// Model spec of a named shape (HF config fields of the real model).
+pub fn shape_spec(name: &str) -> Result<ModelSpec> {
+    let cfg = match name {
+        "llama-3.1-8b" => json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "bos_token_id": 128000, "eos_token_id": 128001
+        }),
+        "qwen2.5-7b-1m" => json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 1010000, "rope_theta": 10000000.0,
+            "attention_bias": true, "bos_token_id": 151643, "eos_token_id": 151645
+        }),
+        "tiny" => json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+            "max_position_embeddings": 1 << 20, "eos_token_id": 0
+        }),
+        other => anyhow::bail!("unknown shape {other:?}: llama-3.1-8b, qwen2.5-7b-1m or tiny"),
+    };
+    let bytes = serde_json::to_vec(&cfg)?;
+    let raw = RawConfig::parse(std::path::Path::new(&format!("<{name}>")), &bytes)?;
+    let mut spec = raw.base_spec()?;
+    if name.starts_with("qwen2") {
+        spec.qkv_bias = true;
+        spec.o_bias = false;
+    }
+    Ok(spec)
+}
+
+/// FLOPs of a causal prefill of `t` tokens: 2 × matmul params × t plus attention
+/// (`QKᵀ` and `PV`, causal half).
+fn prefill_flops(s: &ModelSpec, t: usize) -> f64 {
+    let (h, d, i) = (
+        s.hidden_size as f64,
+        s.head_dim as f64,
+        s.intermediate_size as f64,
+    );
+    let (nq, nkv) = (s.n_heads as f64, s.n_kv_heads as f64);
+    let per_layer = h * nq * d * 2.0 + h * nkv * d * 2.0 + 3.0 * h * i;
+    let linear = 2.0 * per_layer * s.n_layers() as f64 * t as f64;
+    let attn = 2.0 * 2.0 * s.n_layers() as f64 * nq * d * (t as f64).powi(2) / 2.0;
+    linear + attn
+}
+
+/// Per-(layer, head) lengths with mean `ratio * ctx`, skewed (log-normal-like factors from a
+/// seeded hash), clamped to `[1, ctx]`.
+fn skewed_lens(n_layers: usize, n_kv: usize, ctx: usize, ratio: f64, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = kvzip_kernels::sampling::Rng::new(seed);
+    let raw: Vec<f64> = (0..n_layers * n_kv)
+        .map(|_| {
+            // Box-Muller normal, sigma 0.8.
+            let (u, v) = (rng.next_f64().max(1e-12), rng.next_f64());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * 0.8).exp()
+        })
+        .collect();
+    let mean = raw.iter().sum::<f64>() / raw.len() as f64;
+    raw.chunks(n_kv)
+        .map(|c| {
+            c.iter()
+                .map(|f| ((f / mean * ratio * ctx as f64).round() as usize).clamp(1, ctx))
+                .collect()
+        })
+        .collect()
+}
+
+/// Head-level selection: a `ratio` fraction of all (layer, head) keep the whole context,
+/// the rest keep only `n_sys` rows.
+fn head_level_lens(
+    n_layers: usize,
+    n_kv: usize,
+    ctx: usize,
+    ratio: f64,
+    n_sys: usize,
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    let mut rng = kvzip_kernels::sampling::Rng::new(seed);
+    let mut idx: Vec<(u64, usize)> = (0..n_layers * n_kv).map(|i| (rng.next_u64(), i)).collect();
+    idx.sort_unstable();
+    let keep = (ratio * idx.len() as f64).round() as usize;
+    let mut lens = vec![vec![n_sys; n_kv]; n_layers];
+    for &(_, i) in &idx[..keep] {
+        lens[i / n_kv][i % n_kv] = ctx;
+    }
+    lens
+}
+
+/// Decode figures for one cache layout: ms/token end to end, attention-only bandwidth, floor.
+fn decode_case(
+    engine: &GpuEngine,
+    cache: &mut GpuKvCache,
+    lens: &[Vec<usize>],
+    ctx: usize,
+    steps: usize,
+    copy_bps: f64,
+) -> Result<Value> {
+    let gpu = engine.gpu();
+    let s = engine.spec().clone();
+    cache.set_lens(gpu, lens, ctx)?;
+    let kv_bytes = cache.kv_bytes();
+    let weight_bytes = engine.model().weight_bytes();
+    // Attention only: every layer's decode kernel over this cache (plans prebuilt).
+    let d = s.head_dim;
+    let q = gpu.upload(&kvzip_models::gpu::model::random_bf16_pub(s.n_heads * d, 9))?;
+    let mut out = gpu.alloc::<bf16>(s.n_heads * d)?;
+    let shape = AttentionShape {
+        q_len: 1,
+        n_kv_heads: s.n_kv_heads,
+        group: s.group(),
+        head_dim: d,
+        scale: s.attn_scale,
+        window: None,
+        softcap: None,
+    };
+    let plans = (0..s.n_layers())
+        .map(|l| DecodePlan::new(gpu, &cache.layers[l].lens, 1, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let attn_ms = time_ms(gpu, 3, 20, || {
+        for (l, plan) in plans.iter().enumerate() {
+            let (lens_dev, _, offsets) = cache.layer_meta(l);
+            let kv = &cache.layers[l];
+            gpu.attention_decode(
+                plan, &q, &kv.k, &kv.v, &offsets, &lens_dev, &shape, &mut out,
+            )?;
+        }
+        Ok(())
+    })?;
+    // End to end: one token per step through the whole model, sampled on the device.
+    let mark = cache.mark();
+    let mut times = Vec::new();
+    let mut tok = 1u32;
+    let mut ids = gpu.alloc::<u32>(1)?;
+    for step in 0..steps + 2 {
+        let t0 = Instant::now();
+        let mut logits = engine
+            .forward(&[tok], cache, LogitsMode::Last, None)?
+            .context("no logits")?;
+        gpu.sample(&mut logits, &mut ids, 1, s.vocab_size, 0.0, 0.0, 0, 0)?;
+        tok = gpu.download(&ids)?[0];
+        if step >= 2 {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    cache.rollback(gpu, &mark)?;
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    let floor_ms = (weight_bytes + kv_bytes) as f64 / copy_bps * 1e3;
+    let attn_bps = kv_bytes as f64 / (attn_ms * 1e-3);
+    Ok(json!({
+        "context": ctx,
+        "kv_bytes": kv_bytes,
+        "weight_bytes": weight_bytes,
+        "decode_ms_per_token": ms,
+        "bandwidth_floor_ms": floor_ms,
+        "ms_over_floor": ms / floor_ms,
+        "attention_all_layers_ms": attn_ms,
+        "attention_bytes_per_s": attn_bps,
+        "attention_over_copy": attn_bps / copy_bps,
+    }))
+}
+
+/// Everything for one model shape.
+fn shape_bench(
+    gpu_ordinal: usize,
+    name: &str,
+    args: &Args,
+    copy_bps: f64,
+    gemm_flops: f64,
+) -> Result<Value> {
+    let spec = shape_spec(name)?;
+    let gpu = CudaBackend::new(gpu_ordinal)?;
+    let t0 = Instant::now();
+    let model = GpuModel::random(&gpu, spec.clone(), 42)?;
+    gpu.synchronize()?;
+    eprintln!(
+        "[bench] {name}: random weights in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut engine = GpuEngine::new(gpu, model);
+    engine.prefill_chunk = args.prefill_chunk;
+    let mut out = json!({"shape": name, "n_layers": spec.n_layers(), "hidden": spec.hidden_size,
+                         "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim});
+
+    // Prefill + KVzip scoring at `prefill_tokens`.
+    let t = args.prefill_tokens;
+    let mut rng = kvzip_kernels::sampling::Rng::new(5);
+    let ids: Vec<u32> = (0..t)
+        .map(|_| 10 + (rng.next_u64() % (spec.vocab_size as u64 - 10)) as u32)
+        .collect();
+    let prompt = PromptIds {
+        system_ids: ids[..16].to_vec(),
+        postfix_ids: vec![3, 4, 5],
+        repeat_first_ids: vec![6, 7, 8, 9],
+        repeat_next_ids: vec![6, 7, 9],
+    };
+    {
+        let mut warm = engine.new_cache(4096 + 64)?;
+        engine.feed(
+            &mut warm,
+            &ids[..4096.min(t)],
+            LogitsMode::Last,
+            None,
+            &mut |_, _| {},
+        )?;
+        engine.gpu().synchronize()?;
+    }
+    let mut prefill_ms = f64::INFINITY;
+    for _ in 0..2 {
+        let mut cache = engine.new_cache(t + 4096)?;
+        engine.gpu().synchronize()?;
+        let t1 = Instant::now();
+        engine.feed(&mut cache, &ids, LogitsMode::Last, None, &mut |_, _| {})?;
+        engine.gpu().synchronize()?;
+        prefill_ms = prefill_ms.min(t1.elapsed().as_secs_f64() * 1e3);
+    }
+    let flops = prefill_flops(&spec, t);
+    out["prefill"] = json!({
+        "tokens": t, "ms": prefill_ms, "tokens_per_s": t as f64 / (prefill_ms * 1e-3),
+        "flops": flops, "mfu_vs_989": flops / (prefill_ms * 1e-3) / PEAK_BF16,
+        "mfu_vs_measured_gemm": flops / (prefill_ms * 1e-3) / gemm_flops,
+    });
+    eprintln!("[bench] {name}: prefill {t} tokens {prefill_ms:.0} ms");
+    if !args.skip_scoring {
+        let ctx_ids = &ids[16..];
+        let t2 = Instant::now();
+        let ctx = engine.prefill_context(
+            &prompt,
+            ctx_ids,
+            &kvzip_models::engine::kvzip::Scoring::Reconstruct { chunk: 2000 },
+            kvzip_models::engine::kvzip::KvType::Evict,
+            &mut |_, _, _| {},
+        )?;
+        engine.gpu().synchronize()?;
+        let total = t2.elapsed().as_secs_f64() * 1e3;
+        out["scoring"] = json!({
+            "context_tokens": ctx_ids.len(),
+            "prefill_ms": ctx.timings.prefill_ms,
+            "scoring_ms": ctx.timings.scoring_ms,
+            "scoring_over_prefill": ctx.timings.scoring_ms / ctx.timings.prefill_ms,
+            "total_ms": total,
+        });
+        eprintln!(
+            "[bench] {name}: scoring {:.0} ms vs prefill {:.0} ms",
+            ctx.timings.scoring_ms, ctx.timings.prefill_ms
+        );
+    }
+
+    // Decode at each context: full cache, KVzip pair-level 0.3 (skewed per head), head-level 0.6.
+    let mut decode = Vec::new();
+    for &ctx in &args.contexts {
+        let n_sys = 16;
+        let mut cache = engine.new_cache(ctx + args.decode_steps + 64)?;
+        cache.fill_random(engine.gpu(), 7)?;
+        let (nl, nkv) = (spec.n_layers(), spec.n_kv_heads);
+        let cases = [
+            ("full", vec![vec![ctx; nkv]; nl]),
+            ("kvzip_pair_0.3", skewed_lens(nl, nkv, ctx, 0.3, 11)),
+            (
+                "kvzip_head_0.6",
+                head_level_lens(nl, nkv, ctx, 0.6, n_sys, 13),
+            ),
+        ];
+        let mut row = json!({"context": ctx});
+        for (label, lens) in cases {
+            let r = decode_case(&engine, &mut cache, &lens, ctx, args.decode_steps, copy_bps)?;
+            eprintln!("[bench] {name} ctx {ctx} {label}: {:.2} ms/token (floor {:.2}), attention {:.2} TB/s",
+                r["decode_ms_per_token"].as_f64().unwrap_or(0.0), r["bandwidth_floor_ms"].as_f64().unwrap_or(0.0),
+                r["attention_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e12);
+            row[label] = r;
+        }
+        let (full, pair) = (&row["full"], &row["kvzip_pair_0.3"]);
+        let measured = full["decode_ms_per_token"].as_f64().unwrap_or(f64::NAN)
+            / pair["decode_ms_per_token"].as_f64().unwrap_or(f64::NAN);
+        let predicted = full["bandwidth_floor_ms"].as_f64().unwrap_or(f64::NAN)
+            / pair["bandwidth_floor_ms"].as_f64().unwrap_or(f64::NAN);
+        row["speedup_0.3_measured"] = json!(measured);
+        row["speedup_0.3_floor_predicted"] = json!(predicted);
+        row["speedup_fraction_of_floor"] = json!(measured / predicted);
+        decode.push(row);
+    }
+    out["decode"] = json!(decode);
+    Ok(out)
+}
+
+/// Runs every measurement and returns the JSON report.
+pub fn run(args: &Args) -> Result<Value> {
+    let gpu = CudaBackend::new(0)?;
+    let ceil = ceilings(&gpu, args.quick)?;
+    drop(gpu);
+    let copy_bps = ceil["copy_bytes_per_s"].as_f64().unwrap_or(4.3e12);
+    let gemm = ceil["gemm_bf16_tflop_per_s"].as_f64().unwrap_or(800.0) * 1e12;
+    eprintln!(
+        "[bench] copy {:.2} TB/s, GEMM {:.0} TFLOP/s",
+        copy_bps / 1e12,
+        gemm / 1e12
+    );
+    let mut shapes = Vec::new();
+    for name in &args.shapes {
+        match shape_bench(0, name, args, copy_bps, gemm) {
+            Ok(v) => shapes.push(v),
+            Err(e) => {
+                eprintln!("[bench] {name}: FAILED: {e:#}");
+                shapes.push(json!({"shape": name, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    Ok(json!({"ceilings": ceil, "shapes": shapes}))
+}

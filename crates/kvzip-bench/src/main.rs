@@ -1,0 +1,111 @@
+//! `kvzip-bench`: end-to-end GPU figures of kvzip-rs (what `cargo xtask bench` runs).
+//!
+//! On random weights at real model shapes (speed does not depend on weight values): copy and
+//! GEMM ceilings; prefill tokens/s and MFU; KVzip scoring time over prefill time; decode
+//! ms/token with the full cache, KVzip pair-level 0.3 (skewed per-head lengths) and head-level
+//! 0.6 at each context, against the bandwidth floor (weight + KV bytes over copy bandwidth); and
+//! the decode attention's achieved bandwidth over the copy bandwidth. Writes one JSON file.
+//!
+//! ```text
+//! kvzip-bench --out bench/gpu/kvzip.json [--shapes llama-3.1-8b,qwen2.5-7b-1m]
+//!             [--contexts 32768,131072] [--prefill-tokens 32768] [--decode-steps 16] [--quick]
+//! ```
+
+#[cfg(feature = "cuda")]
+mod gpu;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+/// Parsed command line.
+#[derive(Debug, Clone)]
+pub struct Args {
+    out: PathBuf,
+    shapes: Vec<String>,
+    contexts: Vec<usize>,
+    prefill_tokens: usize,
+    prefill_chunk: usize,
+    decode_steps: usize,
+    skip_scoring: bool,
+    quick: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        out: PathBuf::from("bench/gpu/kvzip.json"),
+        shapes: vec!["llama-3.1-8b".into(), "qwen2.5-7b-1m".into()],
+        contexts: vec![32768, 131072],
+        prefill_tokens: 32768,
+        prefill_chunk: 8192,
+        decode_steps: 16,
+        skip_scoring: false,
+        quick: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--out" => a.out = PathBuf::from(value()?),
+            "--shapes" => a.shapes = value()?.split(',').map(str::to_owned).collect(),
+            "--contexts" => {
+                a.contexts = value()?
+                    .split(',')
+                    .map(|s| {
+                        s.parse()
+                            .with_context(|| format!("--contexts: {s:?} is not a number"))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            "--prefill-tokens" => {
+                a.prefill_tokens = value()?.parse().context("--prefill-tokens")?
+            }
+            "--prefill-chunk" => a.prefill_chunk = value()?.parse().context("--prefill-chunk")?,
+            "--decode-steps" => a.decode_steps = value()?.parse().context("--decode-steps")?,
+            "--skip-scoring" => a.skip_scoring = true,
+            "--quick" => {
+                a.quick = true;
+                a.shapes = vec!["tiny".into()];
+                a.contexts = vec![4096];
+                a.prefill_tokens = 4096;
+                a.decode_steps = 4;
+            }
+            "-h" | "--help" => {
+                println!("kvzip-bench --out FILE [--shapes a,b] [--contexts 32768,131072] [--prefill-tokens N] [--prefill-chunk N] [--decode-steps N] [--skip-scoring] [--quick]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; see --help"),
+        }
+    }
+    Ok(a)
+}
+
+fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run(args: &Args) -> Result<serde_json::Value> {
+    gpu::run(args)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run(_args: &Args) -> Result<serde_json::Value> {
+    bail!("kvzip-bench measures the CUDA backend: build it with --features cuda (cargo xtask bench does)")
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let report = run(&args)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    write_atomic(&args.out, &text)?;
+    println!("{text}");
+    eprintln!("[bench] wrote {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, over the bundle that `cargo xtask gpu`
+# builds into .gpu/bundle: every CUDA test binary (kernels vs CPU references, GPU engine vs CPU
+# engine), compute-sanitizer memcheck on the kernel tests, the end-to-end benchmark and the HF
+# transformers peer, all in one call. Results go to $OUT (at most 8 files come back):
+#   device.txt, tests.log, summary.txt, memcheck.log, kvzip_bench.json, hf_peer.json, bench.log
+# Usage: bash scripts/gpu/run-all.sh [tests|bench|peer ...]   (default: all three)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/gpu/env.sh
+OUT="${OUT:-/tmp/kvzip-gpu-out}"
+mkdir -p "$OUT"
+export KVZIP_FIXTURES_DIR="$PWD/tests/fixtures"
+parts="${*:-tests bench peer}"
+bundle=.gpu/bundle
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/device.txt" 2>&1
+: > "$OUT/summary.txt"
+
+if [[ " $parts " == *" tests "* ]]; then
+  for t in "$bundle"/tests/*; do
+    name=$(basename "$t")
+    echo "=== $name" >> "$OUT/tests.log"
+    timeout 300 "$t" --test-threads=1 >> "$OUT/tests.log" 2>&1
+    echo "$name rc=$?" >> "$OUT/summary.txt"
+  done
+  if command -v compute-sanitizer >/dev/null; then
+    for t in "$bundle"/tests/cuda_*; do
+      echo "=== memcheck $(basename "$t")" >> "$OUT/memcheck.log"
+      KVZIP_TEST_QUICK=1 timeout 240 compute-sanitizer --tool memcheck --leak-check no "$t" --test-threads=1 >> "$OUT/memcheck.log" 2>&1
+      echo "memcheck $(basename "$t") rc=$?" >> "$OUT/summary.txt"
+    done
+  else
+    echo "compute-sanitizer not found" >> "$OUT/summary.txt"
+  fi
+fi
+if [[ " $parts " == *" bench "* ]]; then
+  timeout 400 "$bundle/kvzip-bench" --out "$OUT/kvzip_bench.json" ${KVZIP_BENCH_ARGS:-} > /dev/null 2> "$OUT/bench.log"
+  echo "kvzip-bench rc=$?" >> "$OUT/summary.txt"
+fi
+if [[ " $parts " == *" peer "* ]]; then
+  PYTHONUNBUFFERED=1 timeout 240 python3 scripts/gpu/hf_peer.py --out "$OUT/hf_peer.json" ${KVZIP_PEER_ARGS:-} >> "$OUT/bench.log" 2>&1
+  echo "hf_peer rc=$?" >> "$OUT/summary.txt"
+fi
+cat "$OUT/summary.txt"
+tail -n 30 "$OUT/bench.log" 2>/dev/null
