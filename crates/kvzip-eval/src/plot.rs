@@ -69,9 +69,12 @@ fn draw<DB: DrawingBackend>(
         .y_desc(format!("score ({} x100)", s.metric))
         .x_labels(11)
         .y_labels(11)
+        .light_line_style(WHITE)
+        .bold_line_style(RGBColor(225, 225, 225))
         .draw()
         .map_err(|x| e(&x))?;
-    for (i, m) in order.iter().enumerate() {
+    // Reverse order so the first method (kvzip) is drawn last, on top of overlapping curves.
+    for (i, m) in order.iter().enumerate().rev() {
         let Some(pts) = s.methods.get(m) else {
             continue;
         };
