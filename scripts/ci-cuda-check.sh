@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# Builds the `cuda` feature of the crates that have one. Needs no GPU.
+# Builds and lints the `cuda` feature of every crate that has one. Needs no GPU: nvcc and
+# libclang come from PyPI wheels (scripts/install-cuda-toolchain.sh), the cubins are compiled
+# and embedded, bindgen generates the kernel parameter structs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo check -p kvzip-kernels -p kvzip-models -p kvzip-cli --features cuda
+scripts/install-cuda-toolchain.sh
+cargo clippy -p kvzip-kernels -p kvzip-models -p kvzip-cli -p kvzip-bench -p kvzip-tests \
+  --features kvzip-kernels/cuda,kvzip-models/cuda,kvzip-cli/cuda,kvzip-bench/cuda,kvzip-tests/cuda \
+  --all-targets -- -D warnings

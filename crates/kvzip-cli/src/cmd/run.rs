@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Where to run: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Parses a `--kv-type` value.
@@ -114,6 +117,11 @@ fn load_saved(
 
 /// `kvzip run`.
 pub fn run(args: &RunArgs) -> Result<()> {
+    match args.device.as_str() {
+        "cpu" => {}
+        "cuda" => return super::run_gpu::run_gpu(args),
+        other => bail!("--device {other:?}: expected cpu or cuda"),
+    }
     let model = load_model(&args.model)?;
     let task = parse_task(&args.task)?;
     let kv_type = parse_kv_type(&args.kv_type)?;
