@@ -31,15 +31,23 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// Whether `other` asks for the same work (model, data, methods, ratios, metric, length).
+    /// Whether `other` asks for the same work (model, data, methods, ratios, metric, length,
+    /// data settings); the example count `num` may differ, so a run can be extended.
     pub fn same_work(&self, other: &RunConfig) -> bool {
+        let without_num = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("num");
+            }
+            v
+        };
         self.model == other.model
             && self.data == other.data
             && self.methods == other.methods
             && self.ratios == other.ratios
             && self.metric == other.metric
             && self.max_new_tokens == other.max_new_tokens
-            && self.data_options == other.data_options
+            && without_num(&self.data_options) == without_num(&other.data_options)
     }
 }
 
@@ -125,7 +133,8 @@ pub fn example_path(out: &Path, index: usize) -> PathBuf {
 }
 
 /// Writes `config` into `out`, or checks that the one already there asks for the same work
-/// (otherwise the results could not be mixed: use another `--out`).
+/// (otherwise the results could not be mixed: use another `--out`). A different example count
+/// is allowed (the run is extended or read partially) and recorded.
 pub fn prepare_out_dir(out: &Path, config: &RunConfig) -> Result<()> {
     let path = config_path(out);
     if path.exists() {
@@ -141,7 +150,9 @@ pub fn prepare_out_dir(out: &Path, config: &RunConfig) -> Result<()> {
                 old.ratios
             )));
         }
-        return Ok(());
+        if old == *config {
+            return Ok(());
+        }
     }
     write_json_atomic(&path, config)
 }

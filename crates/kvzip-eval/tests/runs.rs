@@ -123,6 +123,9 @@ fn resume_refuses_other_settings_or_changed_data() {
     let out = tmp.path().join("run");
     prepare_out_dir(&out, &config()).unwrap();
     prepare_out_dir(&out, &config()).unwrap();
+    let mut more = config();
+    more.data_options = serde_json::json!({"num": 5});
+    prepare_out_dir(&out, &more).expect("a larger --num extends the run");
     let mut other = config();
     other.ratios = vec![0.3];
     let e = prepare_out_dir(&out, &other).unwrap_err().to_string();
