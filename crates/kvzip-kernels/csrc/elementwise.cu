@@ -152,7 +152,7 @@ __device__ __forceinline__ uint64_t kvz_mix(uint64_t z) {
 }
 
 // Better of two (value, index) candidates: larger value, then smaller index.
-__device__ __forceinline__ void kvz_argmax_merge(float& v, int& i, float ov, int oi) {
+__device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi) {
     if (ov > v || (ov == v && oi < i)) {
         v = ov;
         i = oi;
@@ -182,13 +182,13 @@ extern "C" __global__ void kvz_sample(KvzSampleParams p) {
             v = v / p.temperature - logf(-logf(u));
         }
         if (v != v) v = -INFINITY;  // NaN never wins
-        kvz_argmax_merge(best, best_i, v, i);
+        argmax_merge(best, best_i, v, i);
     }
 #pragma unroll
     for (int o = KVZ_WARP / 2; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
         const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-        kvz_argmax_merge(best, best_i, ov, oi);
+        argmax_merge(best, best_i, ov, oi);
     }
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -206,7 +206,7 @@ extern "C" __global__ void kvz_sample(KvzSampleParams p) {
         for (int o = KVZ_WARP / 2; o > 0; o >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, best, o);
             const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-            kvz_argmax_merge(best, best_i, ov, oi);
+            argmax_merge(best, best_i, ov, oi);
         }
         if (lane == 0) p.out[row] = best_i == 0x7fffffff ? 0u : (uint32_t)best_i;
     }

@@ -292,24 +292,24 @@ __device__ __forceinline__ void score_max(const KvzScoreParams& p) {
 
 // Pass 1: grid (ceil(n_in * group / 128), n_kv_heads), 256 threads,
 // dynamic smem 2 * 64 * (D + 8) * 2 bytes.
-extern "C" __global__ void __launch_bounds__(SC_THREADS, 2) kvz_score_lse_d64(KvzScoreParams p) {
+extern "C" __global__ __launch_bounds__(SC_THREADS, 2) void kvz_score_lse_d64(KvzScoreParams p) {
     score_lse<64>(p);
 }
-extern "C" __global__ void __launch_bounds__(SC_THREADS, 2) kvz_score_lse_d128(KvzScoreParams p) {
+extern "C" __global__ __launch_bounds__(SC_THREADS, 2) void kvz_score_lse_d128(KvzScoreParams p) {
     score_lse<128>(p);
 }
-extern "C" __global__ void __launch_bounds__(SC_THREADS) kvz_score_lse_d256(KvzScoreParams p) {
+extern "C" __global__ __launch_bounds__(SC_THREADS) void kvz_score_lse_d256(KvzScoreParams p) {
     score_lse<256>(p);
 }
 
 // Pass 2: grid (ceil(chunk_len / 128), row splits, n_kv_heads), 256 threads,
 // dynamic smem 2 * 64 * (D + 8) * 2 + 2 * 64 * 4 bytes.
-extern "C" __global__ void __launch_bounds__(SC_THREADS) kvz_score_max_d64(KvzScoreParams p) {
+extern "C" __global__ __launch_bounds__(SC_THREADS) void kvz_score_max_d64(KvzScoreParams p) {
     score_max<64>(p);
 }
-extern "C" __global__ void __launch_bounds__(SC_THREADS) kvz_score_max_d128(KvzScoreParams p) {
+extern "C" __global__ __launch_bounds__(SC_THREADS) void kvz_score_max_d128(KvzScoreParams p) {
     score_max<128>(p);
 }
-extern "C" __global__ void __launch_bounds__(SC_THREADS) kvz_score_max_d256(KvzScoreParams p) {
+extern "C" __global__ __launch_bounds__(SC_THREADS) void kvz_score_max_d256(KvzScoreParams p) {
     score_max<256>(p);
 }
