@@ -244,5 +244,5 @@ fn rms_norm(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, ceilings, score, compaction, rms_norm);
+criterion_group!(benches, ceilings, compaction, rms_norm, score);
 criterion_main!(benches);
