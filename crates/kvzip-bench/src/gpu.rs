@@ -96,12 +96,7 @@ pub fn shape_spec(name: &str) -> Result<ModelSpec> {
     };
     let bytes = serde_json::to_vec(&cfg)?;
     let raw = RawConfig::parse(std::path::Path::new(&format!("<{name}>")), &bytes)?;
-    let mut spec = raw.base_spec()?;
-    if name.starts_with("qwen2") {
-        spec.qkv_bias = true;
-        spec.o_bias = false;
-    }
-    Ok(spec)
+    Ok(kvzip_models::models::spec_for(&raw)?(&raw)?)
 }
 
 /// FLOPs of a causal prefill of `t` tokens: 2 × matmul params × t plus attention

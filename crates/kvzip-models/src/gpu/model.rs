@@ -158,7 +158,7 @@ impl GpuModel {
     /// Loads the model in `dir` (config.json + safetensors, any registered architecture) onto
     /// the GPU as bf16.
     pub fn load(gpu: &CudaBackend, dir: &Path) -> Result<Self> {
-        let spec = crate::models::load_model_dir(dir)?.spec().clone();
+        let spec = crate::models::load_spec(dir)?;
         let weights = Weights::open_dir(dir)?;
         Self::build(gpu, spec, &Source::Checkpoint(&weights))
     }

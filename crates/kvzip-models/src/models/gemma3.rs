@@ -3,7 +3,7 @@
 //! q/k-norm, `query_pre_attn_scalar` scaling, scaled embeddings, and interleaved sliding-window
 //! (local RoPE base) and global layers.
 
-use crate::config::{Activation, RawConfig};
+use crate::config::{Activation, ModelSpec, RawConfig};
 use crate::error::{ModelError, Result};
 use crate::model::{CausalLm, DecoderStack};
 use crate::weights::Weights;
@@ -11,8 +11,8 @@ use crate::weights::Weights;
 /// A Gemma 3 text model.
 pub struct Gemma3(DecoderStack);
 
-/// Loads a Gemma 3 checkpoint (text-only or the language tower of a multimodal one).
-pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
+/// The normalised description of a Gemma 3 config (no weights read).
+pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     let mut spec = raw.base_spec()?;
     spec.norm_weight_offset = 1.0;
     spec.qk_norm = true;
@@ -68,6 +68,12 @@ pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
     if spec.eos_token_ids.is_empty() {
         spec.eos_token_ids = vec![1, 106];
     }
+    Ok(spec)
+}
+
+/// Loads a Gemma 3 checkpoint (text-only or the language tower of a multimodal one).
+pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
+    let spec = spec(raw)?;
 
     let (prefix, lm_head) = if w.contains("model.embed_tokens.weight") {
         ("model", "lm_head.weight")

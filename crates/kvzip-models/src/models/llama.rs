@@ -1,6 +1,6 @@
 //! LLaMA (`LlamaForCausalLM`): pre-norm decoder, SwiGLU, RoPE (default/linear/llama3/yarn).
 
-use crate::config::RawConfig;
+use crate::config::{ModelSpec, RawConfig};
 use crate::error::Result;
 use crate::model::{CausalLm, DecoderStack};
 use crate::weights::Weights;
@@ -9,8 +9,14 @@ use crate::weights::Weights;
 pub struct Llama(DecoderStack);
 
 /// Loads a LLaMA checkpoint.
+/// The normalised description of a LLaMA config (no weights read).
+pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
+    raw.base_spec()
+}
+
+/// Loads a LLaMA checkpoint.
 pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
-    let spec = raw.base_spec()?;
+    let spec = spec(raw)?;
     Ok(Box::new(Llama(DecoderStack::load(
         w,
         "model",

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::config::RawConfig;
+use crate::config::{ModelSpec, RawConfig};
 use crate::error::{ModelError, Result};
 use crate::model::CausalLm;
 use crate::weights::Weights;
@@ -15,28 +15,47 @@ pub mod qwen3;
 /// Builds a model from its parsed config and weights.
 pub type Loader = fn(&RawConfig, &Weights) -> Result<Box<dyn CausalLm>>;
 
-/// `(architectures[0] name, loader)` for every supported architecture.
-/// Adding a model: write `models/<name>.rs` with a `load` function and add one line here.
-pub const REGISTRY: &[(&str, Loader)] = &[
-    ("LlamaForCausalLM", llama::load),
-    ("Qwen2ForCausalLM", qwen2::load),
-    ("Qwen3ForCausalLM", qwen3::load),
-    ("Gemma3ForCausalLM", gemma3::load),
-    ("Gemma3ForConditionalGeneration", gemma3::load),
+/// Derives the normalised [`ModelSpec`] from a parsed config alone (the GPU path loads its
+/// own weights and needs only this).
+pub type SpecFn = fn(&RawConfig) -> Result<ModelSpec>;
+
+/// `(architectures[0] name, spec, loader)` for every supported architecture.
+/// Adding a model: write `models/<name>.rs` with `spec` and `load` functions and add one line
+/// here.
+pub const REGISTRY: &[(&str, SpecFn, Loader)] = &[
+    ("LlamaForCausalLM", llama::spec, llama::load),
+    ("Qwen2ForCausalLM", qwen2::spec, qwen2::load),
+    ("Qwen3ForCausalLM", qwen3::spec, qwen3::load),
+    ("Gemma3ForCausalLM", gemma3::spec, gemma3::load),
+    ("Gemma3ForConditionalGeneration", gemma3::spec, gemma3::load),
 ];
+
+/// The spec function for `raw.architecture` (same errors as [`loader_for`]).
+pub fn spec_for(raw: &RawConfig) -> Result<SpecFn> {
+    arch(raw).map(|(_, s, _)| *s)
+}
+
+/// Loads only the normalised description of the model in `dir` (reads config.json only).
+pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
+    let raw = RawConfig::load(&dir.join("config.json"))?;
+    spec_for(&raw)?(&raw)
+}
 
 /// Finds the loader for `raw.architecture`, or a clear error listing the supported ones.
 pub fn loader_for(raw: &RawConfig) -> Result<Loader> {
+    arch(raw).map(|(_, _, l)| *l)
+}
+
+fn arch(raw: &RawConfig) -> Result<&'static (&'static str, SpecFn, Loader)> {
     REGISTRY
         .iter()
-        .find(|(name, _)| *name == raw.architecture)
-        .map(|(_, l)| *l)
+        .find(|(name, _, _)| *name == raw.architecture)
         .ok_or_else(|| ModelError::UnsupportedArchitecture {
             path: raw.path.clone(),
             name: raw.architecture.clone(),
             supported: REGISTRY
                 .iter()
-                .map(|(n, _)| *n)
+                .map(|(n, _, _)| *n)
                 .collect::<Vec<_>>()
                 .join(", "),
         })

@@ -1,6 +1,6 @@
 //! Qwen3 (`Qwen3ForCausalLM`): LLaMA layout with per-head RMSNorm on q and k before RoPE.
 
-use crate::config::RawConfig;
+use crate::config::{ModelSpec, RawConfig};
 use crate::error::Result;
 use crate::model::{CausalLm, DecoderStack};
 use crate::weights::Weights;
@@ -9,10 +9,17 @@ use crate::weights::Weights;
 pub struct Qwen3(DecoderStack);
 
 /// Loads a Qwen3 checkpoint.
-pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
+/// The normalised description of a Qwen3 config (no weights read).
+pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     let mut spec = raw.base_spec()?;
     spec.qk_norm = true;
     raw.apply_sliding_layers(&mut spec)?;
+    Ok(spec)
+}
+
+/// Loads a Qwen3 checkpoint.
+pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
+    let spec = spec(raw)?;
     Ok(Box::new(Qwen3(DecoderStack::load(
         w,
         "model",
