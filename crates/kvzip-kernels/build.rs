@@ -129,19 +129,47 @@ mod cuda {
         }
     }
 
-    /// Entry points of a `.cu` file: by convention every kernel, and nothing else, is named
-    /// `kvz_*` and declared `extern "C" __global__ void kvz_name(...)`.
+    /// Entry points of a `.cu` file: the name of every `__global__` function whose name starts
+    /// with `kvz_` (by convention every kernel is `extern "C"` and named `kvz_*`, and device
+    /// helpers are not). `__launch_bounds__(...)` may appear before or after the return type.
     fn kernel_names(text: &str) -> Vec<String> {
         let mut names = Vec::new();
-        for (i, _) in text.match_indices("void kvz_") {
-            let rest = &text[i + 5..];
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            let before = &text[..i];
-            let line_start = before.rfind("extern").unwrap_or(0);
-            if text[line_start..i].contains("__global__") {
-                names.push(rest[..end].to_string());
+        for (i, _) in text.match_indices("__global__") {
+            let mut rest = &text[i + "__global__".len()..];
+            let mut last_ident = String::new();
+            loop {
+                rest = rest.trim_start();
+                if let Some(r) = rest.strip_prefix("__launch_bounds__") {
+                    // Skip the balanced argument list.
+                    let mut depth = 0usize;
+                    let mut end = r.len();
+                    for (j, c) in r.char_indices() {
+                        match c {
+                            '(' => depth += 1,
+                            ')' => {
+                                depth = depth.saturating_sub(1);
+                                if depth == 0 {
+                                    end = j + 1;
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    rest = &r[end..];
+                    continue;
+                }
+                let ident_len = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                if ident_len == 0 {
+                    break;
+                }
+                last_ident = rest[..ident_len].to_string();
+                rest = &rest[ident_len..];
+            }
+            if rest.starts_with('(') && last_ident.starts_with("kvz_") {
+                names.push(last_ident);
             }
         }
         names.sort();
