@@ -1,1 +1,430 @@
-//! Placeholder: filled by the attention kernels.
+//! Attention over per-KV-head segments on the GPU: flash-attention prefill
+//! (`csrc/attention_prefill.cu`) and the split-K varlen decode with its plan/run split
+//! (`csrc/attention_decode.cu`); both share the tensor-core core in `csrc/attention_core.cuh`.
+//!
+//! Semantics are exactly [`crate::cpu::attention`]: `q`, `out` are
+//! `[q_len, n_kv_heads * group, head_dim]` bf16 (query head `h * group + g`); KV head `h` owns rows
+//! `offsets[h] .. offsets[h] + lens[h]` of `k` and `v` (`[rows, head_dim]` bf16, `offsets` i64 and
+//! `lens` i32 on the device); bottom-right causal alignment (query `t` sits at key index
+//! `lens[h] - q_len + t`), optional sliding window, optional logit softcap, f32 softmax.
+//!
+//! Not checked on the host (device data): that `offsets[h] + lens[h]` rows fit in `k` / `v`, and,
+//! for prefill, that `lens[h] >= q_len` (a query row that sees no key is written as zeros). The
+//! decode plan checks `lens[h] >= q_len` on its host copy of the lengths; the device `lens` passed
+//! to [`CudaBackend::attention_decode`] must equal the plan's.
+
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+use super::params::{KvzAttentionParams, KvzDecodeParams};
+use super::{bf16, check_len, dptr, dptr_mut, CudaBackend, CudaError, CudaResult};
+use super::{DevicePtr, DevicePtrMut};
+
+/// Threads per CTA of every attention kernel (4 warps).
+const THREADS: u32 = 128;
+/// Packed query rows per prefill CTA (4 warps x 16).
+const PREFILL_ROWS: usize = 64;
+/// Keys per shared-memory tile of the decode kernels.
+const DECODE_TILE_KEYS: usize = 64;
+/// Largest `q_len` for which [`CudaBackend::attention`] picks the decode path.
+pub const DECODE_MAX_Q_LEN: usize = 16;
+/// Smallest automatic decode chunk, keys.
+const MIN_AUTO_CHUNK: usize = 256;
+/// Automatic chunking aims at this many work items per SM.
+const ITEMS_PER_SM: usize = 4;
+
+/// Shape and scalars of one attention call (see the module docs for the layouts).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// New query tokens per call (>= 1 for work to happen).
+    pub q_len: usize,
+    /// KV heads of the layer (= length of `offsets` / `lens`).
+    pub n_kv_heads: usize,
+    /// Query heads per KV head (GQA group).
+    pub group: usize,
+    /// Elements per head row: 64, 128 or 256.
+    pub head_dim: usize,
+    /// Multiplier of `q . k` (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
+    /// Sliding window in keys (`None`: full causal).
+    pub window: Option<usize>,
+    /// Logit softcap `c`: logits become `c * tanh(logits / c)` (`None`: off).
+    pub softcap: Option<f32>,
+}
+
+impl AttentionShape {
+    /// Elements of `q` / `out`: `q_len * n_kv_heads * group * head_dim`.
+    pub fn q_elems(&self) -> usize {
+        self.q_len * self.n_kv_heads * self.group * self.head_dim
+    }
+
+    /// Packed query rows per KV head: `q_len * group`.
+    pub fn rows_per_head(&self) -> usize {
+        self.q_len * self.group
+    }
+
+    fn validate(&self) -> CudaResult<()> {
+        if !matches!(self.head_dim, 64 | 128 | 256) {
+            return Err(CudaError::Shape(format!(
+                "attention head_dim {} is not supported (64, 128 or 256)",
+                self.head_dim
+            )));
+        }
+        if self.group == 0 {
+            return Err(CudaError::Shape("attention group must be >= 1".into()));
+        }
+        if !self.scale.is_finite() {
+            return Err(CudaError::Shape(format!(
+                "attention scale {} is not finite",
+                self.scale
+            )));
+        }
+        if let Some(c) = self.softcap {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(CudaError::Shape(format!(
+                    "attention softcap {c} must be finite and > 0 (use None to disable)"
+                )));
+            }
+        }
+        if self.window == Some(0) {
+            return Err(CudaError::Shape(
+                "attention window Some(0) sees no key; use None for full causal".into(),
+            ));
+        }
+        to_i32(
+            "q_len * n_kv_heads * group",
+            self.q_len * self.n_kv_heads * self.group,
+        )?;
+        to_i32("window", self.window.unwrap_or(0))?;
+        Ok(())
+    }
+}
+
+fn to_i32(what: &str, v: usize) -> CudaResult<i32> {
+    i32::try_from(v).map_err(|_| CudaError::Shape(format!("attention {what} = {v} exceeds i32")))
+}
+
+/// Dynamic shared memory of a CTA: Q `[rows][d]` + 2 stages of K and V `[tile][d]`, bf16
+/// (mirrors `kvzattn::Cfg::SMEM`).
+fn smem_bytes(rows: usize, tile_keys: usize, head_dim: usize) -> u32 {
+    ((rows * head_dim + 4 * tile_keys * head_dim) * 2) as u32
+}
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    fn attention_params(
+        &self,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        offsets: &impl DevicePtr<i64>,
+        lens: &impl DevicePtr<i32>,
+        shape: &AttentionShape,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> CudaResult<KvzAttentionParams> {
+        shape.validate()?;
+        let n = shape.q_elems();
+        check_len("attention q", q.len(), n)?;
+        check_len("attention out", out.len(), n)?;
+        check_len("attention offsets", offsets.len(), shape.n_kv_heads)?;
+        check_len("attention lens", lens.len(), shape.n_kv_heads)?;
+        if k.len() % shape.head_dim != 0 || v.len() != k.len() {
+            return Err(CudaError::Shape(format!(
+                "attention k/v hold {} / {} elements; both must be the same whole number of \
+                 {}-element rows",
+                k.len(),
+                v.len(),
+                shape.head_dim
+            )));
+        }
+        let s = self.stream();
+        Ok(KvzAttentionParams {
+            q: dptr(q, s) as _,
+            k: dptr(k, s) as _,
+            v: dptr(v, s) as _,
+            out: dptr_mut(out, s) as _,
+            offsets: dptr(offsets, s) as _,
+            lens: dptr(lens, s) as _,
+            q_len: to_i32("q_len", shape.q_len)?,
+            n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads)?,
+            group: to_i32("group", shape.group)?,
+            head_dim: shape.head_dim as i32,
+            scale: shape.scale,
+            softcap: shape.softcap.unwrap_or(0.0),
+            window: shape.window.unwrap_or(0) as i32,
+        })
+    }
+
+    /// Flash-attention prefill of `shape.q_len` query tokens over the per-head segments
+    /// (any `q_len >= 1`, typically many tokens over an existing cache whose last `q_len` rows
+    /// per head are the new tokens' keys).
+    ///
+    /// `q`, `out`: `[q_len, n_kv_heads * group, head_dim]` bf16; `k`, `v`: `[rows, head_dim]` bf16;
+    /// `offsets`: `[n_kv_heads]` i64; `lens`: `[n_kv_heads]` i32 (device). One CTA per
+    /// (KV head, 64 packed query rows); tensor cores; fully masked key tiles are skipped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        offsets: &impl DevicePtr<i64>,
+        lens: &impl DevicePtr<i32>,
+        shape: &AttentionShape,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> CudaResult<()> {
+        let p = self.attention_params(q, k, v, offsets, lens, shape, out)?;
+        if shape.q_len == 0 || shape.n_kv_heads == 0 {
+            return Ok(());
+        }
+        let (name, tile) = match shape.head_dim {
+            64 => ("kvz_attn_prefill_d64", 64),
+            128 => ("kvz_attn_prefill_d128", 64),
+            _ => ("kvz_attn_prefill_d256", 32),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                shape.rows_per_head().div_ceil(PREFILL_ROWS) as u32,
+                shape.n_kv_heads as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem_bytes(PREFILL_ROWS, tile, shape.head_dim),
+        };
+        // SAFETY: q/out/offsets/lens lengths checked; k/v extents are the documented contract.
+        unsafe { self.launch(name, cfg, &p) }
+    }
+
+    /// Split-K decode of `shape.q_len` (small, `== plan.q_len()`) query tokens: one CTA per
+    /// work item of `plan` holding the whole GQA group, then an LSE combine of the heads that
+    /// were split. Buffers as in [`Self::attention_prefill`]; `lens` must hold the plan's lengths.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        plan: &DecodePlan,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        offsets: &impl DevicePtr<i64>,
+        lens: &impl DevicePtr<i32>,
+        shape: &AttentionShape,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> CudaResult<()> {
+        if shape.q_len != plan.q_len || shape.n_kv_heads != plan.lens.len() {
+            return Err(CudaError::Shape(format!(
+                "attention_decode: shape has q_len {} and {} KV heads, the plan was built for \
+                 q_len {} and {} heads",
+                shape.q_len,
+                shape.n_kv_heads,
+                plan.q_len,
+                plan.lens.len()
+            )));
+        }
+        let attn = self.attention_params(q, k, v, offsets, lens, shape, out)?;
+        if plan.n_items == 0 {
+            return Ok(());
+        }
+        let rows = shape.rows_per_head();
+        let d = shape.head_dim;
+        let mut ws = plan.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let (po, pl) = if plan.n_partials > 0 {
+            let need = plan.n_partials * rows;
+            let fits = ws
+                .as_ref()
+                .is_some_and(|(o, l)| o.len() >= need * d && l.len() >= need);
+            if !fits {
+                *ws = Some((self.alloc::<f32>(need * d)?, self.alloc::<f32>(need)?));
+            }
+            let (o, l) = ws.as_mut().expect("workspace allocated above");
+            let s = self.stream();
+            (dptr_mut(o, s), dptr_mut(l, s))
+        } else {
+            (0, 0)
+        };
+        let s = self.stream();
+        let p = KvzDecodeParams {
+            attn,
+            items: dptr(&plan.items, s) as _,
+            n_items: plan.n_items as i32,
+            head_partials: dptr(&plan.head_partials, s) as _,
+            partial_out: po as _,
+            partial_lse: pl as _,
+        };
+        let row_block = match rows {
+            0..=16 => 16,
+            17..=32 => 32,
+            _ => 64,
+        };
+        let name = format!("kvz_attn_decode_d{d}_r{row_block}");
+        let cfg = LaunchConfig {
+            grid_dim: (plan.n_items as u32, rows.div_ceil(row_block) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem_bytes(row_block, DECODE_TILE_KEYS, d),
+        };
+        // SAFETY: item key ranges lie within the plan's lengths (>= q_len, checked by the plan);
+        // partial buffers hold n_partials * rows (* d) floats; other lengths checked above.
+        unsafe { self.launch(&name, cfg, &p)? };
+        if plan.n_partials > 0 {
+            let cfg = LaunchConfig {
+                grid_dim: (shape.n_kv_heads as u32, rows as u32, 1),
+                block_dim: ((d / 4) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above; the combine reads the slots the run kernel wrote.
+            unsafe { self.launch("kvz_attn_decode_combine", cfg, &p)? };
+        }
+        Ok(())
+    }
+
+    /// Attention of `shape.q_len` tokens choosing the kernel: decode (a fresh [`DecodePlan`]
+    /// with automatic chunking) when `q_len <= DECODE_MAX_Q_LEN`, prefill otherwise.
+    /// `lens_host` must equal the device `lens`. Callers decoding many layers with the same
+    /// lengths should build one plan and call [`Self::attention_decode`] instead.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &impl DevicePtr<bf16>,
+        k: &impl DevicePtr<bf16>,
+        v: &impl DevicePtr<bf16>,
+        offsets: &impl DevicePtr<i64>,
+        lens: &impl DevicePtr<i32>,
+        lens_host: &[usize],
+        shape: &AttentionShape,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> CudaResult<()> {
+        if shape.q_len == 0 || shape.n_kv_heads == 0 {
+            return self.attention_prefill(q, k, v, offsets, lens, shape, out);
+        }
+        if shape.q_len <= DECODE_MAX_Q_LEN {
+            let plan = DecodePlan::new(self, lens_host, shape.q_len, None)?;
+            self.attention_decode(&plan, q, k, v, offsets, lens, shape, out)
+        } else {
+            self.attention_prefill(q, k, v, offsets, lens, shape, out)
+        }
+    }
+}
+
+/// Work decomposition of a varlen decode step (FlashInfer-style plan): the keys of every KV
+/// head are cut into chunks of a uniform size; each (head, chunk) is one work item, uploaded
+/// once and reusable by every layer with the same lengths. Heads cut into several chunks get
+/// consecutive partial slots that the combine kernel merges; single-chunk heads write `out`
+/// directly.
+#[derive(Debug)]
+pub struct DecodePlan {
+    lens: Vec<usize>,
+    q_len: usize,
+    chunk_keys: usize,
+    n_items: usize,
+    n_partials: usize,
+    /// `[n_items, 4]` i32: head, key_start, key_end, partial slot (-1: direct) (= KvzDecodeWorkItem).
+    items: CudaSlice<i32>,
+    /// `[n_kv_heads + 1]` i32: slots of head h are `head_partials[h] .. head_partials[h + 1]`.
+    head_partials: CudaSlice<i32>,
+    /// Partial outputs `[n_partials, rows, head_dim]` f32 and LSEs `[n_partials, rows]` f32,
+    /// allocated on first use (grown when a call needs more).
+    workspace: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+}
+
+impl DecodePlan {
+    /// Plans a decode of `q_len >= 1` tokens over heads of lengths `lens` (host copy of the
+    /// device lengths, keys per KV head, each `>= q_len`). `chunk_keys`: keys per work item;
+    /// `None` picks `max(256, total_keys / (4 * n_sms))` rounded up to a multiple of 64, so
+    /// that long contexts give a few work items per SM.
+    pub fn new(
+        backend: &CudaBackend,
+        lens: &[usize],
+        q_len: usize,
+        chunk_keys: Option<usize>,
+    ) -> CudaResult<Self> {
+        if q_len == 0 {
+            return Err(CudaError::Shape("DecodePlan: q_len must be >= 1".into()));
+        }
+        if let Some((h, &l)) = lens.iter().enumerate().find(|(_, &l)| l < q_len) {
+            return Err(CudaError::Shape(format!(
+                "DecodePlan: KV head {h} has {l} keys, fewer than q_len {q_len} (the new tokens' \
+                 keys must be appended first)"
+            )));
+        }
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        to_i32("max head length", max_len)?;
+        let total: usize = lens.iter().sum();
+        let chunk = match chunk_keys {
+            Some(0) => {
+                return Err(CudaError::Shape(
+                    "DecodePlan: chunk_keys must be > 0".into(),
+                ))
+            }
+            Some(c) => c,
+            None => total
+                .div_ceil(ITEMS_PER_SM * backend.n_sms.max(1))
+                .next_multiple_of(DECODE_TILE_KEYS)
+                .max(MIN_AUTO_CHUNK),
+        };
+        let mut items: Vec<i32> = Vec::new();
+        let mut head_partials = Vec::with_capacity(lens.len() + 1);
+        let mut n_partials = 0usize;
+        for (h, &len) in lens.iter().enumerate() {
+            head_partials.push(n_partials as i32);
+            let n_chunks = len.div_ceil(chunk).max(1);
+            for c in 0..n_chunks {
+                let slot = if n_chunks == 1 {
+                    -1
+                } else {
+                    (n_partials + c) as i32
+                };
+                let end = ((c + 1) * chunk).min(len);
+                items.extend_from_slice(&[h as i32, (c * chunk) as i32, end as i32, slot]);
+            }
+            if n_chunks > 1 {
+                n_partials += n_chunks;
+            }
+        }
+        head_partials.push(n_partials as i32);
+        let n_items = items.len() / 4;
+        if n_items > i32::MAX as usize || n_partials > i32::MAX as usize {
+            return Err(CudaError::Shape(format!(
+                "DecodePlan: {n_items} work items exceed i32; use a larger chunk_keys"
+            )));
+        }
+        // cudarc rejects empty uploads; keep one dummy entry.
+        if items.is_empty() {
+            items.extend_from_slice(&[0, 0, 0, -1]);
+        }
+        Ok(Self {
+            lens: lens.to_vec(),
+            q_len,
+            chunk_keys: chunk,
+            n_items,
+            n_partials,
+            items: backend.upload(&items)?,
+            head_partials: backend.upload(&head_partials)?,
+            workspace: Mutex::new(None),
+        })
+    }
+
+    /// Tokens per decode call this plan was built for.
+    pub fn q_len(&self) -> usize {
+        self.q_len
+    }
+
+    /// Keys per work item.
+    pub fn chunk_keys(&self) -> usize {
+        self.chunk_keys
+    }
+
+    /// Number of work items (CTAs per row block of the run kernel).
+    pub fn n_items(&self) -> usize {
+        self.n_items
+    }
+
+    /// Number of partial slots (items of heads that were split).
+    pub fn n_partials(&self) -> usize {
+        self.n_partials
+    }
+
+    /// Host copy of the key counts per KV head the plan was built for.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+}
