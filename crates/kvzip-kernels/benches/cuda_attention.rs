@@ -163,7 +163,7 @@ fn prefill_tflops(be: &CudaBackend, ctx: usize, head_dim: usize) -> (f64, f64) {
     let v = fill_random(be, KV_HEADS * ctx * head_dim, 6);
     let off: Vec<i64> = (0..KV_HEADS).map(|h| (h * ctx) as i64).collect();
     let d_off = be.upload(&off).unwrap();
-    let d_lens = be.upload(&vec![ctx as i32; KV_HEADS]).unwrap();
+    let d_lens = be.upload(&[ctx as i32; KV_HEADS]).unwrap();
     let mut out = be.alloc::<bf16>(sh.q_elems()).unwrap();
     let ms = time_ms(be, 1, 5, || {
         be.attention_prefill(&q, &k, &v, &d_off, &d_lens, &sh, &mut out)
