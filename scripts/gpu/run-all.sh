@@ -26,7 +26,7 @@ if [[ " $parts " == *" tests "* ]]; then
   if command -v compute-sanitizer >/dev/null; then
     for t in "$bundle"/tests/cuda_*; do
       echo "=== memcheck $(basename "$t")" >> "$OUT/memcheck.log"
-      KVZIP_TEST_QUICK=1 timeout 240 compute-sanitizer --tool memcheck --leak-check no "$t" --test-threads=1 >> "$OUT/memcheck.log" 2>&1
+      timeout "${KVZIP_MEMCHECK_TIMEOUT:-90}" compute-sanitizer --tool memcheck --leak-check no "$t" --test-threads=1 >> "$OUT/memcheck.log" 2>&1
       echo "memcheck $(basename "$t") rc=$?" >> "$OUT/summary.txt"
     done
   else
