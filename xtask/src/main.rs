@@ -90,8 +90,9 @@ fn gpu_bundle() -> Result<()> {
             continue;
         };
         if name.starts_with("cuda_") || name.starts_with("gpu_") {
-            std::fs::copy(exe, bundle.join("tests").join(name))
-                .with_context(|| format!("copy {exe}"))?;
+            let dest = bundle.join("tests").join(name);
+            std::fs::copy(exe, &dest).with_context(|| format!("copy {exe}"))?;
+            strip(&dest);
             copied += 1;
         }
     }
@@ -112,6 +113,7 @@ fn gpu_bundle() -> Result<()> {
         root.join("target/release/kvzip-bench"),
         bundle.join("kvzip-bench"),
     )?;
+    strip(&bundle.join("kvzip-bench"));
     let size: u64 = walk_size(&bundle);
     eprintln!(
         "bundle: {copied} test binaries + kvzip-bench, {:.1} MiB in {}",
@@ -122,6 +124,14 @@ fn gpu_bundle() -> Result<()> {
         bail!("the bundle is over 60 MiB; the GPU machine takes 64 MiB per call");
     }
     Ok(())
+}
+
+/// Drops debug info from a carried binary when `strip` exists (keeps the bundle small).
+fn strip(path: &Path) {
+    let _ = Command::new("strip")
+        .arg("--strip-all")
+        .arg(path)
+        .status();
 }
 
 fn walk_size(dir: &Path) -> u64 {
