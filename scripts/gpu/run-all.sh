@@ -34,11 +34,11 @@ if [[ " $parts " == *" tests "* ]]; then
   fi
 fi
 if [[ " $parts " == *" bench "* ]]; then
-  timeout 400 "$bundle/kvzip-bench" --out "$OUT/kvzip_bench.json" ${KVZIP_BENCH_ARGS:-} > /dev/null 2> "$OUT/bench.log"
+  timeout "${KVZIP_BENCH_TIMEOUT:-400}" "$bundle/kvzip-bench" --out "$OUT/kvzip_bench.json" ${KVZIP_BENCH_ARGS:-} > /dev/null 2> "$OUT/bench.log"
   echo "kvzip-bench rc=$?" >> "$OUT/summary.txt"
 fi
 if [[ " $parts " == *" peer "* ]]; then
-  PYTHONUNBUFFERED=1 timeout 240 python3 scripts/gpu/hf_peer.py --out "$OUT/hf_peer.json" ${KVZIP_PEER_ARGS:-} >> "$OUT/bench.log" 2>&1
+  PYTHONUNBUFFERED=1 timeout "${KVZIP_PEER_TIMEOUT:-240}" python3 scripts/gpu/hf_peer.py --out "$OUT/hf_peer.json" ${KVZIP_PEER_ARGS:-} >> "$OUT/bench.log" 2>&1
   echo "hf_peer rc=$?" >> "$OUT/summary.txt"
 fi
 cat "$OUT/summary.txt"
