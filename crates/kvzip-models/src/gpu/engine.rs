@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use kvzip_kernels::cuda::score::ScoreChunkShape;
-use kvzip_kernels::cuda::{bf16, CudaBackend, CudaSlice};
+use kvzip_kernels::cuda::{bf16, CudaBackend, CudaSlice, CudaViewMut};
 use kvzip_kernels::sampling::Sampler;
 use kvzip_score::{select, select_heads, ContextScores, HeadScores, LayerScores, Level};
 use kvzip_templates::{reconstruction_inputs, PromptIds};
@@ -365,7 +365,7 @@ impl GpuAttentionHook for ScoreHook {
         &mut self,
         gpu: &CudaBackend,
         layer: usize,
-        q: &CudaSlice<bf16>,
+        q: &CudaViewMut<'_, bf16>,
         q_len: usize,
         cache: &GpuKvCache,
     ) -> Result<()> {

@@ -2,7 +2,7 @@
 //! host only uploads the step's token ids, positions and the cache lengths.
 
 use kvzip_kernels::cuda::attention::{AttentionShape, DecodePlan};
-use kvzip_kernels::cuda::{bf16, CudaBackend, CudaSlice};
+use kvzip_kernels::cuda::{bf16, CudaBackend, CudaSlice, CudaViewMut};
 
 use super::cache::GpuKvCache;
 use super::model::{GpuLinear, GpuModel, GpuNorm};
@@ -16,7 +16,7 @@ pub trait GpuAttentionHook {
         &mut self,
         gpu: &CudaBackend,
         layer: usize,
-        q: &CudaSlice<bf16>,
+        q: &CudaViewMut<'_, bf16>,
         q_len: usize,
         cache: &GpuKvCache,
     ) -> Result<()>;
@@ -37,9 +37,9 @@ struct Buffers {
     delta: CudaSlice<bf16>,
     normed: CudaSlice<bf16>,
     q: CudaSlice<bf16>,
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
+    kv: CudaSlice<bf16>,
     head_tmp: CudaSlice<bf16>,
+    qkv: CudaSlice<bf16>,
     attn: CudaSlice<bf16>,
     gate_up: CudaSlice<bf16>,
     act: CudaSlice<bf16>,
@@ -59,9 +59,9 @@ impl Scratch {
                 delta: gpu.alloc(r * h)?,
                 normed: gpu.alloc(r * h)?,
                 q: gpu.alloc(r * qd)?,
-                k: gpu.alloc(r * kvd)?,
-                v: gpu.alloc(r * kvd)?,
+                kv: gpu.alloc(2 * r * kvd)?,
                 head_tmp: gpu.alloc(r * qd.max(kvd))?,
+                qkv: gpu.alloc(qd + 2 * kvd)?,
                 attn: gpu.alloc(r * qd)?,
                 gate_up: gpu.alloc(r * 2 * i)?,
                 act: gpu.alloc(r * i)?,
@@ -90,20 +90,65 @@ fn linear(
     Ok(())
 }
 
+/// Views of one step's q (`[t, n_heads, head_dim]`) and of k then v (`[t, n_kv, head_dim]`
+/// each, k first).
+type QandKv<'a> = (CudaViewMut<'a, bf16>, CudaViewMut<'a, bf16>);
+
+/// q, k, v projections. One token: one GEMM over the stacked weights into `fused`, whose row
+/// is `[q | k | v]`; more tokens: one GEMM per row block of the stacked weights into `q` and
+/// the two halves of `kv`.
+#[allow(clippy::too_many_arguments)]
+fn project_qkv<'a>(
+    gpu: &CudaBackend,
+    qkv: &GpuLinear,
+    x: &CudaSlice<bf16>,
+    t: usize,
+    (qd, kvd): (usize, usize),
+    q: &'a mut CudaSlice<bf16>,
+    kv: &'a mut CudaSlice<bf16>,
+    fused: &'a mut CudaSlice<bf16>,
+) -> Result<QandKv<'a>> {
+    let h = qkv.in_dim;
+    if t == 1 {
+        gpu.linear(x, &qkv.weight, fused, 1, qd + 2 * kvd, h)?;
+        if let Some(bias) = &qkv.bias {
+            gpu.add_bias(fused, bias, 1)?;
+        }
+        return Ok(fused.split_at_mut(qd));
+    }
+    let project = |start: usize, n: usize, out: &mut CudaViewMut<'_, bf16>| -> Result<()> {
+        let w = qkv.weight.slice(start * h..(start + n) * h);
+        gpu.linear(x, &w, out, t, n, h)?;
+        if let Some(bias) = &qkv.bias {
+            gpu.add_bias(out, &bias.slice(start..start + n), t)?;
+        }
+        Ok(())
+    };
+    let mut q = q.slice_mut(..t * qd);
+    project(0, qd, &mut q)?;
+    let mut kv = kv.slice_mut(..2 * t * kvd);
+    {
+        let (mut k, mut v) = kv.split_at_mut(t * kvd);
+        project(qd, kvd, &mut k)?;
+        project(qd + kvd, kvd, &mut v)?;
+    }
+    Ok((q, kv))
+}
+
 /// Per-head norm in place (q/k-norm) through a scratch buffer.
 fn head_norm(
     gpu: &CudaBackend,
     norm: &GpuNorm,
-    x: &mut CudaSlice<bf16>,
+    x: &mut CudaViewMut<'_, bf16>,
     tmp: &mut CudaSlice<bf16>,
     rows: usize,
     dim: usize,
 ) -> Result<()> {
     let n = rows * dim;
+    gpu.rms_norm(x, None, &norm.weight, tmp, rows, dim, norm.eps, norm.offset)?;
     gpu.stream()
-        .memcpy_dtod(&x.slice(..n), &mut tmp.slice_mut(..n))
+        .memcpy_dtod(&tmp.slice(..n), x)
         .map_err(|e| ModelError::Cuda(e.into()))?;
-    gpu.rms_norm(tmp, None, &norm.weight, x, rows, dim, norm.eps, norm.offset)?;
     Ok(())
 }
 
@@ -154,6 +199,17 @@ impl GpuModel {
             window,
             softcap: s.attn_softcap,
         };
+        // Decode plans of every layer, built before the first launch of the step so that no
+        // host-to-device upload sits between this step's kernels.
+        let plans: Vec<DecodePlan> = if t <= DECODE_MAX_Q {
+            cache
+                .layers
+                .iter()
+                .map(|kv| DecodePlan::new(gpu, &kv.lens, t, None))
+                .collect::<std::result::Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         let mut pending_delta = false;
         for (l, layer) in self.layers.iter().enumerate() {
             // x += delta (previous MLP output); normed = input_norm(x).
@@ -169,18 +225,26 @@ impl GpuModel {
                 layer.input_norm.eps,
                 layer.input_norm.offset,
             )?;
-            linear(gpu, &layer.q, &b.normed, t, &mut b.q)?;
-            linear(gpu, &layer.k, &b.normed, t, &mut b.k)?;
-            linear(gpu, &layer.v, &b.normed, t, &mut b.v)?;
+            let (mut q, mut kv_new) = project_qkv(
+                gpu,
+                &layer.qkv,
+                &b.normed,
+                t,
+                (nq * d, nkv * d),
+                &mut b.q,
+                &mut b.kv,
+                &mut b.qkv,
+            )?;
+            let (mut k, v) = kv_new.split_at_mut(t * nkv * d);
             if let Some(n) = &layer.q_norm {
-                head_norm(gpu, n, &mut b.q, &mut b.head_tmp, t * nq, d)?;
+                head_norm(gpu, n, &mut q, &mut b.head_tmp, t * nq, d)?;
             }
             if let Some(n) = &layer.k_norm {
-                head_norm(gpu, n, &mut b.k, &mut b.head_tmp, t * nkv, d)?;
+                head_norm(gpu, n, &mut k, &mut b.head_tmp, t * nkv, d)?;
             }
             gpu.rope(
-                &mut b.q,
-                Some(&mut b.k),
+                &mut q,
+                Some(&mut k),
                 &b.positions.slice(..t),
                 &layer.inv_freq,
                 t,
@@ -194,8 +258,8 @@ impl GpuModel {
                 // SAFETY: begin_step reserved `t` free rows in every head.
                 unsafe {
                     gpu.append_rows(
-                        &b.k,
-                        &b.v,
+                        &k,
+                        &v,
                         &mut kv.k,
                         &mut kv.v,
                         &offsets,
@@ -207,25 +271,15 @@ impl GpuModel {
                 }
             }
             if let Some(hk) = hook.as_deref_mut() {
-                hk.after_append(gpu, l, &b.q, t, cache)?;
+                hk.after_append(gpu, l, &q, t, cache)?;
             }
             let shape = shape_for(layer.window);
             let (lens, _, offsets) = cache.layer_meta(l);
             let kv = &cache.layers[l];
-            if t <= DECODE_MAX_Q {
-                let plan = DecodePlan::new(gpu, &kv.lens, t, None)?;
-                gpu.attention_decode(
-                    &plan,
-                    &b.q,
-                    &kv.k,
-                    &kv.v,
-                    &offsets,
-                    &lens,
-                    &shape,
-                    &mut b.attn,
-                )?;
+            if let Some(plan) = plans.get(l) {
+                gpu.attention_decode(plan, &q, &kv.k, &kv.v, &offsets, &lens, &shape, &mut b.attn)?;
             } else {
-                gpu.attention_prefill(&b.q, &kv.k, &kv.v, &offsets, &lens, &shape, &mut b.attn)?;
+                gpu.attention_prefill(&q, &kv.k, &kv.v, &offsets, &lens, &shape, &mut b.attn)?;
             }
             linear(gpu, &layer.o, &b.attn, t, &mut b.delta)?;
             if let Some(n) = &layer.post_attention_norm {

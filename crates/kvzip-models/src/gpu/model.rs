@@ -47,12 +47,10 @@ pub struct GpuLayer {
     pub pre_mlp_norm: GpuNorm,
     /// Gemma: after the MLP.
     pub post_mlp_norm: Option<GpuNorm>,
-    /// `q_proj`, `k_proj`, `v_proj`, `o_proj`.
-    pub q: GpuLinear,
-    /// Key projection.
-    pub k: GpuLinear,
-    /// Value projection.
-    pub v: GpuLinear,
+    /// `q_proj`, `k_proj`, `v_proj` stacked: `[(n_heads + 2 * n_kv_heads) * head_dim, hidden]`
+    /// (q rows, then k, then v; bias likewise). Decode runs one GEMM over it; prefill runs
+    /// three over its row blocks so q, k and v land in separate buffers.
+    pub qkv: GpuLinear,
     /// Output projection.
     pub o: GpuLinear,
     /// Qwen3/Gemma3 per-head norms.
@@ -119,6 +117,64 @@ impl Source<'_> {
             }
         }
     }
+}
+
+/// Projections `parts` (`(name, out_dim)`, all with `in_dim` inputs) stacked row-wise into one
+/// device matrix (and bias): one GEMM computes all of them.
+fn stacked(
+    src: &Source<'_>,
+    gpu: &CudaBackend,
+    parts: &[(String, usize)],
+    in_dim: usize,
+    bias: bool,
+) -> Result<GpuLinear> {
+    let out_dim: usize = parts.iter().map(|(_, n)| n).sum();
+    let (weight, b) = match src {
+        Source::Checkpoint(w) => {
+            let mut m = Vec::with_capacity(out_dim * in_dim);
+            let mut bv = Vec::new();
+            for (name, n) in parts {
+                m.extend(w.get(&format!("{name}.weight"), &[*n, in_dim])?);
+                if bias {
+                    bv.extend(w.get(&format!("{name}.bias"), &[*n])?);
+                }
+            }
+            (
+                gpu.upload_bf16(&m)?,
+                if bias {
+                    Some(gpu.upload_bf16(&bv)?)
+                } else {
+                    None
+                },
+            )
+        }
+        Source::Random(_) => {
+            let name = parts
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join("+");
+            (
+                src.tensor(
+                    gpu,
+                    &format!("{name}.weight"),
+                    &[out_dim, in_dim],
+                    Kind::Matrix,
+                )?,
+                if bias {
+                    Some(src.tensor(gpu, &format!("{name}.bias"), &[out_dim], Kind::Bias)?)
+                } else {
+                    None
+                },
+            )
+        }
+    };
+    Ok(GpuLinear {
+        weight,
+        bias: b,
+        in_dim,
+        out_dim,
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -239,34 +295,29 @@ impl GpuModel {
             };
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
-            let gate_up = match src {
-                Source::Checkpoint(w) => {
-                    let mut g = w.get(&format!("{m}.gate_proj.weight"), &[i, h])?;
-                    g.extend(w.get(&format!("{m}.up_proj.weight"), &[i, h])?);
-                    let bias = if spec.mlp_bias {
-                        let mut b = w.get(&format!("{m}.gate_proj.bias"), &[i])?;
-                        b.extend(w.get(&format!("{m}.up_proj.bias"), &[i])?);
-                        Some(gpu.upload_bf16(&b)?)
-                    } else {
-                        None
-                    };
-                    GpuLinear {
-                        weight: gpu.upload_bf16(&g)?,
-                        bias,
-                        in_dim: h,
-                        out_dim: 2 * i,
-                    }
-                }
-                Source::Random(_) => linear(&format!("{m}.gate_up"), h, 2 * i, spec.mlp_bias)?,
-            };
+            let gate_up = stacked(
+                src,
+                gpu,
+                &[(format!("{m}.gate_proj"), i), (format!("{m}.up_proj"), i)],
+                h,
+                spec.mlp_bias,
+            )?;
             layers.push(GpuLayer {
                 input_norm: norm(&format!("{p}.input_layernorm"), h)?,
                 post_attention_norm,
                 pre_mlp_norm,
                 post_mlp_norm,
-                q: linear(&format!("{a}.q_proj"), h, q_dim, spec.qkv_bias)?,
-                k: linear(&format!("{a}.k_proj"), h, kv_dim, spec.qkv_bias)?,
-                v: linear(&format!("{a}.v_proj"), h, kv_dim, spec.qkv_bias)?,
+                qkv: stacked(
+                    src,
+                    gpu,
+                    &[
+                        (format!("{a}.q_proj"), q_dim),
+                        (format!("{a}.k_proj"), kv_dim),
+                        (format!("{a}.v_proj"), kv_dim),
+                    ],
+                    h,
+                    spec.qkv_bias,
+                )?,
                 o: linear(&format!("{a}.o_proj"), q_dim, h, spec.o_bias)?,
                 q_norm: if spec.qk_norm {
                     Some(norm(&format!("{a}.q_norm"), d)?)
@@ -315,9 +366,7 @@ impl GpuModel {
             .layers
             .iter()
             .map(|l| {
-                lin(&l.q)
-                    + lin(&l.k)
-                    + lin(&l.v)
+                lin(&l.qkv)
                     + lin(&l.o)
                     + lin(&l.gate_up)
                     + lin(&l.down)
