@@ -158,7 +158,7 @@ fn head_level_lens(
 
 /// Decode figures for one cache layout: ms/token end to end, attention-only bandwidth, floor.
 fn decode_case(
-    engine: &GpuEngine,
+    engine: &mut GpuEngine,
     cache: &mut GpuKvCache,
     lens: &[Vec<usize>],
     ctx: usize,
@@ -183,19 +183,42 @@ fn decode_case(
         window: None,
         softcap: None,
     };
-    let plans = (0..s.n_layers())
-        .map(|l| DecodePlan::new(gpu, &cache.layers[l].lens, 1, None))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let attn_ms = time_ms(gpu, 3, 20, || {
-        for (l, plan) in plans.iter().enumerate() {
-            let (lens_dev, _, offsets) = cache.layer_meta(l);
-            let kv = &cache.layers[l];
-            gpu.attention_decode(
-                plan, &q, &kv.k, &kv.v, &offsets, &lens_dev, &shape, &mut out,
-            )?;
+    // Attention only, per planner chunk size (None = the planner's default); the best one is
+    // used for the end-to-end steps below.
+    let mut sweep = Vec::new();
+    let mut best: (Option<usize>, f64) = (None, f64::INFINITY);
+    for chunk in [
+        None,
+        Some(128),
+        Some(256),
+        Some(512),
+        Some(1024),
+        Some(2048),
+    ] {
+        let plans = (0..s.n_layers())
+            .map(|l| DecodePlan::new(gpu, &cache.layers[l].lens, 1, chunk))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let ms = time_ms(gpu, 3, 20, || {
+            for (l, plan) in plans.iter().enumerate() {
+                let (lens_dev, _, offsets) = cache.layer_meta(l);
+                let kv = &cache.layers[l];
+                gpu.attention_decode(
+                    plan, &q, &kv.k, &kv.v, &offsets, &lens_dev, &shape, &mut out,
+                )?;
+            }
+            Ok(())
+        })?;
+        sweep.push(
+            json!({"chunk_keys": chunk, "ms": ms, "bytes_per_s": kv_bytes as f64 / (ms * 1e-3)}),
+        );
+        if ms < best.1 {
+            best = (chunk, ms);
         }
-        Ok(())
-    })?;
+    }
+    let (best_chunk, attn_ms) = best;
+    drop((q, out));
+    engine.set_decode_chunk_keys(best_chunk);
+    let gpu = engine.gpu();
     // End to end: one token per step through the whole model, sampled on the device.
     let mark = cache.mark();
     let mut times = Vec::new();
@@ -227,6 +250,8 @@ fn decode_case(
         "attention_all_layers_ms": attn_ms,
         "attention_bytes_per_s": attn_bps,
         "attention_over_copy": attn_bps / copy_bps,
+        "attention_chunk_keys_best": best_chunk,
+        "attention_chunk_sweep": sweep,
     }))
 }
 
@@ -333,7 +358,14 @@ fn shape_bench(
         ];
         let mut row = json!({"context": ctx});
         for (label, lens) in cases {
-            let r = decode_case(&engine, &mut cache, &lens, ctx, args.decode_steps, copy_bps)?;
+            let r = decode_case(
+                &mut engine,
+                &mut cache,
+                &lens,
+                ctx,
+                args.decode_steps,
+                copy_bps,
+            )?;
             eprintln!("[bench] {name} ctx {ctx} {label}: {:.2} ms/token (floor {:.2}), attention {:.2} TB/s",
                 r["decode_ms_per_token"].as_f64().unwrap_or(0.0), r["bandwidth_floor_ms"].as_f64().unwrap_or(0.0),
                 r["attention_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e12);

@@ -79,6 +79,11 @@ impl GpuEngine {
         &self.gpu
     }
 
+    /// Sets the keys per work item of the decode plans (`None`: the planner's default).
+    pub fn set_decode_chunk_keys(&mut self, chunk: Option<usize>) {
+        self.model.decode_chunk_keys = chunk;
+    }
+
     /// The model's weights on the device.
     pub fn model(&self) -> &GpuModel {
         &self.model

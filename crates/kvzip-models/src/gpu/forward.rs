@@ -205,7 +205,7 @@ impl GpuModel {
             cache
                 .layers
                 .iter()
-                .map(|kv| DecodePlan::new(gpu, &kv.lens, t, None))
+                .map(|kv| DecodePlan::new(gpu, &kv.lens, t, self.decode_chunk_keys))
                 .collect::<std::result::Result<_, _>>()?
         } else {
             Vec::new()

@@ -81,6 +81,8 @@ pub struct GpuModel {
     pub norm: GpuNorm,
     /// `[vocab, hidden]`, `None` when tied to `embed`.
     pub lm_head: Option<CudaSlice<bf16>>,
+    /// Keys per work item of the split-K decode plan (`None`: the planner's default).
+    pub decode_chunk_keys: Option<usize>,
 }
 
 /// Source of weight values: a checkpoint or seeded random values (benchmarks).
@@ -349,6 +351,7 @@ impl GpuModel {
             layers,
             norm: final_norm,
             lm_head,
+            decode_chunk_keys: None,
         })
     }
 
