@@ -300,30 +300,10 @@ fn needle_in_haystack_survives_pruning() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Deterministic UUID-4-formatted strings from a splitmix64 stream.
+/// Deterministic UUID-4-formatted strings (the eval harness's generator, same seed → same keys).
 fn uuids(seed: u64, n: usize) -> Vec<String> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    (0..n)
-        .map(|_| {
-            let (a, b) = (next(), next());
-            format!(
-                "{:08x}-{:04x}-4{:03x}-{:x}{:03x}-{:012x}",
-                a >> 32,
-                (a >> 16) & 0xffff,
-                a & 0xfff,
-                8 + (b >> 62),
-                (b >> 48) & 0xfff,
-                b & 0xffff_ffff_ffff
-            )
-        })
-        .collect()
+    let mut rng = kvzip_eval::generated::SplitMix64::new(seed);
+    (0..n).map(|_| rng.uuid()).collect()
 }
 
 #[test]

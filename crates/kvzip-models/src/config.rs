@@ -96,6 +96,26 @@ impl ModelSpec {
         self.n_heads / self.n_kv_heads
     }
 
+    /// KV heads per layer that KVzip scores and evicts: every global layer (`None` for
+    /// sliding-window layers, which keep their window).
+    pub fn kvzip_layer_heads(&self) -> Vec<Option<usize>> {
+        (0..self.n_layers())
+            .map(|l| self.is_global(l).then_some(self.n_kv_heads))
+            .collect()
+    }
+
+    /// Errors when `seen + extra` tokens exceed `max_position_embeddings`.
+    pub fn check_length(&self, seen: usize, extra: usize) -> crate::error::Result<()> {
+        let max = self.max_position_embeddings;
+        let total = seen + extra;
+        if total > max {
+            return Err(crate::error::ModelError::Input(format!(
+                "{total} tokens exceed the model's max_position_embeddings {max}; shorten the context"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether layer `l` uses global (full) attention: these are the layers KVzip scores and evicts.
     pub fn is_global(&self, l: usize) -> bool {
         self.layers.get(l).is_some_and(|s| s.window.is_none())

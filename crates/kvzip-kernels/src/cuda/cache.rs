@@ -9,7 +9,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::params::{KvzAppendParams, KvzCompactParams};
+use super::params::KvzCompactParams;
 use super::{bf16, blocks, check_len, dptr, dptr_mut, CudaBackend, CudaError, CudaResult};
 use super::{CudaSlice, DevicePtr, DevicePtrMut};
 
@@ -314,27 +314,20 @@ impl CudaBackend {
         if q_len == 0 || n_heads == 0 || head_dim == 0 {
             return Ok(());
         }
-        let st = self.stream();
-        let p = KvzAppendParams {
-            k_new: dptr(k_new, st) as _,
-            v_new: dptr(v_new, st) as _,
-            k_cache: dptr_mut(k_cache, st) as _,
-            v_cache: dptr_mut(v_cache, st) as _,
-            offsets: dptr(&seg.offsets_dev, st) as _,
-            lens: dptr(&seg.lens_dev, st) as _,
-            q_len: i32_of("q_len", q_len)?,
-            n_kv_heads: i32_of("n_kv_heads", n_heads)?,
-            head_dim: i32_of("head_dim", head_dim)?,
-        };
-        let vec = head_dim % 8 == 0;
-        let n = q_len * n_heads * if vec { head_dim / 8 } else { head_dim };
-        let name = if vec {
-            "kvz_append_vec"
-        } else {
-            "kvz_append_scalar"
-        };
-        // SAFETY: buffer lengths and per-head capacities checked above.
-        unsafe { self.launch(name, copy_cfg(n), &p)? };
+        // SAFETY: every head's capacity was checked above against the host copy of the layout.
+        unsafe {
+            self.append_rows(
+                k_new,
+                v_new,
+                k_cache,
+                v_cache,
+                &seg.offsets_dev,
+                &seg.lens_dev,
+                q_len,
+                n_heads,
+                head_dim,
+            )?;
+        }
         let new_lens: Vec<i32> = seg.lens.iter().map(|&l| l + q_len as i32).collect();
         self.set_head_lens(seg, &new_lens)
     }

@@ -216,18 +216,56 @@ fn context_bytes(cache: &KvCache, layer_heads: &[Option<usize>]) -> usize {
         .bytes_kept
 }
 
-fn score_err(e: kvzip_score::ScoreError) -> ModelError {
+pub(crate) fn score_err(e: kvzip_score::ScoreError) -> ModelError {
     ModelError::Input(e.to_string())
+}
+
+/// The error for an empty context (CPU and GPU engines).
+pub(crate) fn empty_context_error() -> ModelError {
+    ModelError::Input(
+        "the context is empty: KVzip compresses a context, give one (e.g. --context FILE)".into(),
+    )
+}
+
+/// Checks a prune request and selects the pairs to keep (CPU and GPU engines): ratio in
+/// (0, 1], not a second prune of an evicted cache, scores present; head scores (whole heads)
+/// take precedence over per-pair scores.
+pub(crate) fn select_for_prune(
+    ratio: f64,
+    level: Level,
+    already_evicted: bool,
+    head_scores: Option<&HeadScores>,
+    scores: Option<&ContextScores>,
+    n_ctx: usize,
+    layer_heads: &[Option<usize>],
+) -> Result<kvzip_score::Selection> {
+    if !(ratio > 0.0 && ratio <= 1.0) {
+        return Err(ModelError::Input(format!(
+            "ratio {ratio} is outside (0, 1]: it is the fraction of context KV pairs kept"
+        )));
+    }
+    if already_evicted {
+        return Err(ModelError::Input(
+            "this cache was already pruned in evict mode; use kv-type retain to re-prune".into(),
+        ));
+    }
+    match (head_scores, scores) {
+        (Some(hs), _) => select_heads(hs, ratio, n_ctx, layer_heads),
+        (None, Some(scores)) => select(scores, ratio, level),
+        (None, None) => {
+            return Err(ModelError::Input(
+                "the context was prefilled without scoring; nothing to prune by".into(),
+            ))
+        }
+    }
+    .map_err(score_err)
 }
 
 impl Engine {
     /// KV heads per layer that KVzip scores and evicts: every global layer (`None` for
     /// sliding-window layers, which keep their window).
     pub fn scored_layer_heads(&self) -> Vec<Option<usize>> {
-        let s = self.spec();
-        (0..s.n_layers())
-            .map(|l| s.is_global(l).then_some(s.n_kv_heads))
-            .collect()
+        self.spec().kvzip_layer_heads()
     }
 
     /// Prefills `prompt.system_ids ++ context_ids`, then scores the context per `scoring`.
@@ -241,10 +279,7 @@ impl Engine {
         progress: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<ContextCache> {
         if context_ids.is_empty() {
-            return Err(ModelError::Input(
-                "the context is empty: KVzip compresses a context, give one (e.g. --context FILE)"
-                    .into(),
-            ));
+            return Err(empty_context_error());
         }
         let spec = self.spec();
         let n_sys = prompt.system_ids.len();
@@ -535,27 +570,15 @@ impl ContextCache {
     /// Keeps `ratio` of the context KV pairs at `level` (ratio in (0, 1]). Evict mode compacts
     /// the live cache once; retain mode keeps the full cache and can be re-pruned at any ratio.
     pub fn prune(&mut self, ratio: f64, level: Level) -> Result<PruneReport> {
-        if !(ratio > 0.0 && ratio <= 1.0) {
-            return Err(ModelError::Input(format!(
-                "ratio {ratio} is outside (0, 1]: it is the fraction of context KV pairs kept"
-            )));
-        }
-        if self.pruned && self.kv_type == KvType::Evict {
-            return Err(ModelError::Input(
-                "this cache was already pruned in evict mode; use kv-type retain to re-prune"
-                    .into(),
-            ));
-        }
-        let selection = match (&self.head_scores, &self.scores) {
-            (Some(hs), _) => select_heads(hs, ratio, self.n_ctx, &self.layer_heads),
-            (None, Some(scores)) => select(scores, ratio, level),
-            (None, None) => {
-                return Err(ModelError::Input(
-                    "the context was prefilled without scoring; nothing to prune by".into(),
-                ))
-            }
-        }
-        .map_err(score_err)?;
+        let selection = select_for_prune(
+            ratio,
+            level,
+            self.pruned && self.kv_type == KvType::Evict,
+            self.head_scores.as_ref(),
+            self.scores.as_ref(),
+            self.n_ctx,
+            &self.layer_heads,
+        )?;
         self.prune_with_selection(ratio, &selection)
     }
 

@@ -93,14 +93,7 @@ impl Engine {
 
     /// Checks that `extra` more tokens fit the model's position range.
     pub(crate) fn check_length(&self, cache: &KvCache, extra: usize) -> Result<()> {
-        let max = self.spec().max_position_embeddings;
-        let total = cache.seen_tokens() + extra;
-        if total > max {
-            return Err(ModelError::Input(format!(
-                "{total} tokens exceed the model's max_position_embeddings {max}; shorten the context"
-            )));
-        }
-        Ok(())
+        self.spec().check_length(cache.seen_tokens(), extra)
     }
 
     /// Runs `ids` through the model in chunks of [`Engine::prefill_chunk`], appending to `cache`,

@@ -10,14 +10,16 @@ use std::time::Instant;
 use kvzip_kernels::cuda::score::ScoreChunkShape;
 use kvzip_kernels::cuda::{bf16, CudaBackend, CudaSlice, CudaViewMut};
 use kvzip_kernels::sampling::Sampler;
-use kvzip_score::{select, select_heads, ContextScores, HeadScores, LayerScores, Level};
+use kvzip_score::{ContextScores, HeadScores, LayerScores, Level};
 use kvzip_templates::{reconstruction_inputs, PromptIds};
 
 use super::cache::{GpuKvCache, HEAD_SLACK};
 use super::forward::{GpuAttentionHook, Scratch};
 use super::model::GpuModel;
 use crate::config::ModelSpec;
-use crate::engine::kvzip::{ContextTimings, KvType, PruneReport, Scoring};
+use crate::engine::kvzip::{
+    empty_context_error, score_err, select_for_prune, ContextTimings, KvType, PruneReport, Scoring,
+};
 use crate::engine::{GenerateOptions, Generation, DEFAULT_PREFILL_CHUNK};
 use crate::error::{ModelError, Result};
 use crate::model::LogitsMode;
@@ -96,14 +98,7 @@ impl GpuEngine {
     }
 
     fn check_length(&self, cache: &GpuKvCache, extra: usize) -> Result<()> {
-        let max = self.spec().max_position_embeddings;
-        let total = cache.seen_tokens + extra;
-        if total > max {
-            return Err(ModelError::Input(format!(
-                "{total} tokens exceed the model's max_position_embeddings {max}; shorten the context"
-            )));
-        }
-        Ok(())
+        self.spec().check_length(cache.seen_tokens, extra)
     }
 
     /// One forward step (see [`GpuModel::forward`]).
@@ -216,10 +211,7 @@ impl GpuEngine {
 
     /// Layers KVzip scores and evicts (`Some(kv heads)`; Gemma's sliding layers are `None`).
     pub fn scored_layer_heads(&self) -> Vec<Option<usize>> {
-        let s = self.spec();
-        (0..s.n_layers())
-            .map(|l| s.is_global(l).then_some(s.n_kv_heads))
-            .collect()
+        self.spec().kvzip_layer_heads()
     }
 
     /// Prefills `prompt.system_ids ++ context_ids` and scores the context per `scoring`
@@ -233,10 +225,7 @@ impl GpuEngine {
         progress: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<GpuContextCache> {
         if context_ids.is_empty() {
-            return Err(ModelError::Input(
-                "the context is empty: KVzip compresses a context, give one (e.g. --context FILE)"
-                    .into(),
-            ));
+            return Err(empty_context_error());
         }
         let n_sys = prompt.system_ids.len();
         let n_ctx = context_ids.len();
@@ -413,27 +402,15 @@ impl GpuContextCache {
     /// compacts on the device: in place for evict, a compacted view of the kept full cache for
     /// retain (re-prunable).
     pub fn prune(&mut self, gpu: &CudaBackend, ratio: f64, level: Level) -> Result<PruneReport> {
-        if !(ratio > 0.0 && ratio <= 1.0) {
-            return Err(ModelError::Input(format!(
-                "ratio {ratio} is outside (0, 1]: it is the fraction of context KV pairs kept"
-            )));
-        }
-        if self.pruned && self.kv_type == KvType::Evict {
-            return Err(ModelError::Input(
-                "this cache was already pruned in evict mode; use kv-type retain to re-prune"
-                    .into(),
-            ));
-        }
-        let selection = match (&self.head_scores, &self.scores) {
-            (Some(hs), _) => select_heads(hs, ratio, self.n_ctx, &self.layer_heads),
-            (None, Some(s)) => select(s, ratio, level),
-            (None, None) => {
-                return Err(ModelError::Input(
-                    "the context was prefilled without scoring; nothing to prune by".into(),
-                ))
-            }
-        }
-        .map_err(score_err)?;
+        let selection = select_for_prune(
+            ratio,
+            level,
+            self.pruned && self.kv_type == KvType::Evict,
+            self.head_scores.as_ref(),
+            self.scores.as_ref(),
+            self.n_ctx,
+            &self.layer_heads,
+        )?;
         let source = self.full.as_ref().unwrap_or(&self.cache);
         let kv_bytes_full = context_bytes(source, &self.layer_heads, self.n_sys, self.n_ctx);
         let compacted = source.compacted(gpu, &selection.mask, self.n_sys)?;
@@ -488,8 +465,4 @@ fn context_bytes(
         .flat_map(|(l, _)| l.lens.iter().map(|&len| len.saturating_sub(n_sys + turns)))
         .sum();
     rows * cache.head_dim * 2 * 2
-}
-
-fn score_err(e: kvzip_score::ScoreError) -> ModelError {
-    ModelError::Input(e.to_string())
 }
