@@ -23,8 +23,10 @@ use super::{DevicePtr, DevicePtrMut};
 
 /// Threads per CTA of every attention kernel (4 warps).
 const THREADS: u32 = 128;
-/// Packed query rows per prefill CTA (4 warps x 16).
-const PREFILL_ROWS: usize = 64;
+/// Packed query rows per prefill CTA for head dims 64 and 128 (4 warps x 2 groups of 16 rows).
+const PREFILL_ROWS: usize = 128;
+/// Packed query rows per prefill CTA for head dim 256 (4 warps x 16).
+const PREFILL_ROWS_D256: usize = 64;
 /// Keys per shared-memory tile of the decode kernels.
 const DECODE_TILE_KEYS: usize = 64;
 /// Largest `q_len` for which [`CudaBackend::attention`] picks the decode path.
@@ -171,7 +173,8 @@ impl CudaBackend {
     ///
     /// `q`, `out`: `[q_len, n_kv_heads * group, head_dim]` bf16; `k`, `v`: `[rows, head_dim]` bf16;
     /// `offsets`: `[n_kv_heads]` i64; `lens`: `[n_kv_heads]` i32 (device). One CTA per
-    /// (KV head, 64 packed query rows); tensor cores; fully masked key tiles are skipped.
+    /// (KV head, 128 packed query rows; 64 for head dim 256); tensor cores; fully masked key
+    /// tiles are skipped.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill(
         &self,
@@ -187,19 +190,19 @@ impl CudaBackend {
         if shape.q_len == 0 || shape.n_kv_heads == 0 {
             return Ok(());
         }
-        let (name, tile) = match shape.head_dim {
-            64 => ("kvz_attn_prefill_d64", 64),
-            128 => ("kvz_attn_prefill_d128", 64),
-            _ => ("kvz_attn_prefill_d256", 32),
+        let (name, rows, tile) = match shape.head_dim {
+            64 => ("kvz_attn_prefill_d64", PREFILL_ROWS, 64),
+            128 => ("kvz_attn_prefill_d128", PREFILL_ROWS, 64),
+            _ => ("kvz_attn_prefill_d256", PREFILL_ROWS_D256, 32),
         };
         let cfg = LaunchConfig {
             grid_dim: (
-                shape.rows_per_head().div_ceil(PREFILL_ROWS) as u32,
+                shape.rows_per_head().div_ceil(rows) as u32,
                 shape.n_kv_heads as u32,
                 1,
             ),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem_bytes(PREFILL_ROWS, tile, shape.head_dim),
+            shared_mem_bytes: smem_bytes(rows, tile, shape.head_dim),
         };
         // SAFETY: q/out/offsets/lens lengths checked; k/v extents are the documented contract.
         unsafe { self.launch(name, cfg, &p) }
