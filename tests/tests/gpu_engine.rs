@@ -53,6 +53,8 @@ fn make_model(name: &str, head_dim: usize, dir: &Path) {
         &mut cfg
     };
     c["head_dim"] = serde_json::json!(head_dim);
+    // Room for the KVzip test's context plus a reconstruction chunk (RoPE does not depend on it).
+    c["max_position_embeddings"] = serde_json::json!(4096);
     if name == "gemma3" {
         c["query_pre_attn_scalar"] = serde_json::json!(head_dim);
     }

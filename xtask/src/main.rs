@@ -128,10 +128,7 @@ fn gpu_bundle() -> Result<()> {
 
 /// Drops debug info from a carried binary when `strip` exists (keeps the bundle small).
 fn strip(path: &Path) {
-    let _ = Command::new("strip")
-        .arg("--strip-all")
-        .arg(path)
-        .status();
+    let _ = Command::new("strip").arg("--strip-all").arg(path).status();
 }
 
 fn walk_size(dir: &Path) -> u64 {
