@@ -4,13 +4,14 @@
 
 use std::time::Instant;
 
-use kvzip_cache::{KvCache, LayerCache};
-use kvzip_score::baselines::{Baseline, BaselineScorer, LayerObservation};
+use kvzip_cache::KvCache;
+use kvzip_score::baselines::{Baseline, BaselineScorer};
 use kvzip_score::{
-    select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, ScoreShape, Selection,
+    select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, Selection,
 };
 use kvzip_templates::{reconstruction_inputs, PromptIds};
 
+use super::hooks::{BaselineHook, MultiBaselineHook, ReconstructHook};
 use super::{Engine, GenerateOptions, Generation};
 use crate::error::{ModelError, Result};
 use crate::model::{AttentionHook, ForwardOptions, LogitsMode};
@@ -90,121 +91,6 @@ pub struct ContextCache {
     pub timings: ContextTimings,
     pruned: bool,
     layer_heads: Vec<Option<usize>>,
-}
-
-/// Hook that runs the reconstruction score op in every scored layer.
-struct ReconstructHook<'a> {
-    acc: &'a mut ScoreAccumulator,
-    layer_heads: &'a [Option<usize>],
-    group: usize,
-    head_dim: usize,
-    n_sys: usize,
-    chunk: std::ops::Range<usize>,
-}
-
-impl AttentionHook for ReconstructHook<'_> {
-    fn after_append(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        q_len: usize,
-        cache: &KvCache,
-    ) -> Result<()> {
-        let Some((n_kv, lc)) = scored_layer(self.layer_heads, cache, layer)? else {
-            return Ok(());
-        };
-        let shape = ScoreShape {
-            q_len,
-            n_kv_heads: n_kv,
-            group: self.group,
-            head_dim: self.head_dim,
-            n_sys: self.n_sys,
-        };
-        self.acc
-            .score_layer_chunk(layer, &shape, q, |h| lc.head_keys(h), self.chunk.clone())
-            .map_err(score_err)
-    }
-}
-
-/// Hook that feeds the prefill's queries to a baseline scorer.
-struct BaselineHook<'a> {
-    scorer: &'a mut BaselineScorer,
-    layer_heads: &'a [Option<usize>],
-    n_q_heads: usize,
-    head_dim: usize,
-    scale: f32,
-}
-
-impl AttentionHook for BaselineHook<'_> {
-    fn after_append(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        q_len: usize,
-        cache: &KvCache,
-    ) -> Result<()> {
-        let Some((n_kv, lc)) = scored_layer(self.layer_heads, cache, layer)? else {
-            return Ok(());
-        };
-        let keys = |h: usize| lc.head_keys(h);
-        let obs = LayerObservation {
-            q,
-            n_q_heads: self.n_q_heads,
-            head_dim: self.head_dim,
-            // The step's rows are already appended, so they end at `seen_tokens`.
-            first_pos: cache.seen_tokens() - q_len,
-            n_kv_heads: n_kv,
-            head_keys: &keys,
-            scale: self.scale,
-        };
-        self.scorer.observe_layer(layer, &obs).map_err(score_err)
-    }
-}
-
-/// Hook that feeds the prefill's queries to several baseline scorers at once.
-struct MultiBaselineHook<'a> {
-    scorers: Vec<&'a mut BaselineScorer>,
-    layer_heads: &'a [Option<usize>],
-    n_q_heads: usize,
-    head_dim: usize,
-    scale: f32,
-}
-
-impl AttentionHook for MultiBaselineHook<'_> {
-    fn after_append(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        q_len: usize,
-        cache: &KvCache,
-    ) -> Result<()> {
-        for scorer in self.scorers.iter_mut() {
-            BaselineHook {
-                scorer,
-                layer_heads: self.layer_heads,
-                n_q_heads: self.n_q_heads,
-                head_dim: self.head_dim,
-                scale: self.scale,
-            }
-            .after_append(layer, q, q_len, cache)?;
-        }
-        Ok(())
-    }
-}
-
-/// The KV head count and cache layer of `layer` if it is scored (`None` for sliding layers).
-fn scored_layer<'c>(
-    layer_heads: &[Option<usize>],
-    cache: &'c KvCache,
-    layer: usize,
-) -> Result<Option<(usize, &'c LayerCache)>> {
-    let Some(Some(n_kv)) = layer_heads.get(layer).copied() else {
-        return Ok(None);
-    };
-    let lc = cache
-        .layer(layer)
-        .ok_or_else(|| ModelError::Input(format!("cache has no layer {layer}")))?;
-    Ok(Some((n_kv, lc)))
 }
 
 /// Context KV bytes of `cache` over the layers with `Some` in `layer_heads`.

@@ -1,6 +1,7 @@
 //! The runtime: chunked prefill into the per-head KV cache, greedy or seeded sampling
 //! generation; [`kvzip`] adds context scoring, pruning and query answering.
 
+mod hooks;
 pub mod kvzip;
 
 use std::path::Path;
