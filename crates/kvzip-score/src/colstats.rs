@@ -94,7 +94,7 @@ pub(crate) fn column_stats(
             let unit = &units[u];
             let n_rows = unit.q.len() / d;
             let r1 = (r0 + ROW_TILE).min(n_rows);
-            let mut acc = vec![0.0f32; tlen];
+            let mut acc = vec![reduce.identity(); tlen];
             row_tile_stats(
                 unit,
                 r0..r1,
@@ -108,7 +108,8 @@ pub(crate) fn column_stats(
             Ok((u, acc))
         })
         .collect::<Result<_>>()?;
-    out[..units.len() * tlen].fill(0.0);
+    let out = &mut out[..units.len() * tlen];
+    out.fill(reduce.identity());
     for (u, acc) in partials {
         let dst = &mut out[u * tlen..(u + 1) * tlen];
         match reduce {
@@ -116,10 +117,27 @@ pub(crate) fn column_stats(
             ColReduce::Sum => dst.iter_mut().zip(&acc).for_each(|(o, a)| *o += *a),
         }
     }
+    if reduce == ColReduce::Max {
+        // Max mode reduced log-probabilities; exp is monotonic, so the max probability is the
+        // exp of the max log-probability (one exp per key instead of one per row and key).
+        out.iter_mut().for_each(|o| *o = o.exp());
+    }
     Ok(())
 }
 
-/// Both passes for rows `rows` of one unit; reduces into `acc` (`target.len()` floats).
+impl ColReduce {
+    /// The starting value of the reduction: `-inf` log-probability for `Max`, 0 for `Sum`.
+    fn identity(self) -> f32 {
+        match self {
+            ColReduce::Max => f32::NEG_INFINITY,
+            ColReduce::Sum => 0.0,
+        }
+    }
+}
+
+/// Both passes for rows `rows` of one unit; reduces into `acc` (`target.len()` floats): the max
+/// over rows of the log-probability `s - lse` for `Max` (exponentiated by the caller), the sum
+/// of probabilities for `Sum`.
 #[allow(clippy::too_many_arguments)]
 fn row_tile_stats(
     unit: &Unit<'_>,
@@ -155,10 +173,10 @@ fn row_tile_stats(
                     continue;
                 }
                 let s = &tile[i * nk..i * nk + visible];
-                let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let tile_max = kvzip_kernels::cpu::max_value(s);
                 let new_max = run_max[i].max(tile_max);
                 let mut sum = run_sum[i] * (run_max[i] - new_max).exp();
-                sum += s.iter().map(|&x| (x - new_max).exp()).sum::<f32>();
+                sum += kvzip_kernels::cpu::sum_exp_shifted(s, new_max);
                 run_max[i] = new_max;
                 run_sum[i] = sum;
             }
@@ -183,8 +201,9 @@ fn row_tile_stats(
             let s = &tile[i * nk..i * nk + visible];
             match reduce {
                 ColReduce::Max => {
+                    let l = lse[i];
                     for (o, &x) in dst.iter_mut().zip(s) {
-                        *o = o.max((x - lse[i]).exp());
+                        *o = o.max(x - l);
                     }
                 }
                 ColReduce::Sum => {

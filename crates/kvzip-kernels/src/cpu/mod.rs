@@ -14,6 +14,7 @@ mod rope;
 pub use act::{add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
 pub use attention::{attention, attention_tiled, AttentionArgs, AttentionTiling};
 pub use gemm::{linear, matmul};
+pub use math::{max_value, sum_exp_shifted};
 pub use norm::{rms_norm, softmax_rows};
 pub use rope::rope_inplace;
 
