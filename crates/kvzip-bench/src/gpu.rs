@@ -54,8 +54,8 @@ fn ceilings(gpu: &CudaBackend, quick: bool) -> Result<Value> {
     let copy_bps = 2.0 * (n * 2) as f64 / (copy_ms * 1e-3);
     drop((a, b));
     let g = if quick { 1024 } else { 8192 };
-    let x = gpu.upload(&kvzip_models::gpu::model::random_bf16_pub(g * g, 1))?;
-    let w = gpu.upload(&kvzip_models::gpu::model::random_bf16_pub(g * g, 2))?;
+    let x = gpu.upload(&kvzip_models::gpu::model::random_bf16(g * g, 1, -1.0, 1.0))?;
+    let w = gpu.upload(&kvzip_models::gpu::model::random_bf16(g * g, 2, -1.0, 1.0))?;
     let mut y = gpu.alloc::<bf16>(g * g)?;
     let gemm_ms = time_ms(gpu, 3, 10, || Ok(gpu.linear(&x, &w, &mut y, g, g, g)?))?;
     let gemm_flops = 2.0 * (g as f64).powi(3) / (gemm_ms * 1e-3);
@@ -172,7 +172,12 @@ fn decode_case(
     let weight_bytes = engine.model().weight_bytes();
     // Attention only: every layer's decode kernel over this cache (plans prebuilt).
     let d = s.head_dim;
-    let q = gpu.upload(&kvzip_models::gpu::model::random_bf16_pub(s.n_heads * d, 9))?;
+    let q = gpu.upload(&kvzip_models::gpu::model::random_bf16(
+        s.n_heads * d,
+        9,
+        -1.0,
+        1.0,
+    ))?;
     let mut out = gpu.alloc::<bf16>(s.n_heads * d)?;
     let shape = AttentionShape {
         q_len: 1,

@@ -115,6 +115,69 @@ fn load_saved(
     Ok((ctx, meta))
 }
 
+/// What `kvzip run` reports, on either device.
+pub(super) struct RunSummary<'a> {
+    /// `cpu` or `cuda`.
+    pub device: &'static str,
+    /// The model (name and directory).
+    pub model: &'a LoadedModel,
+    /// `{query, answer, tokens}` per query.
+    pub answers: Vec<serde_json::Value>,
+    /// System-prompt tokens.
+    pub n_sys: usize,
+    /// Context tokens.
+    pub n_ctx: usize,
+    /// The ratio asked for (or the loaded cache's).
+    pub ratio_requested: f64,
+    /// Kept / total context pairs.
+    pub ratio_real: f64,
+    /// Context KV bytes (full, kept).
+    pub kv_bytes: (usize, usize),
+    /// Prefill and scoring times.
+    pub timings: kvzip_models::engine::kvzip::ContextTimings,
+    /// Pruning time, ms.
+    pub prune_ms: f64,
+    /// Generation time per query, ms.
+    pub gen_ms: Vec<f64>,
+    /// Wall time of the whole run, ms.
+    pub total_ms: f64,
+}
+
+impl RunSummary<'_> {
+    /// Prints the `--json` object, or a one-line summary on stderr.
+    pub fn print(self, args: &RunArgs) -> Result<()> {
+        let (kv_full, kv_kept) = self.kv_bytes;
+        if !args.json {
+            eprintln!(
+                "[{}] ratio {:.3} (requested {}), context KV {kv_full} -> {kv_kept} bytes; prefill {:.0} ms, scoring {:.0} ms",
+                self.device, self.ratio_real, self.ratio_requested, self.timings.prefill_ms, self.timings.scoring_ms
+            );
+            return Ok(());
+        }
+        print_json(&json!({
+            "model": self.model.name,
+            "model_dir": self.model.dir.display().to_string(),
+            "device": self.device,
+            "answers": self.answers,
+            "n_sys": self.n_sys,
+            "n_ctx": self.n_ctx,
+            "ratio_requested": self.ratio_requested,
+            "ratio_real": self.ratio_real,
+            "level": args.level.to_string(),
+            "kv_type": args.kv_type,
+            "kv_bytes_full": kv_full,
+            "kv_bytes_kept": kv_kept,
+            "timings_ms": {
+                "prefill": self.timings.prefill_ms,
+                "scoring": self.timings.scoring_ms,
+                "prune": self.prune_ms,
+                "generate": self.gen_ms,
+                "total": self.total_ms,
+            },
+        }))
+    }
+}
+
 /// `kvzip run`.
 pub fn run(args: &RunArgs) -> Result<()> {
     match args.device.as_str() {
@@ -200,33 +263,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
         gen_ms.push(ms);
         answers.push(json!({"query": q, "answer": answer, "tokens": n_tokens}));
     }
-    let summary = json!({
-        "model": model.name,
-        "model_dir": model.dir.display().to_string(),
-        "answers": answers,
-        "n_sys": ctx.n_sys,
-        "n_ctx": ctx.n_ctx,
-        "ratio_requested": ratio_requested,
-        "ratio_real": ratio_real,
-        "level": args.level.to_string(),
-        "kv_type": args.kv_type,
-        "kv_bytes_full": kv_full,
-        "kv_bytes_kept": kv_kept,
-        "timings_ms": {
-            "prefill": ctx.timings.prefill_ms,
-            "scoring": ctx.timings.scoring_ms,
-            "prune": prune_ms,
-            "generate": gen_ms,
-            "total": t_all.elapsed().as_secs_f64() * 1e3,
-        },
-    });
-    if args.json {
-        print_json(&summary)?;
-    } else {
-        eprintln!(
-            "ratio {:.3} (requested {}), context KV {} -> {} bytes; prefill {:.0} ms, scoring {:.0} ms",
-            ratio_real, args.ratio, kv_full, kv_kept, ctx.timings.prefill_ms, ctx.timings.scoring_ms
-        );
+    RunSummary {
+        device: "cpu",
+        model: &model,
+        answers,
+        n_sys: ctx.n_sys,
+        n_ctx: ctx.n_ctx,
+        ratio_requested,
+        ratio_real,
+        kv_bytes: (kv_full, kv_kept),
+        timings: ctx.timings,
+        prune_ms,
+        gen_ms,
+        total_ms: t_all.elapsed().as_secs_f64() * 1e3,
     }
+    .print(args)?;
     Ok(())
 }

@@ -17,7 +17,7 @@ pub fn run_gpu(args: &RunArgs) -> Result<()> {
     use serde_json::json;
 
     use super::run::{parse_kv_type, parse_task};
-    use crate::common::{load_model, print_json, read_text};
+    use crate::common::{load_model, read_text};
 
     if args.save_cache.is_some() || args.load_cache.is_some() {
         bail!("--save-cache / --load-cache run on the CPU engine only for now; drop --device cuda");
@@ -66,35 +66,21 @@ pub fn run_gpu(args: &RunArgs) -> Result<()> {
         }
         answers.push(json!({"query": q, "answer": answer, "tokens": gen.tokens.len()}));
     }
-    let summary = json!({
-        "model": model.name,
-        "device": "cuda",
-        "answers": answers,
-        "n_sys": ctx.n_sys,
-        "n_ctx": ctx.n_ctx,
-        "ratio_requested": args.ratio,
-        "ratio_real": ratio_real,
-        "level": args.level.to_string(),
-        "kv_type": args.kv_type,
-        "kv_bytes_full": kv_full,
-        "kv_bytes_kept": kv_kept,
-        "timings_ms": {
-            "prefill": ctx.timings.prefill_ms,
-            "scoring": ctx.timings.scoring_ms,
-            "prune": prune_ms,
-            "generate": gen_ms,
-            "total": t_all.elapsed().as_secs_f64() * 1e3,
-        },
-    });
-    if args.json {
-        print_json(&summary)?;
-    } else {
-        eprintln!(
-            "[cuda] ratio {ratio_real:.3} (requested {}), context KV {kv_full} -> {kv_kept} bytes (bf16); prefill {:.0} ms, scoring {:.0} ms",
-            args.ratio, ctx.timings.prefill_ms, ctx.timings.scoring_ms
-        );
+    super::run::RunSummary {
+        device: "cuda",
+        model: &model,
+        answers,
+        n_sys: ctx.n_sys,
+        n_ctx: ctx.n_ctx,
+        ratio_requested: args.ratio,
+        ratio_real,
+        kv_bytes: (kv_full, kv_kept),
+        timings: ctx.timings,
+        prune_ms,
+        gen_ms,
+        total_ms: t_all.elapsed().as_secs_f64() * 1e3,
     }
-    Ok(())
+    .print(args)
 }
 
 /// Without the `cuda` feature `--device cuda` is a clear error.

@@ -16,7 +16,6 @@
 pub mod attention;
 pub mod cache;
 pub mod gemm;
-pub mod kv;
 pub mod ops;
 pub mod score;
 

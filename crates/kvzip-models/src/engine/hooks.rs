@@ -43,16 +43,16 @@ impl AttentionHook for ReconstructHook<'_> {
     }
 }
 
-/// Hook that feeds the prefill's queries to a baseline scorer.
-pub(super) struct BaselineHook<'a> {
-    pub(super) scorer: &'a mut BaselineScorer,
+/// Hook that feeds the prefill's queries to several baseline scorers at once.
+pub(super) struct MultiBaselineHook<'a> {
+    pub(super) scorers: Vec<&'a mut BaselineScorer>,
     pub(super) layer_heads: &'a [Option<usize>],
     pub(super) n_q_heads: usize,
     pub(super) head_dim: usize,
     pub(super) scale: f32,
 }
 
-impl AttentionHook for BaselineHook<'_> {
+impl AttentionHook for MultiBaselineHook<'_> {
     fn after_append(
         &mut self,
         layer: usize,
@@ -74,36 +74,8 @@ impl AttentionHook for BaselineHook<'_> {
             head_keys: &keys,
             scale: self.scale,
         };
-        self.scorer.observe_layer(layer, &obs).map_err(score_err)
-    }
-}
-
-/// Hook that feeds the prefill's queries to several baseline scorers at once.
-pub(super) struct MultiBaselineHook<'a> {
-    pub(super) scorers: Vec<&'a mut BaselineScorer>,
-    pub(super) layer_heads: &'a [Option<usize>],
-    pub(super) n_q_heads: usize,
-    pub(super) head_dim: usize,
-    pub(super) scale: f32,
-}
-
-impl AttentionHook for MultiBaselineHook<'_> {
-    fn after_append(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        q_len: usize,
-        cache: &KvCache,
-    ) -> Result<()> {
         for scorer in self.scorers.iter_mut() {
-            BaselineHook {
-                scorer,
-                layer_heads: self.layer_heads,
-                n_q_heads: self.n_q_heads,
-                head_dim: self.head_dim,
-                scale: self.scale,
-            }
-            .after_append(layer, q, q_len, cache)?;
+            scorer.observe_layer(layer, &obs).map_err(score_err)?;
         }
         Ok(())
     }

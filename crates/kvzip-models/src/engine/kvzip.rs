@@ -11,7 +11,7 @@ use kvzip_score::{
 };
 use kvzip_templates::{reconstruction_inputs, PromptIds};
 
-use super::hooks::{BaselineHook, MultiBaselineHook, ReconstructHook};
+use super::hooks::{MultiBaselineHook, ReconstructHook};
 use super::{Engine, GenerateOptions, Generation};
 use crate::error::{ModelError, Result};
 use crate::model::{AttentionHook, ForwardOptions, LogitsMode};
@@ -156,6 +156,8 @@ impl Engine {
 
     /// Prefills `prompt.system_ids ++ context_ids`, then scores the context per `scoring`.
     /// `progress(stage, done, total)` reports prefill (`"prefill"`) and scoring (`"score"`).
+    /// One scoring of [`Engine::prefill_context_multi`], kept as the cache's active scores;
+    /// head scores stay per head (pruned whole heads), `Scoring::None` scores nothing.
     pub fn prefill_context(
         &self,
         prompt: &PromptIds,
@@ -164,82 +166,18 @@ impl Engine {
         kv_type: KvType,
         progress: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<ContextCache> {
-        if context_ids.is_empty() {
-            return Err(empty_context_error());
+        let per_pair = match scoring {
+            Scoring::Reconstruct { .. } | Scoring::Baseline(_) => std::slice::from_ref(scoring),
+            Scoring::HeadScores(_) | Scoring::None => &[],
+        };
+        let (mut ctx, mut scores) =
+            self.prefill_context_multi(prompt, context_ids, per_pair, kv_type, progress)?;
+        ctx.scores = scores.pop();
+        if let Scoring::HeadScores(hs) = scoring {
+            hs.check_model(&ctx.layer_heads).map_err(score_err)?;
+            ctx.head_scores = Some(hs.clone());
         }
-        let spec = self.spec();
-        let n_sys = prompt.system_ids.len();
-        let n_ctx = context_ids.len();
-        let prefill_ids = prompt.prefill_ids(context_ids);
-        let layer_heads = self.scored_layer_heads();
-        let mut cache = self.new_cache()?;
-        cache.set_spans(n_sys, n_ctx);
-
-        // Prefill, with a baseline hook if the policy needs the prefill's attention.
-        let t0 = Instant::now();
-        let mut baseline = match scoring {
-            Scoring::Baseline(kind) => {
-                Some(BaselineScorer::new(*kind, n_sys, n_ctx, &layer_heads).map_err(score_err)?)
-            }
-            _ => None,
-        };
-        let mut hook = baseline
-            .as_mut()
-            .filter(|b| b.needs_attention())
-            .map(|scorer| BaselineHook {
-                scorer,
-                layer_heads: &layer_heads,
-                n_q_heads: spec.n_heads,
-                head_dim: spec.head_dim,
-                scale: spec.attn_scale,
-            });
-        self.feed_observed(
-            &mut cache,
-            &prefill_ids,
-            LogitsMode::None,
-            hook.as_mut().map(|h| h as &mut dyn AttentionHook),
-            &mut |done, total| progress("prefill", done, total),
-        )?;
-        self.commit_windows(&mut cache)?;
-        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-        // Scoring.
-        let t1 = Instant::now();
-        let (scores, head_scores) = match scoring {
-            Scoring::Reconstruct { chunk } => {
-                let scores =
-                    self.reconstruction_scores(&mut cache, prompt, context_ids, *chunk, progress)?;
-                (Some(scores), None)
-            }
-            Scoring::HeadScores(hs) => {
-                hs.check_model(&layer_heads).map_err(score_err)?;
-                (None, Some(hs.clone()))
-            }
-            Scoring::Baseline(_) => {
-                let scorer = baseline
-                    .take()
-                    .ok_or_else(|| ModelError::Input("baseline scorer missing".into()))?;
-                (Some(scorer.finish().map_err(score_err)?), None)
-            }
-            Scoring::None => (None, None),
-        };
-        let scoring_ms = t1.elapsed().as_secs_f64() * 1e3;
-        Ok(ContextCache {
-            cache,
-            full: None,
-            scores,
-            head_scores,
-            n_sys,
-            n_ctx,
-            prefill_ids,
-            kv_type,
-            timings: ContextTimings {
-                prefill_ms,
-                scoring_ms,
-            },
-            pruned: false,
-            layer_heads,
-        })
+        Ok(ctx)
     }
 
     /// Prefills `prompt.system_ids ++ context_ids` once and computes one [`ContextScores`] per
@@ -256,6 +194,9 @@ impl Engine {
         kv_type: KvType,
         progress: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<(ContextCache, Vec<ContextScores>)> {
+        if context_ids.is_empty() {
+            return Err(empty_context_error());
+        }
         if scorings.iter().any(|s| matches!(s, Scoring::None)) {
             return Err(ModelError::Input(
                 "prefill_context_multi needs real scorings; drop Scoring::None".into(),

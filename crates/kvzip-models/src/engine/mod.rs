@@ -194,26 +194,46 @@ impl Engine {
         }
         self.check_length(cache, prompt.len() + opts.max_new_tokens)?;
         let mut sampler = Sampler::new(opts.sampling)?;
-        let mut gen = Generation::default();
         let mut logits = self.feed(cache, prompt, LogitsMode::Last, &mut |_, _| {})?;
-        for step in 0..opts.max_new_tokens {
+        decode_loop(opts, on_token, |_, prev| {
+            if let Some(token) = prev {
+                logits = self.model.forward(
+                    &[token],
+                    cache,
+                    ForwardOptions::logits(LogitsMode::Last),
+                )?;
+            }
             let next = sampler.sample(&logits) as u32;
-            if keep_logits {
-                gen.step_logits.push(std::mem::take(&mut logits));
-            }
-            gen.tokens.push(next);
-            let go_on = on_token(next);
-            if opts.stop_tokens.contains(&next) {
-                gen.stopped = true;
-                break;
-            }
-            if !go_on || step + 1 == opts.max_new_tokens {
-                break;
-            }
-            logits =
-                self.model
-                    .forward(&[next], cache, ForwardOptions::logits(LogitsMode::Last))?;
-        }
-        Ok(gen)
+            Ok((next, keep_logits.then(|| std::mem::take(&mut logits))))
+        })
     }
+}
+
+/// The token loop shared by the CPU and GPU engines. `step(i, prev)` feeds `prev` (the token
+/// chosen at step `i - 1`; `None` at step 0, whose logits come from the prompt) and returns the
+/// next token, with that step's logits when they are to be kept. Stops at a stop token (kept,
+/// `stopped = true`), when `on_token` returns false, or after `max_new_tokens`; the last token
+/// is never fed.
+pub(crate) fn decode_loop(
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(u32) -> bool,
+    mut step: impl FnMut(usize, Option<u32>) -> Result<(u32, Option<Vec<f32>>)>,
+) -> Result<Generation> {
+    let mut gen = Generation::default();
+    let mut prev = None;
+    for i in 0..opts.max_new_tokens {
+        let (next, logits) = step(i, prev)?;
+        gen.step_logits.extend(logits);
+        gen.tokens.push(next);
+        let go_on = on_token(next);
+        if opts.stop_tokens.contains(&next) {
+            gen.stopped = true;
+            break;
+        }
+        if !go_on {
+            break;
+        }
+        prev = Some(next);
+    }
+    Ok(gen)
 }

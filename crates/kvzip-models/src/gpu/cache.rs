@@ -76,7 +76,8 @@ impl GpuKvCache {
             lens_before_dev: gpu.zeros(n_layers * n_kv)?,
             offsets_dev: gpu.zeros(n_layers * n_kv)?,
         };
-        cache.sync_device(gpu, 0)?;
+        cache.sync_offsets(gpu)?;
+        cache.sync_lens(gpu, 0)?;
         Ok(cache)
     }
 
@@ -88,6 +89,7 @@ impl GpuKvCache {
     /// Grows every head that lacks room for `extra` more rows (capacity ×1.5, at least
     /// `len + extra + HEAD_SLACK`), copying each head segment once.
     pub fn reserve(&mut self, gpu: &CudaBackend, extra: usize) -> Result<()> {
+        let mut grew = false;
         for layer in &mut self.layers {
             if layer
                 .lens
@@ -131,38 +133,48 @@ impl GpuKvCache {
                     .map_err(cuda_err)?;
             }
             *layer = grown;
+            grew = true;
+        }
+        if grew {
+            self.sync_offsets(gpu)?;
         }
         Ok(())
     }
 
     /// Starts a step of `t` tokens: reserves room, advances every head's length by `t` on the
-    /// host and uploads lengths (before/after) and offsets for all layers in one go each.
+    /// host and uploads the lengths (before/after) of all layers in one go each (offsets are
+    /// uploaded only when a layer was reallocated).
     pub fn begin_step(&mut self, gpu: &CudaBackend, t: usize) -> Result<()> {
         self.reserve(gpu, t)?;
         for layer in &mut self.layers {
             layer.lens.iter_mut().for_each(|l| *l += t);
         }
-        self.sync_device(gpu, t)
+        self.sync_lens(gpu, t)
     }
 
-    /// Uploads lengths (after, and after − `t` as "before") and offsets.
-    fn sync_device(&mut self, gpu: &CudaBackend, t: usize) -> Result<()> {
+    /// Uploads the segment offsets of every layer (after allocation or reallocation).
+    fn sync_offsets(&mut self, gpu: &CudaBackend) -> Result<()> {
+        let offsets: Vec<i64> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.offsets.iter().map(|&x| x as i64))
+            .collect();
+        gpu.stream()
+            .memcpy_htod(&offsets, &mut self.offsets_dev)
+            .map_err(cuda_err)
+    }
+
+    /// Uploads lengths (after, and after − `t` as "before").
+    fn sync_lens(&mut self, gpu: &CudaBackend, t: usize) -> Result<()> {
         let lens: Vec<i32> = self
             .layers
             .iter()
             .flat_map(|l| l.lens.iter().map(|&x| x as i32))
             .collect();
         let before: Vec<i32> = lens.iter().map(|&x| x - t as i32).collect();
-        let offsets: Vec<i64> = self
-            .layers
-            .iter()
-            .flat_map(|l| l.offsets.iter().map(|&x| x as i64))
-            .collect();
         let s = gpu.stream();
         s.memcpy_htod(&lens, &mut self.lens_dev).map_err(cuda_err)?;
         s.memcpy_htod(&before, &mut self.lens_before_dev)
-            .map_err(cuda_err)?;
-        s.memcpy_htod(&offsets, &mut self.offsets_dev)
             .map_err(cuda_err)?;
         Ok(())
     }
@@ -217,7 +229,7 @@ impl GpuKvCache {
             layer.lens.clone_from(want);
         }
         self.seen_tokens = seen_tokens;
-        self.sync_device(gpu, 0)
+        self.sync_lens(gpu, 0)
     }
 
     /// Benchmarks: fills every K/V buffer with seeded random bf16 values in [-1, 1) (one random
@@ -266,7 +278,7 @@ impl GpuKvCache {
             layer.lens.clone_from(lens);
         }
         self.seen_tokens = mark.seen_tokens;
-        self.sync_device(gpu, 0)
+        self.sync_lens(gpu, 0)
     }
 
     /// Valid K+V bytes of the cache (bf16), all layers.
@@ -335,7 +347,8 @@ impl GpuKvCache {
             lens_before_dev: gpu.zeros(n)?,
             offsets_dev: gpu.zeros(n)?,
         };
-        out.sync_device(gpu, 0)?;
+        out.sync_offsets(gpu)?;
+        out.sync_lens(gpu, 0)?;
         Ok(out)
     }
 }

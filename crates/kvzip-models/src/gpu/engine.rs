@@ -20,7 +20,7 @@ use crate::config::ModelSpec;
 use crate::engine::kvzip::{
     empty_context_error, score_err, select_for_prune, ContextTimings, KvType, PruneReport, Scoring,
 };
-use crate::engine::{GenerateOptions, Generation, DEFAULT_PREFILL_CHUNK};
+use crate::engine::{decode_loop, GenerateOptions, Generation, DEFAULT_PREFILL_CHUNK};
 use crate::error::{ModelError, Result};
 use crate::model::LogitsMode;
 
@@ -168,45 +168,39 @@ impl GpuEngine {
         let softcap = self.spec().final_softcap.unwrap_or(0.0);
         let vocab = self.spec().vocab_size;
         let mut ids_dev = self.gpu.alloc::<u32>(1)?;
-        let mut gen = Generation::default();
         let mut logits = self.feed(cache, prompt, LogitsMode::Last, None, &mut |_, _| {})?;
-        for step in 0..opts.max_new_tokens {
-            let mut l = logits
-                .take()
+        decode_loop(opts, on_token, |step, prev| {
+            if let Some(token) = prev {
+                logits = self.forward(&[token], cache, LogitsMode::Last, None)?;
+            }
+            let l = logits
+                .as_mut()
                 .ok_or_else(|| ModelError::Input("forward returned no logits".into()))?;
-            let next = if on_device {
-                self.gpu.sample(
-                    &mut l,
-                    &mut ids_dev,
-                    1,
-                    vocab,
-                    softcap,
-                    p.temperature,
-                    p.seed,
-                    step as u64,
-                )?;
-                self.gpu.download(&ids_dev)?[0]
+            // Softcap (and argmax / Gumbel-max when sampling on the device) in one kernel.
+            let (temperature, seed) = if on_device {
+                (p.temperature, p.seed)
             } else {
-                self.gpu
-                    .sample(&mut l, &mut ids_dev, 1, vocab, softcap, 0.0, 0, 0)?;
-                let host = self.gpu.download(&l)?;
-                host_sampler.sample(&host) as u32
+                (0.0, 0)
             };
-            if keep_logits {
-                gen.step_logits.push(self.gpu.download(&l)?);
-            }
-            gen.tokens.push(next);
-            let go_on = on_token(next);
-            if opts.stop_tokens.contains(&next) {
-                gen.stopped = true;
-                break;
-            }
-            if !go_on || step + 1 == opts.max_new_tokens {
-                break;
-            }
-            logits = self.forward(&[next], cache, LogitsMode::Last, None)?;
-        }
-        Ok(gen)
+            self.gpu.sample(
+                l,
+                &mut ids_dev,
+                1,
+                vocab,
+                softcap,
+                temperature,
+                seed,
+                step as u64,
+            )?;
+            let host = (keep_logits || !on_device)
+                .then(|| self.gpu.download(l))
+                .transpose()?;
+            let next = match &host {
+                Some(row) if !on_device => host_sampler.sample(row) as u32,
+                _ => self.gpu.download(&ids_dev)?[0],
+            };
+            Ok((next, host.filter(|_| keep_logits)))
+        })
     }
 
     /// Layers KVzip scores and evicts (`Some(kv heads)`; Gemma's sliding layers are `None`).

@@ -145,7 +145,7 @@ fn head_norm(
     dim: usize,
 ) -> Result<()> {
     let n = rows * dim;
-    gpu.rms_norm(x, None, &norm.weight, tmp, rows, dim, norm.eps, norm.offset)?;
+    norm.apply(gpu, x, None, tmp, rows)?;
     gpu.stream()
         .memcpy_dtod(&tmp.slice(..n), x)
         .map_err(|e| ModelError::Cuda(e.into()))?;
@@ -215,16 +215,9 @@ impl GpuModel {
             // x += delta (previous MLP output); normed = input_norm(x).
             let res =
                 pending_delta.then_some(&b.delta as &dyn kvzip_kernels::cuda::DevicePtr<bf16>);
-            gpu.rms_norm(
-                &mut b.x,
-                res,
-                &layer.input_norm.weight,
-                &mut b.normed,
-                t,
-                h,
-                layer.input_norm.eps,
-                layer.input_norm.offset,
-            )?;
+            layer
+                .input_norm
+                .apply(gpu, &mut b.x, res, &mut b.normed, t)?;
             let (mut q, mut kv_new) = project_qkv(
                 gpu,
                 &layer.qkv,
@@ -283,44 +276,17 @@ impl GpuModel {
             }
             linear(gpu, &layer.o, &b.attn, t, &mut b.delta)?;
             if let Some(n) = &layer.post_attention_norm {
-                gpu.rms_norm(
-                    &mut b.delta,
-                    None,
-                    &n.weight,
-                    &mut b.normed,
-                    t,
-                    h,
-                    n.eps,
-                    n.offset,
-                )?;
+                n.apply(gpu, &mut b.delta, None, &mut b.normed, t)?;
                 std::mem::swap(&mut b.delta, &mut b.normed);
             }
             // x += attention output; normed = pre_mlp_norm(x).
             let n = &layer.pre_mlp_norm;
-            gpu.rms_norm(
-                &mut b.x,
-                Some(&b.delta),
-                &n.weight,
-                &mut b.normed,
-                t,
-                h,
-                n.eps,
-                n.offset,
-            )?;
+            n.apply(gpu, &mut b.x, Some(&b.delta), &mut b.normed, t)?;
             linear(gpu, &layer.gate_up, &b.normed, t, &mut b.gate_up)?;
             gpu.act_mul(&b.gate_up, &mut b.act, t, inter, self.activation())?;
             linear(gpu, &layer.down, &b.act, t, &mut b.delta)?;
             if let Some(n) = &layer.post_mlp_norm {
-                gpu.rms_norm(
-                    &mut b.delta,
-                    None,
-                    &n.weight,
-                    &mut b.normed,
-                    t,
-                    h,
-                    n.eps,
-                    n.offset,
-                )?;
+                n.apply(gpu, &mut b.delta, None, &mut b.normed, t)?;
                 std::mem::swap(&mut b.delta, &mut b.normed);
             }
             pending_delta = true;
@@ -331,20 +297,14 @@ impl GpuModel {
             LogitsMode::Last => (t - 1, 1),
             LogitsMode::All => (0, t),
         };
-        gpu.add(&mut b.x, &b.delta, t * h)?;
-        let n = &self.norm;
-        let mut x_rows = gpu.alloc::<bf16>(rows * h)?;
-        st.memcpy_dtod(&b.x.slice(first * h..(first + rows) * h), &mut x_rows)
-            .map_err(cerr)?;
-        gpu.rms_norm(
-            &mut x_rows,
-            None,
-            &n.weight,
+        // Last MLP output folded into only the rows whose logits are wanted (fused add + norm).
+        let span = first * h..(first + rows) * h;
+        self.norm.apply(
+            gpu,
+            &mut b.x.slice_mut(span.clone()),
+            Some(&b.delta.slice(span)),
             &mut b.normed,
             rows,
-            h,
-            n.eps,
-            n.offset,
         )?;
         let v = s.vocab_size;
         let mut logits = gpu.alloc::<f32>(rows * v)?;

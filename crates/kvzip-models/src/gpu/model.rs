@@ -36,6 +36,32 @@ pub struct GpuNorm {
     pub offset: f32,
 }
 
+impl GpuNorm {
+    /// `out = norm(x)` over `rows` rows of `weight.len()`; with `residual`, `x` first becomes
+    /// `x + residual` (written back) and the sum is normalised (the fused add + norm).
+    pub fn apply(
+        &self,
+        gpu: &CudaBackend,
+        x: &mut impl kvzip_kernels::cuda::DevicePtrMut<bf16>,
+        residual: Option<&dyn kvzip_kernels::cuda::DevicePtr<bf16>>,
+        out: &mut impl kvzip_kernels::cuda::DevicePtrMut<bf16>,
+        rows: usize,
+    ) -> Result<()> {
+        let dim = self.weight.len();
+        gpu.rms_norm(
+            x,
+            residual,
+            &self.weight,
+            out,
+            rows,
+            dim,
+            self.eps,
+            self.offset,
+        )?;
+        Ok(())
+    }
+}
+
 /// One decoder layer's weights on the device.
 pub struct GpuLayer {
     /// Before attention.
@@ -187,7 +213,7 @@ enum Kind {
 }
 
 /// `n` uniform bf16 values in `[lo, hi)` from a counter-based hash (parallel, reproducible).
-pub(crate) fn random_bf16(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<bf16> {
+pub fn random_bf16(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<bf16> {
     use rayon::prelude::*;
     let mut out = vec![bf16::ZERO; n];
     out.par_chunks_mut(1 << 16)
@@ -205,11 +231,6 @@ pub(crate) fn random_bf16(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<bf16> {
             }
         });
     out
-}
-
-/// `n` seeded uniform bf16 values in `[-1, 1)` (benchmark inputs).
-pub fn random_bf16_pub(n: usize, seed: u64) -> Vec<bf16> {
-    random_bf16(n, seed, -1.0, 1.0)
 }
 
 impl GpuModel {
