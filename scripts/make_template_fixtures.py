@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the test fixtures of crates/kvzip-templates from HF transformers' own behaviour.
+"""Write the test fixtures of kvzip-templates from HF transformers' own behaviour.
 
 Run with the project venv (transformers, tokenizers, jinja2):
 
@@ -17,7 +17,7 @@ few probe strings are written. Two tiny tokenizers (byte-level BPE with ChatML s
 Gemma-style byte-fallback BPE) are trained here from the Paul Graham essays and committed, so that the
 token-id tests run in CI without network.
 
-Outputs (all small, under crates/kvzip-templates/tests/fixtures/):
+Outputs (all small, under kvzip-templates/tests/fixtures/):
 - chat_templates.json: templates + conversations + the string transformers renders (or its error),
 - tiny-chatml/, tiny-sp/: tokenizer.json, tokenizer_config.json, config.json, generation_config.json,
 - tiny_ids.json: ids of probe pieces, KVzip prompt pieces and reconstruction inputs (tiny tokenizers),

@@ -173,7 +173,7 @@ fn bad_cache_files_are_clear_errors() {
 
     // A model weight file is a safetensors file, but not a cache.
     let foreign = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/parity/qwen2/model.safetensors");
+        .join("../tests/fixtures/parity/qwen2/model.safetensors");
     let foreign = foreign.canonicalize().expect("parity fixture present");
     let err = assert_load_fails(&foreign, &[], "model weights");
     assert!(err.contains("not a kvzip cache"), "{err}");

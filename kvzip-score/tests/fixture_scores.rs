@@ -9,7 +9,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 
 fn fixture(arch: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/scores")
+        .join("../tests/fixtures/scores")
         .join(format!("{arch}.safetensors"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

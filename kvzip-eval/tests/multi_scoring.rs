@@ -12,7 +12,7 @@ use kvzip_templates::PromptIds;
 
 fn fixture(arch: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/parity")
+        .join("../tests/fixtures/parity")
         .join(arch)
 }
 
