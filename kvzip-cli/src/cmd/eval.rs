@@ -24,7 +24,7 @@ use crate::common::{load_model, print_json, LoadedModel};
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     /// Model directory or short name.
-    #[arg(long, default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
     /// Dataset: squad, gsm8k, needle, needle-multikey, kv-retrieval, passkey.
     #[arg(long)]

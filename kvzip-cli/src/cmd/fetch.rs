@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use kvzip_models::fetch::{default_cache_dir, fetch_model, KNOWN_MODELS};
-use kvzip_models::gguf::{import_gguf, ImportOptions};
+use kvzip_hub::fetch::{default_cache_dir, fetch_model, KNOWN_MODELS};
+use kvzip_hub::gguf::{import_gguf, ImportOptions};
 
 /// Arguments of `kvzip fetch`.
 #[derive(clap::Args, Debug)]
 pub struct FetchArgs {
     /// Short name of the model (see `kvzip fetch --list`).
-    #[arg(default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    #[arg(default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub name: String,
     /// List the known models and exit.
     #[arg(long)]

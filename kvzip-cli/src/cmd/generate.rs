@@ -56,7 +56,7 @@ impl SamplingArgs {
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     /// Model directory or short name.
-    #[arg(long, default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
     /// The user message.
     #[arg(long)]
@@ -172,7 +172,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 #[derive(clap::Args, Debug)]
 pub struct ChatArgs {
     /// Model directory or short name.
-    #[arg(long, default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
     /// Optional system message.
     #[arg(long)]

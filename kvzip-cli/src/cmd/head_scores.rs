@@ -14,7 +14,7 @@ use crate::common::{load_model, read_text};
 #[derive(clap::Args, Debug)]
 pub struct HeadScoresArgs {
     /// Model directory or short name.
-    #[arg(long, default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
     /// Sample context files (one or more).
     #[arg(long = "context", required = true)]

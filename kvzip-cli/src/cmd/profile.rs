@@ -20,7 +20,7 @@ use crate::common::{load_model, print_json, read_text, LoadedModel};
 #[derive(clap::Args, Debug)]
 pub struct ProfileArgs {
     /// Model directory or short name.
-    #[arg(long, default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
     /// Dataset: `squad` (SQuAD v1.1 JSON); ignored when --context is given.
     #[arg(long, default_value = "squad")]

@@ -17,7 +17,7 @@ use crate::common::{load_model, print_json, read_text, LoadedModel};
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Model directory or short name.
-    #[arg(long, default_value = kvzip_models::fetch::DEFAULT_MODEL)]
+    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
     /// Text file holding the context (not needed with --load-cache).
     #[arg(long)]

@@ -6,7 +6,7 @@ mod gguf_common;
 use std::path::Path;
 
 use gguf_common::{q8_0_blocks, GgufBuilder};
-use kvzip_models::gguf::{GgmlType, GgufError, GgufFile, GgufValue};
+use kvzip_hub::gguf::{GgmlType, GgufError, GgufFile, GgufValue};
 
 fn sample() -> GgufBuilder {
     let mut b = GgufBuilder::new();

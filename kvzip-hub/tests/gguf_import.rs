@@ -8,8 +8,8 @@ use std::fs;
 use std::path::Path;
 
 use gguf_common::{q8_0_blocks, GgufBuilder};
-use kvzip_models::gguf::names::permute_qk_rows;
-use kvzip_models::gguf::{import_gguf, ImportOptions};
+use kvzip_hub::gguf::names::permute_qk_rows;
+use kvzip_hub::gguf::{import_gguf, ImportOptions};
 use serde_json::Value;
 
 /// GPT-2's byte → printable character map.

