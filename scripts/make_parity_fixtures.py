@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Build the logit-parity fixtures under tests/fixtures/parity/.
 
-For each architecture (llama, qwen2, qwen3, gemma3) this script builds a tiny
+For each architecture (llama, qwen2, qwen3, gemma3, mistral, phi3) this script builds a tiny
 model with HF transformers, re-randomizes EVERY parameter with a fixed seed (so
 norm weights, biases and q/k norms all matter), saves it with
 `save_pretrained` (safetensors; the llama one sharded), and writes golden
 logits for a prefill of N >= 300 tokens plus 8 greedy decode steps taken one
 token at a time through the KV cache (DynamicCache).  The goldens are checked
 against a single non-cached forward over the whole sequence before writing.
+
+For phi3 it also writes golden_short.safetensors, the same goldens for a prompt short
+enough (40 + 8 tokens < original_max_position_embeddings 64) that longrope uses its SHORT
+factors; for mistral and phi3 it asserts that HF's own prefill in 77-token chunks matches the
+one-forward goldens.
 
 It also writes:
   * gemma3_multimodal_config/config.json: a Gemma3ForConditionalGeneration
@@ -18,7 +23,10 @@ It also writes:
     rope parameters as the new spelling.
 
 Usage (CPU, float32, deterministic):
-    python scripts/make_parity_fixtures.py [--out tests/fixtures/parity]
+    python scripts/make_parity_fixtures.py [--out tests/fixtures/parity] [--only NAME ...]
+
+`--only mistral phi3` rebuilds just those fixture directories (and their legacy configs),
+leaving every other committed file byte-identical.
 
 The convention of the golden files is documented in
 tests/fixtures/parity/README.md (kept by hand next to the fixtures; update it
@@ -48,6 +56,10 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -323,7 +335,155 @@ def gemma3_spec():
     )
 
 
-SPECS = [llama_spec, qwen2_spec, qwen3_spec, gemma3_spec]
+def mistral_spec():
+    config = MistralConfig(
+        vocab_size=272,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=24,
+        hidden_act="silu",
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        sliding_window=48,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    legacy = {"rope_theta": 10000.0, "rope_scaling": None}
+    return dict(
+        name="mistral",
+        model_cls=MistralForCausalLM,
+        config=config,
+        legacy_rope=legacy,
+        norm_style="one_centered",
+        embed_std=0.3,
+        final_norm_gain=1.0,
+        seed=5005,
+        max_shard_size=None,
+        hf_chunked_prefill_check=True,
+        sensitivity=[
+            ("sliding_window 48 -> null (no window)", "config", {"sliding_window": None}),
+            ("RMSNorm weights -> 1", "params", ("norm.weight", 1.0)),
+        ],
+        features=[
+            "MistralForCausalLM",
+            "sliding_window 48 < prompt length 320 on EVERY layer (Mistral has no layer_types): query "
+            "position q attends to key positions k with q - 48 < k <= q (48 keys including itself)",
+            "GQA: 4 query heads, 1 kv head (group 4), explicit head_dim 24 != hidden/heads (64/4 = 16)",
+            "default rope, rope_theta 1e4",
+            "untied embeddings (separate lm_head.weight)",
+            "all RMSNorm weights random around 1",
+        ],
+    )
+
+
+# Phi-3 longrope: per-frequency rescale lists (length rotary_dim / 2 = 12), all values distinct.
+PHI3_SHORT_FACTOR = [round(1.0 + 0.05 * i + 0.002 * i * i, 4) for i in range(12)]
+PHI3_LONG_FACTOR = [round(1.3**i + 0.1 * i, 4) for i in range(12)]
+# original_max_position_embeddings must stay below 77 (the chunk size of the chunked parity
+# check): then every forward of the 320-token prompt, chunked or not, uses the LONG factors.
+# The short golden (40 + 8 tokens, largest position 47) stays at seq_len <= 64: SHORT factors.
+PHI3_ORIGINAL_MAX_POS = 64
+PHI3_SHORT_PROMPT_LEN = 40
+
+
+def phi3_spec():
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.75,
+        "short_factor": list(PHI3_SHORT_FACTOR),
+        "long_factor": list(PHI3_LONG_FACTOR),
+    }
+    config = Phi3Config(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=1024,
+        original_max_position_embeddings=PHI3_ORIGINAL_MAX_POS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        rope_parameters=copy.deepcopy(rope),
+    )
+    legacy = {
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.75,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": list(PHI3_SHORT_FACTOR),
+            "long_factor": list(PHI3_LONG_FACTOR),
+        },
+    }
+
+    def with_rope(**changes):
+        r = copy.deepcopy(rope)
+        r["original_max_position_embeddings"] = PHI3_ORIGINAL_MAX_POS
+        r.update(changes)
+        return {"rope_parameters": r}
+
+    return dict(
+        name="phi3",
+        model_cls=Phi3ForCausalLM,
+        config=config,
+        legacy_rope=legacy,
+        norm_style="one_centered",
+        embed_std=0.3,
+        final_norm_gain=1.0,
+        seed=6006,
+        max_shard_size=None,
+        hf_chunked_prefill_check=True,
+        sensitivity=[
+            ("longrope long_factor -> short_factor", "config", with_rope(long_factor=list(PHI3_SHORT_FACTOR))),
+            ("longrope attention_factor -> 1", "config", with_rope(attention_factor=1.0)),
+            (
+                "partial_rotary_factor 0.75 -> 0.5 (first 8 factors)",
+                "config",
+                with_rope(
+                    partial_rotary_factor=0.5,
+                    short_factor=PHI3_SHORT_FACTOR[:8],
+                    long_factor=PHI3_LONG_FACTOR[:8],
+                ),
+            ),
+        ],
+        short_golden=dict(
+            prompt_len=PHI3_SHORT_PROMPT_LEN,
+            decode_steps=DECODE_STEPS,
+            sensitivity=[
+                ("longrope short_factor -> long_factor", "config", with_rope(short_factor=list(PHI3_LONG_FACTOR))),
+            ],
+        ),
+        features=[
+            "Phi3ForCausalLM",
+            "fused self_attn.qkv_proj.weight [q rows | k rows | v rows] = [128 + 64 + 64, 128] and "
+            "mlp.gate_up_proj.weight [gate rows | up rows] = [2 * 96, 128]",
+            "longrope: rope_theta 1e4, short_factor / long_factor lists of 12 distinct values, "
+            f"original_max_position_embeddings {PHI3_ORIGINAL_MAX_POS} (top level of config.json, copied into "
+            "rope_parameters), max_position_embeddings 1024, so factor 16 and attention_factor "
+            f"sqrt(1 + ln 16 / ln {PHI3_ORIGINAL_MAX_POS}) applied to cos and sin",
+            "longrope factor choice per forward: seq_len = max(position_ids) + 1; LONG factors when "
+            f"seq_len > {PHI3_ORIGINAL_MAX_POS} (the whole 320-token golden, and every 77-token chunk of it), "
+            f"SHORT factors otherwise (golden_short.safetensors: {PHI3_SHORT_PROMPT_LEN} + 8 tokens)",
+            "partial_rotary_factor 0.75: only the first 24 of the 32 head dims are rotated",
+            "GQA: 4 query heads, 2 kv heads (group 2), head_dim = hidden/heads = 32 (no head_dim key)",
+            "untied embeddings, all RMSNorm weights random around 1",
+        ],
+    )
+
+
+SPECS = [llama_spec, qwen2_spec, qwen3_spec, gemma3_spec, mistral_spec, phi3_spec]
 
 
 # --------------------------------------------------------------------------
@@ -380,10 +540,10 @@ def rerandomize(model: torch.nn.Module, norm_style: str, seed: int, embed_std: f
 
 
 @torch.no_grad()
-def make_goldens(model, config, seed: int):
+def make_goldens(model, config, seed: int, prompt_len: int = PROMPT_LEN, decode_steps: int = DECODE_STEPS, ids_seed=None):
     vocab = config.vocab_size
-    gen = torch.Generator().manual_seed(seed + 7)
-    input_ids = torch.randint(0, vocab, (PROMPT_LEN,), generator=gen, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed + 7 if ids_seed is None else ids_seed)
+    input_ids = torch.randint(0, vocab, (prompt_len,), generator=gen, dtype=torch.int64)
 
     # transformers 5.24 renamed the forward argument `past_key_values` to `cache`.
     forward_params = inspect.signature(model.forward).parameters
@@ -396,9 +556,9 @@ def make_goldens(model, config, seed: int):
     decode_ids = []
     decode_logits = []
     next_id = int(prefill_logits[-1].argmax())
-    for step in range(DECODE_STEPS):
+    for step in range(decode_steps):
         decode_ids.append(next_id)
-        pos = PROMPT_LEN + step
+        pos = prompt_len + step
         step_kwargs = {cache_kw: cache, "position_ids": torch.tensor([[pos]], dtype=torch.int64)}
         if "cache_position" in forward_params:
             step_kwargs["cache_position"] = torch.tensor([pos], dtype=torch.int64)
@@ -408,21 +568,21 @@ def make_goldens(model, config, seed: int):
         next_id = int(step_logits.argmax())
     # The last decode step must have run against a cache holding everything before it.
     cached = cache.get_seq_length()
-    assert cached == PROMPT_LEN + DECODE_STEPS, f"cache holds {cached} positions, not {PROMPT_LEN + DECODE_STEPS}"
+    assert cached == prompt_len + decode_steps, f"cache holds {cached} positions, not {prompt_len + decode_steps}"
     decode_ids_t = torch.tensor(decode_ids, dtype=torch.int64)
     decode_logits_t = torch.stack(decode_logits)
 
     # Self-consistency: one non-cached forward over prompt + decoded tokens.
     full_ids = torch.cat([input_ids, decode_ids_t])
     full = model(input_ids=full_ids[None], use_cache=False).logits[0].float()
-    diff_prefill = (full[:PROMPT_LEN] - prefill_logits).abs().max().item()
-    diff_decode = (full[PROMPT_LEN:] - decode_logits_t).abs().max().item()
+    diff_prefill = (full[:prompt_len] - prefill_logits).abs().max().item()
+    diff_decode = (full[prompt_len:] - decode_logits_t).abs().max().item()
     assert diff_prefill < SELF_CONSISTENCY_TOL, f"prefill vs full forward differ by {diff_prefill}"
     assert diff_decode < SELF_CONSISTENCY_TOL, f"incremental decode vs full forward differ by {diff_decode}"
 
     # Greedy chain check: decode_ids[i+1] == argmax(decode_logits[i]).
     assert int(prefill_logits[-1].argmax()) == decode_ids[0]
-    for i in range(DECODE_STEPS - 1):
+    for i in range(decode_steps - 1):
         assert int(decode_logits_t[i].argmax()) == decode_ids[i + 1]
 
     # Margins that decide greedy tokens (the 8 stored ids).
@@ -454,10 +614,10 @@ MIN_FEATURE_EFFECT = 0.05
 
 
 @torch.no_grad()
-def feature_effects(spec, model, config, input_ids, prefill_logits) -> dict:
+def feature_effects(spec, model, config, input_ids, prefill_logits, sensitivity=None) -> dict:
     """Max |logit change| when each listed feature is switched off; each must be large."""
     effects = {}
-    for label, kind, change in spec["sensitivity"]:
+    for label, kind, change in spec["sensitivity"] if sensitivity is None else sensitivity:
         cfg = copy.deepcopy(config)
         if kind == "config":
             for key, value in change.items():
@@ -475,6 +635,28 @@ def feature_effects(spec, model, config, input_ids, prefill_logits) -> dict:
             raise RuntimeError(f"{spec['name']}: '{label}' changes logits by only {effect:.2e}; not exercised")
         effects[label] = effect
     return effects
+
+
+# Chunk size of the chunked-prefill parity check (tests/tests/parity.rs).
+PARITY_CHUNK = 77
+
+
+@torch.no_grad()
+def chunked_prefill_diff(model, config, input_ids, prefill_logits, chunk: int = PARITY_CHUNK) -> float:
+    """Max |logit diff| between HF's own prefill in `chunk`-token pieces through a DynamicCache
+    and the one-forward golden: a chunked implementation can only agree with the goldens if HF
+    itself does (for longrope: only if every chunk picks the same factor set as the whole prompt)."""
+    forward_params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in forward_params else "past_key_values"
+    cache = DynamicCache(config=config)
+    pieces = []
+    for start in range(0, input_ids.numel(), chunk):
+        ids = input_ids[start : start + chunk]
+        kwargs = {cache_kw: cache, "position_ids": torch.arange(start, start + ids.numel())[None]}
+        if "cache_position" in forward_params:
+            kwargs["cache_position"] = torch.arange(start, start + ids.numel())
+        pieces.append(model(input_ids=ids[None], use_cache=True, **kwargs).logits[0].float())
+    return (torch.cat(pieces) - prefill_logits).abs().max().item()
 
 
 def degeneracy_problem(stats: dict) -> str | None:
@@ -530,7 +712,12 @@ def legacy_config_dict(spec, new_config_path: Path) -> dict:
 
 
 def rope_params_of(config) -> dict:
-    return json.loads(json.dumps(config.rope_parameters, sort_keys=True))
+    params = json.loads(json.dumps(config.rope_parameters, sort_keys=True))
+    # A legacy `type` key is kept next to the `rope_type` that transformers derives from it
+    # (phi3 also maps "su" to "longrope"); only `rope_type` is read.
+    if isinstance(params, dict) and "rope_type" in params:
+        params.pop("type", None)
+    return params
 
 
 def verify_legacy_equivalent(spec, legacy_path: Path) -> None:
@@ -571,6 +758,29 @@ def build_one(spec_fn, out_root: Path, versions: dict) -> dict:
     else:
         raise RuntimeError(f"{name}: no seed in {MAX_SEED_ATTEMPTS} attempts gave usable goldens: {rejected[-3:]}")
     effects = feature_effects(spec, model, config, tensors["input_ids"], tensors["prefill_logits"])
+    if spec.get("hf_chunked_prefill_check"):
+        diff = chunked_prefill_diff(model, config, tensors["input_ids"], tensors["prefill_logits"])
+        assert diff < SELF_CONSISTENCY_TOL, f"{name}: HF {PARITY_CHUNK}-token chunked prefill differs by {diff}"
+        stats[f"max_abs_diff_hf_prefill_in_{PARITY_CHUNK}_token_chunks_vs_golden"] = diff
+
+    # Optional second golden on a short prompt (phi3: exercises longrope's SHORT factors).
+    short = spec.get("short_golden")
+    if short is not None:
+        short_rejected = []
+        for k in range(MAX_SEED_ATTEMPTS):
+            short_ids_seed = seed + 11 + k
+            short_tensors, short_stats = make_goldens(
+                model, config, seed, short["prompt_len"], short["decode_steps"], ids_seed=short_ids_seed
+            )
+            problem = degeneracy_problem(short_stats)
+            if problem is None:
+                break
+            short_rejected.append({"input_ids_seed": short_ids_seed, "why": problem})
+        else:
+            raise RuntimeError(f"{name}: no short prompt gave usable goldens: {short_rejected[-3:]}")
+        short_effects = feature_effects(
+            spec, model, config, short_tensors["input_ids"], short_tensors["prefill_logits"], short["sensitivity"]
+        )
 
     out_dir = out_root / name
     if out_dir.exists():
@@ -578,6 +788,8 @@ def build_one(spec_fn, out_root: Path, versions: dict) -> dict:
     out_dir.mkdir(parents=True)
     save_model(model, out_dir, spec["max_shard_size"])
     save_file(tensors, str(out_dir / "golden.safetensors"), metadata={"format": "pt"})
+    if short is not None:
+        save_file(short_tensors, str(out_dir / "golden_short.safetensors"), metadata={"format": "pt"})
 
     # Reload what we saved and confirm it reproduces the goldens.
     reloaded = spec["model_cls"].from_pretrained(out_dir, attn_implementation="eager", dtype=torch.float32).eval()
@@ -620,6 +832,16 @@ def build_one(spec_fn, out_root: Path, versions: dict) -> dict:
         "stats": stats,
         "tolerance_used_for_self_consistency": SELF_CONSISTENCY_TOL,
     }
+    if short is not None:
+        meta["golden_short"] = {
+            "file": "golden_short.safetensors",
+            "N": short["prompt_len"],
+            "decode_steps": short["decode_steps"],
+            "input_ids_seed": short_ids_seed,
+            "rejected_input_ids_seeds": short_rejected,
+            "feature_effects_max_abs_logit_change_when_disabled": short_effects,
+            "stats": short_stats,
+        }
     write_json(out_dir / "meta.json", meta)
 
     legacy_dir = out_root / "legacy_configs"
@@ -631,6 +853,11 @@ def build_one(spec_fn, out_root: Path, versions: dict) -> dict:
     size = dir_size(out_dir)
     if size > MAX_FIXTURE_BYTES:
         raise RuntimeError(f"{name}: fixture is {size} bytes, over {MAX_FIXTURE_BYTES}")
+    for f in out_dir.iterdir():
+        if f.stat().st_size > MAX_FIXTURE_BYTES:
+            raise RuntimeError(f"{f}: {f.stat().st_size} bytes, over {MAX_FIXTURE_BYTES}")
+    if short is not None:
+        effects = dict(effects, **{f"[golden_short] {k}": v for k, v in short_effects.items()})
     return {"name": name, "dir": out_dir, "stats": stats, "effects": effects, "size": size, "decode_ids": tensors["decode_ids"].tolist()}
 
 
@@ -670,8 +897,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "parity"
     parser.add_argument("--out", type=Path, default=default_out)
-    parser.add_argument("--only", nargs="*", help="subset of model names to build")
+    names = [spec_fn()["name"] for spec_fn in SPECS]
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=names,
+        metavar="NAME",
+        help=f"build only these fixtures (of {', '.join(names)}); every other file under --out, including "
+        "versions.json and gemma3_multimodal_config/ (rewritten only with gemma3 or a full build), is left as it is",
+    )
     args = parser.parse_args()
+    full_build = not args.only
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -686,13 +922,16 @@ def main() -> int:
 
     results = []
     for spec_fn in SPECS:
-        if args.only and spec_fn()["name"] not in args.only:
+        if not full_build and spec_fn()["name"] not in args.only:
             continue
         results.append(build_one(spec_fn, out_root, versions))
-    mm_path = build_multimodal_config(out_root)
+    mm_path = None
+    if full_build or "gemma3" in args.only:
+        mm_path = build_multimodal_config(out_root)
     if not (out_root / "README.md").exists():
         print(f"warning: {out_root / 'README.md'} (the golden-file convention) is missing", file=sys.stderr)
-    write_json(out_root / "versions.json", versions)
+    if full_build:
+        write_json(out_root / "versions.json", versions)
 
     print(f"transformers {versions['transformers']}, torch {versions['torch']}")
     for r in results:
@@ -707,7 +946,8 @@ def main() -> int:
             print(f"          feature '{label}': logits move by up to {effect:.3f} when disabled")
         for f in sorted(r["dir"].iterdir()):
             print(f"          {f.name:45s} {f.stat().st_size:9d} B")
-    print(f"multimodal config: {mm_path} ({mm_path.stat().st_size} B)")
+    if mm_path is not None:
+        print(f"multimodal config: {mm_path} ({mm_path.stat().st_size} B)")
     return 0
 
 

@@ -1,9 +1,11 @@
-//! The whole-model cache: layers plus the spans (system prompt, context) and the logical length.
+//! The whole-model cache: layers, the spans (system prompt, context), the logical length, and
+//! every layout operation, written once over a [`KvStorage`].
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::layer::{LayerCache, MIN_HEAD_SLACK};
+use crate::layer::{packed_offsets, LayerCache, MIN_HEAD_SLACK};
+use crate::storage::{AppendAt, DeviceKv, KvStorage};
 use crate::{CacheError, KeepMask};
 
 /// Source of layout generation ids: every structural change (compaction, front trim, a new or
@@ -14,29 +16,42 @@ fn fresh_generation() -> u64 {
     NEXT_GENERATION.fetch_add(1, Ordering::Relaxed)
 }
 
-/// KV cache of a whole model: one [`LayerCache`] per attention layer plus metadata.
+/// KV cache of a whole model: one [`LayerCache`] per attention layer plus metadata, over a
+/// storage `S` (host memory or CUDA buffers by default, see [`DeviceKv`]).
 ///
 /// Token positions are absolute: `[0, n_sys)` is the system prompt (never evicted),
 /// `[n_sys, n_sys + n_ctx)` the context (the only evictable span), and everything from
 /// `n_sys + n_ctx` on (queries, answers, kept turns) is never evicted either.
 /// `seen_tokens` is the uncompressed length: the RoPE position of the next token, which keeps
 /// counting evicted rows.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
+pub struct KvCache<S: KvStorage = DeviceKv> {
+    pub(crate) storage: S,
+    pub(crate) meta: S::Meta,
+    pub(crate) layers: Vec<LayerCache<S::Layer>>,
     n_sys: usize,
     n_ctx: usize,
     seen_tokens: usize,
     generation: u64,
+    /// Tokens of the step begun by [`KvCache::begin_step`] (0 when none).
+    step: usize,
 }
 
-impl PartialEq for KvCache {
-    /// Logical equality: same spans, `seen_tokens` and per-head live rows in every layer.
-    fn eq(&self, other: &Self) -> bool {
-        self.n_sys == other.n_sys
-            && self.n_ctx == other.n_ctx
-            && self.seen_tokens == other.seen_tokens
-            && self.layers == other.layers
+impl<S: KvStorage> std::fmt::Debug for KvCache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("n_layers", &self.layers.len())
+            .field("n_sys", &self.n_sys)
+            .field("n_ctx", &self.n_ctx)
+            .field("seen_tokens", &self.seen_tokens)
+            .field(
+                "lens",
+                &self
+                    .layers
+                    .iter()
+                    .map(|l| l.lens.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,39 +89,98 @@ pub struct ContextUsage {
     pub bytes_full: usize,
 }
 
-impl KvCache {
-    /// An empty cache with one layer per `(n_kv_heads, head_dim)` entry; spans are 0.
-    pub fn new(layer_shapes: &[(usize, usize)]) -> Result<Self, CacheError> {
-        let layers = layer_shapes
-            .iter()
-            .map(|&(h, d)| LayerCache::new(h, d))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self::from_layers(layers, 0, 0, 0))
+fn layer_err(l: usize) -> impl FnOnce(CacheError) -> CacheError {
+    move |e| match e {
+        CacheError::Shape(m) => CacheError::Shape(format!("layer {l}: {m}")),
+        other => other,
     }
+}
 
-    /// An empty cache of `n_layers` identical layers.
-    pub fn uniform(
-        n_layers: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
+impl<S: KvStorage + Clone> KvCache<S> {
+    /// An empty cache in `storage` with one layer per `(n_kv_heads, head_dim)` entry and
+    /// `rows_per_head` rows reserved in every head (0: grow on demand); spans are 0.
+    pub fn with_capacity_in(
+        storage: S,
+        layer_shapes: &[(usize, usize)],
+        rows_per_head: usize,
     ) -> Result<Self, CacheError> {
-        Self::new(&vec![(n_kv_heads, head_dim); n_layers])
+        let mut layers = Vec::with_capacity(layer_shapes.len());
+        for &(h, d) in layer_shapes {
+            if h == 0 || d == 0 {
+                return Err(CacheError::Shape(format!(
+                    "layer geometry n_kv_heads {h} x head_dim {d}: both must be > 0"
+                )));
+            }
+            let rows = h.checked_mul(rows_per_head).ok_or_else(|| {
+                CacheError::Shape(format!("{h} heads x {rows_per_head} rows overflow usize"))
+            })?;
+            let caps = vec![rows_per_head; h];
+            layers.push(LayerCache {
+                n_kv_heads: h,
+                head_dim: d,
+                pos: vec![0; rows],
+                offsets: packed_offsets(&caps),
+                caps,
+                lens: vec![0; h],
+                relayouts: 0,
+                data: storage.alloc_layer(rows, d)?,
+            });
+        }
+        Self::from_parts(storage, layers, 0, 0, 0)
     }
 
-    /// Assembles a cache from existing layers (used by loading and retain views).
-    pub fn from_layers(
-        layers: Vec<LayerCache>,
+    /// An empty cache in `storage` (no capacity reserved).
+    pub fn new_in(storage: S, layer_shapes: &[(usize, usize)]) -> Result<Self, CacheError> {
+        Self::with_capacity_in(storage, layer_shapes, 0)
+    }
+
+    /// Assembles a cache from layers (loading, retain views) and uploads its layout.
+    pub(crate) fn from_parts(
+        storage: S,
+        layers: Vec<LayerCache<S::Layer>>,
         n_sys: usize,
         n_ctx: usize,
         seen_tokens: usize,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, CacheError> {
+        let heads: Vec<usize> = layers.iter().map(|l| l.n_kv_heads).collect();
+        let meta = storage.new_meta(&heads)?;
+        let mut cache = Self {
+            storage,
+            meta,
             layers,
             n_sys,
             n_ctx,
             seen_tokens,
             generation: fresh_generation(),
+            step: 0,
+        };
+        cache.sync(0, true)?;
+        Ok(cache)
+    }
+
+    /// A deep copy in the same storage (live rows and positions; fresh capacity).
+    pub fn try_clone(&self) -> Result<Self, CacheError> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(self.copied_layer(l, |_, _| true, MIN_HEAD_SLACK)?);
         }
+        Self::from_parts(
+            self.storage.clone(),
+            layers,
+            self.n_sys,
+            self.n_ctx,
+            self.seen_tokens,
+        )
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// The storage's device-side layout copies.
+    pub fn meta(&self) -> &S::Meta {
+        &self.meta
     }
 
     /// Declares the system-prompt length and context length (in tokens) for later pruning.
@@ -153,16 +227,16 @@ impl KvCache {
     }
 
     /// All layers.
-    pub fn layers(&self) -> &[LayerCache] {
+    pub fn layers(&self) -> &[LayerCache<S::Layer>] {
         &self.layers
     }
 
     /// Layer `l`, or `None` if out of range.
-    pub fn layer(&self, l: usize) -> Option<&LayerCache> {
+    pub fn layer(&self, l: usize) -> Option<&LayerCache<S::Layer>> {
         self.layers.get(l)
     }
 
-    fn layer_checked(&self, l: usize) -> Result<&LayerCache, CacheError> {
+    pub(crate) fn layer_checked(&self, l: usize) -> Result<&LayerCache<S::Layer>, CacheError> {
         self.layers.get(l).ok_or_else(|| {
             CacheError::Shape(format!(
                 "layer {l} out of range: cache has {} layers",
@@ -171,78 +245,204 @@ impl KvCache {
         })
     }
 
-    fn layer_checked_mut(&mut self, l: usize) -> Result<&mut LayerCache, CacheError> {
-        let n = self.layers.len();
-        self.layers.get_mut(l).ok_or_else(|| {
-            CacheError::Shape(format!("layer {l} out of range: cache has {n} layers"))
-        })
-    }
-
-    /// Borrowed varlen view of `layer` for the attention kernels (see [`LayerCache::segments`]).
-    pub fn segments(&self, layer: usize) -> Result<kvzip_kernels::KvSegments<'_>, CacheError> {
-        Ok(self.layer_checked(layer)?.segments())
-    }
-
-    /// Live K rows of (`layer`, head `h`): `[len, head_dim]` f32.
-    pub fn head_keys(&self, layer: usize, h: usize) -> Result<&[f32], CacheError> {
-        let lc = self.layer_checked(layer)?;
-        check_head(lc, layer, h)?;
-        Ok(lc.head_keys(h))
-    }
-
-    /// Live V rows of (`layer`, head `h`): `[len, head_dim]` f32.
-    pub fn head_values(&self, layer: usize, h: usize) -> Result<&[f32], CacheError> {
-        let lc = self.layer_checked(layer)?;
-        check_head(lc, layer, h)?;
-        Ok(lc.head_values(h))
-    }
-
     /// Absolute positions of (`layer`, head `h`)'s live rows (`[len]`, increasing).
     pub fn head_positions(&self, layer: usize, h: usize) -> Result<&[u32], CacheError> {
         let lc = self.layer_checked(layer)?;
-        check_head(lc, layer, h)?;
+        check_head(lc.n_kv_heads, layer, h)?;
         Ok(lc.head_positions(h))
     }
 
-    /// Appends `t = positions.len()` tokens to every head of `layer` (see
-    /// [`LayerCache::append`]; `k_new`/`v_new` are `[t, n_kv_heads, head_dim]`), and raises
-    /// `seen_tokens` to `max(positions) + 1` if that is larger.
-    pub fn append(
+    /// Per-layer, per-head live lengths.
+    pub fn lens(&self) -> Vec<Vec<usize>> {
+        self.layers.iter().map(|l| l.lens.clone()).collect()
+    }
+
+    /// Uploads the layout to the storage's device copies (`appended` rows of the current step;
+    /// offsets too when `offsets_changed`).
+    fn sync(&mut self, appended: usize, offsets_changed: bool) -> Result<(), CacheError> {
+        let lens: Vec<usize> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.lens.iter().copied())
+            .collect();
+        let offsets: Option<Vec<usize>> = offsets_changed.then(|| {
+            self.layers
+                .iter()
+                .flat_map(|l| l.offsets.iter().copied())
+                .collect()
+        });
+        self.storage
+            .sync_meta(&mut self.meta, &lens, appended, offsets.as_deref())
+    }
+
+    /// Moves layer `l` into fresh buffers with capacities `caps` (each >= its length).
+    fn relayout(&mut self, l: usize, caps: &[usize]) -> Result<(), CacheError> {
+        let layer = &self.layers[l];
+        let (plan, offsets) = layer.relayout_plan(caps);
+        let total: usize = caps.iter().sum();
+        let mut data = self.storage.alloc_layer(total, layer.head_dim)?;
+        self.storage
+            .gather(&layer.data, &mut data, &plan, layer.head_dim)?;
+        let pos = layer.gathered_positions(&plan, &offsets, caps);
+        let layer = &mut self.layers[l];
+        layer.data = data;
+        layer.pos = pos;
+        layer.offsets = offsets;
+        layer.caps = caps.to_vec();
+        Ok(())
+    }
+
+    /// Makes room for `t` more rows in every head of layer `l`; returns whether it re-laid out.
+    ///
+    /// Growth policy: if some head lacks room the layer is re-laid out once, giving every head
+    /// `lens[h] + t` rows plus a uniform slack of `max(ceil(total_rows_after / n_kv_heads),
+    /// MIN_HEAD_SLACK)` rows. Since every append adds the same `t` rows to each head, at least
+    /// `total_rows_after` rows are appended before the next re-layout, which copies about that
+    /// many rows: O(1) copies per appended row, and the allocation is at most about twice the
+    /// live rows.
+    fn grow_for(&mut self, l: usize, t: usize) -> Result<bool, CacheError> {
+        let layer = &self.layers[l];
+        let nh = layer.n_kv_heads;
+        if (0..nh).all(|h| layer.lens[h] + t <= layer.caps[h]) {
+            return Ok(false);
+        }
+        let total_after = layer.rows() + nh * t;
+        let slack = total_after.div_ceil(nh).max(MIN_HEAD_SLACK);
+        let caps: Vec<usize> = layer.lens.iter().map(|&len| len + t + slack).collect();
+        self.relayout(l, &caps)?;
+        self.layers[l].relayouts += 1;
+        Ok(true)
+    }
+
+    /// Makes sure every head of every layer has at least `rows` free rows.
+    pub fn reserve(&mut self, rows: usize) -> Result<(), CacheError> {
+        let mut changed = false;
+        for l in 0..self.layers.len() {
+            let layer = &self.layers[l];
+            if (0..layer.n_kv_heads).all(|h| layer.lens[h] + rows <= layer.caps[h]) {
+                continue;
+            }
+            let caps: Vec<usize> = (0..layer.n_kv_heads)
+                .map(|h| layer.caps[h].max(layer.lens[h] + rows))
+                .collect();
+            self.relayout(l, &caps)?;
+            changed = true;
+        }
+        if changed {
+            self.sync(0, true)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a forward step of `t` tokens at positions `seen_tokens..seen_tokens + t`: makes
+    /// room in every layer, extends every head by `t` rows (data written per layer with
+    /// [`write_step`](Self::write_step)), advances `seen_tokens`, and syncs the storage's
+    /// device layout once for all layers.
+    pub fn begin_step(&mut self, t: usize) -> Result<(), CacheError> {
+        let mut relaid = false;
+        for l in 0..self.layers.len() {
+            relaid |= self.grow_for(l, t)?;
+        }
+        let first = self.seen_tokens as u32;
+        for layer in &mut self.layers {
+            for h in 0..layer.n_kv_heads {
+                let base = layer.offsets[h] + layer.lens[h];
+                for i in 0..t {
+                    layer.pos[base + i] = first + i as u32;
+                }
+                layer.lens[h] += t;
+            }
+        }
+        self.seen_tokens += t;
+        self.step = t;
+        self.sync(t, relaid)
+    }
+
+    /// Writes the K/V rows of the step begun by [`begin_step`](Self::begin_step) into layer `l`
+    /// (`k`, `v`: `[t, n_kv_heads, head_dim]` token-major, e.g. the projections after RoPE).
+    pub fn write_step(
+        &mut self,
+        l: usize,
+        k: S::Rows<'_>,
+        v: S::Rows<'_>,
+    ) -> Result<(), CacheError> {
+        let t = self.step;
+        if t == 0 {
+            return Err(CacheError::Shape(
+                "write_step without a begun step (call begin_step first)".into(),
+            ));
+        }
+        let layer = self
+            .layers
+            .get_mut(l)
+            .ok_or_else(|| CacheError::Shape(format!("layer {l} out of range")))?;
+        let lens_before: Vec<usize> = layer.lens.iter().map(|&x| x - t).collect();
+        let at = AppendAt {
+            offsets: &layer.offsets,
+            lens_before: &lens_before,
+            caps: &layer.caps,
+            t,
+            head_dim: layer.head_dim,
+        };
+        self.storage
+            .write_step(&self.meta, l, &mut layer.data, at, k, v)
+            .map_err(layer_err(l))
+    }
+
+    /// Appends `t = positions.len()` tokens to every head of `layer` alone (`k_new` /
+    /// `v_new`: `[t, n_kv_heads, head_dim]`), and raises `seen_tokens` to `max(positions) + 1`
+    /// if that is larger. Cost is O(t) rows amortized (growth policy of
+    /// [`begin_step`](Self::begin_step)). Engines stepping all layers together use
+    /// `begin_step` + `write_step`, which sync the device layout once per step.
+    pub fn append_rows(
         &mut self,
         layer: usize,
-        k_new: &[f32],
-        v_new: &[f32],
+        k_new: S::Rows<'_>,
+        v_new: S::Rows<'_>,
         positions: &[u32],
     ) -> Result<(), CacheError> {
-        self.layer_checked_mut(layer)?
-            .append(k_new, v_new, positions)
-            .map_err(|e| match e {
-                CacheError::Shape(m) => CacheError::Shape(format!("layer {layer}: {m}")),
-                other => other,
-            })?;
+        self.layer_checked(layer)?;
+        let t = positions.len();
+        if t == 0 {
+            return Ok(());
+        }
+        let relaid = self.grow_for(layer, t)?;
+        let lc = &mut self.layers[layer];
+        for h in 0..lc.n_kv_heads {
+            let base = lc.offsets[h] + lc.lens[h];
+            lc.pos[base..base + t].copy_from_slice(positions);
+            lc.lens[h] += t;
+        }
+        self.sync(t, relaid)?;
+        self.step = t;
+        let res = self.write_step(layer, k_new, v_new);
+        self.step = 0;
+        if res.is_err() {
+            // Undo the length change so the cache stays consistent.
+            let lc = &mut self.layers[layer];
+            lc.lens.iter_mut().for_each(|x| *x -= t);
+            self.sync(0, false)?;
+            return res;
+        }
         if let Some(&max) = positions.iter().max() {
             self.seen_tokens = self.seen_tokens.max(max as usize + 1);
         }
         Ok(())
     }
 
-    /// Makes sure every head of every layer has at least `rows` free rows.
-    pub fn reserve(&mut self, rows: usize) {
-        self.layers.iter_mut().for_each(|l| l.reserve(rows));
-    }
-
     /// Records the current per-head lengths and `seen_tokens`, to [`rollback`](Self::rollback)
     /// to after a query that must not stay in the cache.
     pub fn mark(&self) -> CacheMark {
         CacheMark {
-            lens: self.layers.iter().map(|l| l.lens().to_vec()).collect(),
+            lens: self.layers.iter().map(|l| l.lens.clone()).collect(),
             seen_tokens: self.seen_tokens,
             generation: self.generation,
         }
     }
 
     /// Restores exactly the state at `mark`: drops every row appended since (in every head of
-    /// every layer) and resets `seen_tokens`. Rows kept by earlier turns stay.
+    /// every layer) and resets `seen_tokens`. Rows kept by earlier turns stay. Growth
+    /// re-layouts keep each head's rows in order, so a mark survives them.
     ///
     /// Errors if the cache was compacted, front-trimmed or replaced since the mark (its rows no
     /// longer line up) or if a head is shorter than at the mark.
@@ -255,11 +455,10 @@ impl KvCache {
             ));
         }
         for (l, (layer, lens)) in self.layers.iter().zip(&mark.lens).enumerate() {
-            if lens.len() != layer.n_kv_heads() || lens.iter().zip(layer.lens()).any(|(m, c)| m > c)
-            {
+            if lens.len() != layer.n_kv_heads || lens.iter().zip(&layer.lens).any(|(m, c)| m > c) {
                 return Err(CacheError::InvalidMark(format!(
                     "layer {l}: mark lengths {lens:?} do not fit current lengths {:?}",
-                    layer.lens()
+                    layer.lens
                 )));
             }
         }
@@ -267,17 +466,95 @@ impl KvCache {
             layer.truncate(lens)?;
         }
         self.seen_tokens = mark.seen_tokens;
-        Ok(())
+        self.step = 0;
+        self.sync(0, false)
+    }
+
+    /// Benchmarks: sets every head's live length (`lens[layer][head]`, each within capacity;
+    /// positions become `0..len`) and the next position, without touching the data.
+    pub fn set_head_lens(
+        &mut self,
+        lens: &[Vec<usize>],
+        seen_tokens: usize,
+    ) -> Result<(), CacheError> {
+        if lens.len() != self.layers.len() {
+            return Err(CacheError::Shape(format!(
+                "set_head_lens: {} layers given, cache has {}",
+                lens.len(),
+                self.layers.len()
+            )));
+        }
+        for (l, (layer, want)) in self.layers.iter().zip(lens).enumerate() {
+            if want.len() != layer.n_kv_heads || want.iter().zip(&layer.caps).any(|(w, c)| w > c) {
+                return Err(CacheError::Shape(format!(
+                    "set_head_lens: layer {l} lengths {want:?} exceed the capacities {:?}",
+                    layer.caps
+                )));
+            }
+        }
+        for (layer, want) in self.layers.iter_mut().zip(lens) {
+            for h in 0..layer.n_kv_heads {
+                let o = layer.offsets[h];
+                for (i, p) in layer.pos[o..o + want[h]].iter_mut().enumerate() {
+                    *p = i as u32;
+                }
+            }
+            layer.lens.clone_from(want);
+        }
+        self.seen_tokens = seen_tokens;
+        self.step = 0;
+        self.sync(0, false)
+    }
+
+    /// A copy of `layer` holding only the rows for which `keep(head, position)` holds, each head
+    /// with `slack` free rows.
+    fn copied_layer(
+        &self,
+        layer: &LayerCache<S::Layer>,
+        keep: impl Fn(usize, u32) -> bool,
+        slack: usize,
+    ) -> Result<LayerCache<S::Layer>, CacheError> {
+        let (plan, lens, caps) = layer.filter_plan(keep, slack);
+        let offsets = packed_offsets(&caps);
+        let total: usize = caps.iter().sum();
+        let mut data = self.storage.alloc_layer(total, layer.head_dim)?;
+        self.storage
+            .gather(&layer.data, &mut data, &plan, layer.head_dim)?;
+        let pos = layer.gathered_positions(&plan, &offsets, &caps);
+        Ok(LayerCache {
+            n_kv_heads: layer.n_kv_heads,
+            head_dim: layer.head_dim,
+            pos,
+            offsets,
+            caps,
+            lens,
+            relayouts: 0,
+            data,
+        })
     }
 
     /// Drops the oldest rows of every head of `layer` so at most `keep_last` remain (sliding
-    /// window layers). If rows were dropped, earlier marks become invalid: call it only when
-    /// committing a turn. Returns the number of rows dropped over all heads.
+    /// window layers), moving the rest into buffers of `keep_last +` [`MIN_HEAD_SLACK`] rows per
+    /// head so the memory is really freed. If rows were dropped, earlier marks become invalid:
+    /// call it only when committing a turn. Returns the number of rows dropped over all heads.
     pub fn trim_front(&mut self, layer: usize, keep_last: usize) -> Result<usize, CacheError> {
-        let dropped = self.layer_checked_mut(layer)?.trim_front(keep_last);
-        if dropped > 0 {
-            self.generation = fresh_generation();
+        let lc = self.layer_checked(layer)?;
+        let dropped: usize = lc.lens.iter().map(|&l| l.saturating_sub(keep_last)).sum();
+        if dropped == 0 {
+            return Ok(0);
         }
+        let firsts: Vec<u32> = (0..lc.n_kv_heads)
+            .map(|h| {
+                let pos = lc.head_positions(h);
+                pos.get(pos.len().saturating_sub(keep_last))
+                    .copied()
+                    .unwrap_or(u32::MAX)
+            })
+            .collect();
+        let new = self.copied_layer(lc, |h, p| p >= firsts[h], MIN_HEAD_SLACK)?;
+        self.layers[layer] = new;
+        self.generation = fresh_generation();
+        self.sync(0, true)?;
         Ok(dropped)
     }
 
@@ -293,11 +570,10 @@ impl KvCache {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             if let Some(lk) = mask.layer(l) {
-                if lk.n_heads != layer.n_kv_heads() {
+                if lk.n_heads != layer.n_kv_heads {
                     return Err(CacheError::Shape(format!(
                         "keep mask layer {l} has {} heads, cache layer has {}",
-                        lk.n_heads,
-                        layer.n_kv_heads()
+                        lk.n_heads, layer.n_kv_heads
                     )));
                 }
             }
@@ -306,15 +582,22 @@ impl KvCache {
     }
 
     /// Layer `l` filtered by `mask`, or `None` if the mask keeps the whole layer.
-    fn filtered_layer(&self, mask: &KeepMask, l: usize, slack: usize) -> Option<LayerCache> {
-        let lk = mask.layer(l)?;
+    fn filtered_layer(
+        &self,
+        mask: &KeepMask,
+        l: usize,
+        slack: usize,
+    ) -> Result<Option<LayerCache<S::Layer>>, CacheError> {
+        let Some(lk) = mask.layer(l) else {
+            return Ok(None);
+        };
         let span = self.context_span();
         let (n_sys, n_ctx) = (self.n_sys, self.n_ctx);
         let keep = |h: usize, p: u32| {
             let p = p as usize;
             !span.contains(&p) || lk.bits[h * n_ctx + (p - n_sys)]
         };
-        Some(self.layers[l].filtered(keep, slack))
+        self.copied_layer(&self.layers[l], keep, slack).map(Some)
     }
 
     /// Evict mode: physically removes the context rows whose keep bit is false, leaving
@@ -328,53 +611,64 @@ impl KvCache {
     /// Rows are matched by absolute position: a row at position `p` in the context span is kept
     /// iff `mask.is_kept(layer, head, p - n_sys)`; system-prompt rows and rows after the context
     /// are always kept, layers without mask bits are untouched, and bits of rows already evicted
-    /// by an earlier compaction are ignored. Invalidates earlier marks.
+    /// by an earlier compaction are ignored. The old buffers are freed. Invalidates earlier marks.
     pub fn compact_with_slack(&mut self, mask: &KeepMask, slack: usize) -> Result<(), CacheError> {
         self.check_mask(mask)?;
         for l in 0..self.layers.len() {
-            if let Some(layer) = self.filtered_layer(mask, l, slack) {
+            if let Some(layer) = self.filtered_layer(mask, l, slack)? {
                 self.layers[l] = layer;
             }
         }
         self.generation = fresh_generation();
-        Ok(())
+        self.sync(0, true)
     }
 
     /// Retain mode: a new compacted cache (as [`compact`](Self::compact) would produce) while
     /// `self` stays intact, so many ratios can be tried after one prefill + scoring.
-    pub fn compacted_view(&self, mask: &KeepMask) -> Result<KvCache, CacheError> {
+    pub fn compacted_view(&self, mask: &KeepMask) -> Result<Self, CacheError> {
         self.check_mask(mask)?;
-        let layers = (0..self.layers.len())
-            .map(|l| {
-                self.filtered_layer(mask, l, MIN_HEAD_SLACK)
-                    .unwrap_or_else(|| self.layers[l].clone())
-            })
-            .collect();
-        Ok(Self::from_layers(
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in 0..self.layers.len() {
+            layers.push(match self.filtered_layer(mask, l, MIN_HEAD_SLACK)? {
+                Some(layer) => layer,
+                None => self.copied_layer(&self.layers[l], |_, _| true, MIN_HEAD_SLACK)?,
+            });
+        }
+        Self::from_parts(
+            self.storage.clone(),
             layers,
             self.n_sys,
             self.n_ctx,
             self.seen_tokens,
-        ))
+        )
     }
 
-    /// Allocated K+V bytes over all layers (f32 storage, free capacity included).
+    /// Allocated K+V bytes over all layers (free capacity included).
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(LayerCache::bytes).sum()
+        let e = self.storage.elem_bytes();
+        self.layers
+            .iter()
+            .map(|l| l.capacity_rows() * l.head_dim * 2 * e)
+            .sum()
     }
 
-    /// K+V bytes of the live rows over all layers, at `elem_bytes` bytes per element
-    /// (4 for this f32 storage, 2 for a bf16 device copy).
+    /// K+V bytes of the live rows over all layers, at the storage's element size.
+    pub fn kv_bytes_live(&self) -> usize {
+        self.kv_bytes_used(self.storage.elem_bytes())
+    }
+
+    /// K+V bytes of the live rows over all layers, at `elem_bytes` bytes per element.
     pub fn kv_bytes_used(&self, elem_bytes: usize) -> usize {
         self.layers
             .iter()
-            .map(|l| l.rows() * l.head_dim() * 2 * elem_bytes)
+            .map(|l| l.rows() * l.head_dim * 2 * elem_bytes)
             .sum()
     }
 
     /// Context-only usage over the layers for which `include(layer)` is true (pass
     /// `|_| true` for all layers, or the evictable layers to exclude e.g. Gemma3 sliding
-    /// layers whose context rows are trimmed by the window, not by pruning).
+    /// layers whose context rows are trimmed by the window, not by pruning). Bytes are counted
+    /// at `elem_bytes` per element.
     pub fn context_usage(
         &self,
         elem_bytes: usize,
@@ -384,8 +678,8 @@ impl KvCache {
         let mut u = ContextUsage::default();
         for (_, layer) in self.layers.iter().enumerate().filter(|(l, _)| include(*l)) {
             let kept = layer.rows_in(span.clone());
-            let full = self.n_ctx * layer.n_kv_heads();
-            let per_pair = 2 * layer.head_dim() * elem_bytes;
+            let full = self.n_ctx * layer.n_kv_heads;
+            let per_pair = 2 * layer.head_dim * elem_bytes;
             u.pairs_kept += kept;
             u.pairs_full += full;
             u.bytes_kept += kept * per_pair;
@@ -405,11 +699,10 @@ impl KvCache {
     }
 }
 
-fn check_head(layer: &LayerCache, l: usize, h: usize) -> Result<(), CacheError> {
-    if h >= layer.n_kv_heads() {
+pub(crate) fn check_head(n_kv_heads: usize, l: usize, h: usize) -> Result<(), CacheError> {
+    if h >= n_kv_heads {
         return Err(CacheError::Shape(format!(
-            "head {h} out of range: layer {l} has {} KV heads",
-            layer.n_kv_heads()
+            "head {h} out of range: layer {l} has {n_kv_heads} KV heads"
         )));
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! Save/load of a (compressed) cache as one safetensors file with JSON metadata.
 //!
-//! Tensors, per layer `l` (rows packed head-major, free capacity dropped):
-//! `layer.{l}.k` / `layer.{l}.v` F32 `[rows, head_dim]`, `layer.{l}.positions` U32 `[rows]`,
+//! The format is device-independent: a cache compressed on a GPU loads on the CPU and the
+//! other way round. Tensors, per layer `l` (rows packed head-major, free capacity dropped):
+//! `layer.{l}.k` / `layer.{l}.v` `[rows, head_dim]` in the storage's element type (F32 from
+//! the CPU, BF16 from CUDA; converted on load), `layer.{l}.positions` U32 `[rows]`,
 //! `layer.{l}.lens` U64 `[n_kv_heads]`. The safetensors `__metadata__` string map holds
 //! `format` = [`FORMAT_NAME`], `format_version` = [`FORMAT_VERSION`] and `kvzip_cache` = a JSON
 //! object with the spans, `seen_tokens`, the layer geometry and the [`CacheFileMeta`].
@@ -10,16 +12,23 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use std::cell::RefCell;
+
+use kvzip_kernels::HostData;
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
-use crate::layer::{LayerCache, MIN_HEAD_SLACK};
+use crate::layer::{packed_offsets, plan_from_rows, LayerCache, MIN_HEAD_SLACK};
+use crate::storage::{DeviceKv, KvStorage};
 use crate::{CacheError, KvCache};
 
 /// Value of the `format` metadata key identifying a kvzip cache file.
 pub const FORMAT_NAME: &str = "kvzip-rs/kv-cache";
-/// Value of the `format_version` metadata key written by this crate (the only one it reads).
-pub const FORMAT_VERSION: &str = "1";
+/// Value of the `format_version` metadata key written by this crate. Version 1 (F32 rows only)
+/// is read too.
+pub const FORMAT_VERSION: &str = "2";
+/// Older versions this crate still reads.
+const READABLE_VERSIONS: [&str; 2] = ["1", "2"];
 
 const KEY_FORMAT: &str = "format";
 const KEY_VERSION: &str = "format_version";
@@ -94,17 +103,37 @@ struct FileHeader {
     meta: CacheFileMeta,
 }
 
-/// A tensor whose little-endian bytes are produced only when the serializer asks for them.
-enum LazyTensor<'a> {
-    Rows(&'a LayerCache, bool),
-    Positions(&'a LayerCache),
-    Lens(&'a LayerCache),
+/// A tensor whose little-endian bytes are produced only when the serializer asks for them
+/// (one layer in host memory at a time). A read error is stashed in `error` and zeros are
+/// produced; the writer then refuses to persist the file.
+enum LazyTensor<'a, S: KvStorage> {
+    Rows {
+        storage: &'a S,
+        layer: &'a LayerCache<S::Layer>,
+        is_k: bool,
+        dtype: Dtype,
+        error: &'a RefCell<Option<CacheError>>,
+    },
+    Positions(&'a LayerCache<S::Layer>),
+    Lens(&'a LayerCache<S::Layer>),
 }
 
-impl LazyTensor<'_> {
+/// All live rows of a layer, packed head after head.
+fn live_plan<L>(layer: &LayerCache<L>) -> kvzip_kernels::GatherPlan {
+    let rows: Vec<Vec<usize>> = (0..layer.n_kv_heads())
+        .map(|h| {
+            let (a, b) = layer.head_range(h);
+            (a..b).collect()
+        })
+        .collect();
+    let counts: Vec<usize> = rows.iter().map(Vec::len).collect();
+    plan_from_rows(&rows, &packed_offsets(&counts))
+}
+
+impl<S: KvStorage> LazyTensor<'_, S> {
     fn dtype(&self) -> Dtype {
         match self {
-            Self::Rows(..) => Dtype::F32,
+            Self::Rows { dtype, .. } => *dtype,
             Self::Positions(_) => Dtype::U32,
             Self::Lens(_) => Dtype::U64,
         }
@@ -113,16 +142,27 @@ impl LazyTensor<'_> {
     fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.data_len());
         match self {
-            Self::Rows(layer, is_k) => {
-                for h in 0..layer.n_kv_heads() {
-                    let rows = if *is_k {
-                        layer.head_keys(h)
-                    } else {
-                        layer.head_values(h)
-                    };
-                    rows.iter()
-                        .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            Self::Rows {
+                storage,
+                layer,
+                is_k,
+                error,
+                ..
+            } => {
+                match storage.read_packed(&layer.data, &live_plan(layer), layer.head_dim()) {
+                    Ok((k, v)) => match if *is_k { k } else { v } {
+                        HostData::F32(x) => x
+                            .iter()
+                            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                        HostData::Bf16(x) => x
+                            .iter()
+                            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                    },
+                    Err(e) => {
+                        error.borrow_mut().get_or_insert(e);
+                    }
                 }
+                out.resize(self.data_len(), 0);
             }
             Self::Positions(layer) => {
                 for h in 0..layer.n_kv_heads() {
@@ -142,7 +182,9 @@ impl LazyTensor<'_> {
 
     fn data_len(&self) -> usize {
         match self {
-            Self::Rows(layer, _) => layer.rows() * layer.head_dim() * 4,
+            Self::Rows { layer, dtype, .. } => {
+                layer.rows() * layer.head_dim() * if *dtype == Dtype::BF16 { 2 } else { 4 }
+            }
             Self::Positions(layer) => layer.rows() * 4,
             Self::Lens(layer) => layer.n_kv_heads() * 8,
         }
@@ -150,12 +192,12 @@ impl LazyTensor<'_> {
 }
 
 /// A [`LazyTensor`] with its shape, as the safetensors serializer wants it.
-struct Shaped<'a> {
-    tensor: LazyTensor<'a>,
+struct Shaped<'a, S: KvStorage> {
+    tensor: LazyTensor<'a, S>,
     shape: Vec<usize>,
 }
 
-impl View for Shaped<'_> {
+impl<S: KvStorage> View for Shaped<'_, S> {
     fn dtype(&self) -> Dtype {
         self.tensor.dtype()
     }
@@ -184,10 +226,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     }
 }
 
-impl KvCache {
+impl<S: KvStorage + Clone> KvCache<S> {
     /// Writes the live rows, positions, lengths, spans and `meta` to `path` as one
-    /// safetensors file (F32, bit-exact). Atomic: written to a temporary file in the same
-    /// directory, then renamed over `path`.
+    /// safetensors file (rows in the storage's element type, bit-exact). Atomic: written to a
+    /// temporary file in the same directory, fsynced, then renamed over `path`.
     pub fn save(&self, path: impl AsRef<Path>, meta: &CacheFileMeta) -> Result<(), CacheError> {
         let path = path.as_ref();
         let header = FileHeader {
@@ -209,12 +251,25 @@ impl KvCache {
             (KEY_HEADER.to_string(), header_json),
         ]
         .into();
-        let mut tensors: Vec<(String, Shaped)> = Vec::new();
+        let row_dtype = if self.storage.elem_bytes() == 2 {
+            Dtype::BF16
+        } else {
+            Dtype::F32
+        };
+        let error = RefCell::new(None);
+        let mut tensors: Vec<(String, Shaped<S>)> = Vec::new();
         for (l, layer) in self.layers().iter().enumerate() {
             let (rows, hd) = (layer.rows(), layer.head_dim());
+            let rows_of = |is_k| LazyTensor::Rows {
+                storage: &self.storage,
+                layer,
+                is_k,
+                dtype: row_dtype,
+                error: &error,
+            };
             let items = [
-                ("k", LazyTensor::Rows(layer, true), vec![rows, hd]),
-                ("v", LazyTensor::Rows(layer, false), vec![rows, hd]),
+                ("k", rows_of(true), vec![rows, hd]),
+                ("v", rows_of(false), vec![rows, hd]),
                 ("positions", LazyTensor::Positions(layer), vec![rows]),
                 ("lens", LazyTensor::Lens(layer), vec![layer.n_kv_heads()]),
             ];
@@ -234,6 +289,9 @@ impl KvCache {
             },
             other => format_err(path, format!("cannot serialize: {other}")),
         })?;
+        if let Some(e) = error.into_inner() {
+            return Err(e);
+        }
         tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
         tmp.persist(path).map_err(|e| CacheError::Io {
             path: path.to_path_buf(),
@@ -242,9 +300,13 @@ impl KvCache {
         Ok(())
     }
 
-    /// Reads a file written by [`save`](Self::save), validating its format, version and every
-    /// shape; returns the cache (with [`MIN_HEAD_SLACK`] free rows per head) and its meta.
-    pub fn load(path: impl AsRef<Path>) -> Result<(KvCache, CacheFileMeta), CacheError> {
+    /// Reads a file written by [`save`](Self::save) into `storage`, validating its format,
+    /// version and every shape; returns the cache (with [`MIN_HEAD_SLACK`] free rows per head)
+    /// and its meta. Rows are converted to the storage's element type.
+    pub fn load_in(
+        storage: S,
+        path: impl AsRef<Path>,
+    ) -> Result<(KvCache<S>, CacheFileMeta), CacheError> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(io_err(path))?;
         let st = parse_safetensors(path, &bytes)?;
@@ -252,6 +314,7 @@ impl KvCache {
         let mut layers = Vec::with_capacity(header.layers.len());
         for (l, &(n_heads, head_dim)) in header.layers.iter().enumerate() {
             layers.push(read_layer(
+                &storage,
                 path,
                 &st,
                 l,
@@ -260,8 +323,21 @@ impl KvCache {
                 header.seen_tokens,
             )?);
         }
-        let cache = KvCache::from_layers(layers, header.n_sys, header.n_ctx, header.seen_tokens);
+        let cache = KvCache::from_parts(
+            storage,
+            layers,
+            header.n_sys,
+            header.n_ctx,
+            header.seen_tokens,
+        )?;
         Ok((cache, header.meta))
+    }
+}
+
+impl KvCache<DeviceKv> {
+    /// [`load_in`](KvCache::load_in) host (f32) storage.
+    pub fn load(path: impl AsRef<Path>) -> Result<(KvCache, CacheFileMeta), CacheError> {
+        Self::load_in(DeviceKv::host(), path)
     }
 }
 
@@ -332,7 +408,7 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<FileHeader, CacheError> {
         _ => return Err(foreign()),
     }
     match map.get(KEY_VERSION).map(String::as_str) {
-        Some(FORMAT_VERSION) => {}
+        Some(v) if READABLE_VERSIONS.contains(&v) => {}
         Some(v) => {
             return Err(format_err(
                 path,
@@ -397,14 +473,47 @@ fn tensor_bytes<'a>(
     Ok(t.data())
 }
 
-fn read_layer(
+/// Tensor `name` with shape `shape` in F32 or BF16, as host data.
+fn float_rows(
+    path: &Path,
+    st: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+) -> Result<HostData, CacheError> {
+    let dtype = st.tensor(name).map(|t| t.dtype()).unwrap_or(Dtype::F32);
+    match dtype {
+        Dtype::BF16 => Ok(HostData::Bf16(
+            tensor_bytes(path, st, name, Dtype::BF16, shape)?
+                .chunks_exact(2)
+                .map(|c| kvzip_kernels::bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        )),
+        _ => Ok(HostData::F32(
+            tensor_bytes(path, st, name, Dtype::F32, shape)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )),
+    }
+}
+
+/// Rows `a..b` (of `d` elements) of packed host data.
+fn host_rows(data: &HostData, a: usize, b: usize, d: usize) -> HostData {
+    match data {
+        HostData::F32(v) => HostData::F32(v[a * d..b * d].to_vec()),
+        HostData::Bf16(v) => HostData::Bf16(v[a * d..b * d].to_vec()),
+    }
+}
+
+fn read_layer<S: KvStorage>(
+    storage: &S,
     path: &Path,
     st: &SafeTensors,
     l: usize,
     n_heads: usize,
     head_dim: usize,
     seen_tokens: usize,
-) -> Result<LayerCache, CacheError> {
+) -> Result<LayerCache<S::Layer>, CacheError> {
     let shape_err = |msg: String| format_err(path, format!("layer {l}: {msg}; {RECREATE}"));
     if n_heads == 0 || head_dim == 0 {
         return Err(shape_err(format!(
@@ -427,20 +536,8 @@ fn read_layer(
                 "head lengths {lens:?} exceed seen_tokens {seen_tokens} per head"
             ))
         })?;
-    let k_raw = tensor_bytes(
-        path,
-        st,
-        &format!("layer.{l}.k"),
-        Dtype::F32,
-        &[rows, head_dim],
-    )?;
-    let v_raw = tensor_bytes(
-        path,
-        st,
-        &format!("layer.{l}.v"),
-        Dtype::F32,
-        &[rows, head_dim],
-    )?;
+    let k = float_rows(path, st, &format!("layer.{l}.k"), &[rows, head_dim])?;
+    let v = float_rows(path, st, &format!("layer.{l}.v"), &[rows, head_dim])?;
     let p_raw = tensor_bytes(
         path,
         st,
@@ -448,11 +545,6 @@ fn read_layer(
         Dtype::U32,
         &[rows],
     )?;
-    let to_f32 = |raw: &[u8]| -> Vec<f32> {
-        raw.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    };
     let positions: Vec<u32> = p_raw
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -469,13 +561,32 @@ fn read_layer(
         }
         start += len;
     }
-    LayerCache::from_packed(
+    let caps: Vec<usize> = lens.iter().map(|&len| len + MIN_HEAD_SLACK).collect();
+    let offsets = packed_offsets(&caps);
+    let total: usize = caps.iter().sum();
+    let mut data = storage.alloc_layer(total, head_dim)?;
+    let mut pos = vec![0u32; total];
+    let mut src = 0;
+    for (h, &len) in lens.iter().enumerate() {
+        let o = offsets[h];
+        storage.write_packed(
+            &mut data,
+            o,
+            &host_rows(&k, src, src + len, head_dim),
+            &host_rows(&v, src, src + len, head_dim),
+            head_dim,
+        )?;
+        pos[o..o + len].copy_from_slice(&positions[src..src + len]);
+        src += len;
+    }
+    Ok(LayerCache {
+        n_kv_heads: n_heads,
         head_dim,
-        &lens,
-        &to_f32(k_raw),
-        &to_f32(v_raw),
-        &positions,
-        MIN_HEAD_SLACK,
-    )
-    .map_err(|e| shape_err(e.to_string()))
+        pos,
+        offsets,
+        caps,
+        lens,
+        relayouts: 0,
+        data,
+    })
 }

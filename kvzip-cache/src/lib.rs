@@ -1,8 +1,12 @@
-//! Flattened variable-length per-head KV cache for kvzip-rs.
+//! Flattened variable-length per-head KV cache for kvzip-rs, over any storage.
 //!
 //! After KVzip pruning every (layer, KV head) keeps a different number of context rows, so the
-//! cache stores each layer as per-head segments of one flat f32 buffer (the layout varlen
-//! attention kernels consume), with spare capacity per head so appends stay O(new tokens):
+//! cache stores each layer as per-head segments of one flat buffer (the layout varlen
+//! attention kernels consume), with spare capacity per head so appends stay O(new tokens).
+//! The layout (offsets, lengths, capacities, positions, marks, compaction plans, retain views,
+//! window trims, accounting, the file format) lives here once; the rows live in a
+//! [`KvStorage`]: host memory or CUDA buffers through [`DeviceKv`] (the default), or a storage
+//! of a downstream engine's own.
 //!
 //! ```text
 //!  layer l, n_kv_heads = 3, rows of head_dim f32 (K and V share the layout; a parallel u32
@@ -20,8 +24,10 @@
 //!  seen_tokens = uncompressed length = RoPE position of the next token
 //! ```
 //!
-//! Operations: [`KvCache::append`] (token-major `[t, n_kv_heads, head_dim]` input, geometric
-//! growth per layer), [`KvCache::mark`] / [`KvCache::rollback`] (exact slice-back after an
+//! Operations: [`KvCache::append`] / [`KvCache::append_rows`] (token-major
+//! `[t, n_kv_heads, head_dim]` input, geometric growth per layer; engines stepping every layer
+//! use [`KvCache::begin_step`] + [`KvCache::write_step`]), [`KvCache::mark`] /
+//! [`KvCache::rollback`] (exact slice-back after an
 //! `update_cache = false` query, earlier kept turns included), [`KvCache::compact`] (evict mode)
 //! and [`KvCache::compacted_view`] (retain mode) from a [`KeepMask`], [`KvCache::trim_front`]
 //! (sliding-window layers), memory accounting ([`KvCache::bytes`], [`KvCache::kv_bytes_used`],
@@ -29,9 +35,11 @@
 //! see [`mod@file`]).
 
 mod cache;
+mod device_cache;
 pub mod file;
 mod keep;
 mod layer;
+pub mod storage;
 
 use std::path::PathBuf;
 
@@ -39,6 +47,7 @@ pub use cache::{CacheMark, ContextUsage, KvCache};
 pub use file::{CacheFileMeta, FORMAT_NAME, FORMAT_VERSION};
 pub use keep::{KeepMask, LayerKeep};
 pub use layer::{LayerCache, MIN_HEAD_SLACK};
+pub use storage::{AppendAt, DeviceKv, KvBuffers, KvStorage};
 
 /// Errors of the KV cache crate.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +55,9 @@ pub enum CacheError {
     /// A tensor or mask has the wrong shape, or an index is out of range; the message names it.
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// The storage failed (device error, out of memory, an argument on the wrong device).
+    #[error("KV cache storage: {0}")]
+    Device(String),
     /// A [`CacheMark`] does not fit the cache it is applied to.
     #[error("invalid cache mark: {0}")]
     InvalidMark(String),

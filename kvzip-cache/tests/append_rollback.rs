@@ -3,7 +3,7 @@
 mod common;
 
 use common::{append_random, assert_matches, empty, filter_model, random_mask, Rng};
-use kvzip_cache::{CacheError, KvCache, LayerCache, MIN_HEAD_SLACK};
+use kvzip_cache::{CacheError, KeepMask, KvCache, LayerKeep, MIN_HEAD_SLACK};
 
 const SHAPES: [(usize, usize); 3] = [(2, 4), (3, 8), (2, 4)];
 
@@ -39,7 +39,7 @@ fn three_kept_turns_then_a_rolled_back_one_leave_exact_lengths() {
         turn(&mut cache, &mut model, q, a, &mut rng);
     }
     assert_eq!(cache.seen_tokens(), 33 + 9 + 12 + 8);
-    let before = cache.clone();
+    let before = cache.try_clone().unwrap();
     let mark = cache.mark();
 
     let mut scratch = model.clone();
@@ -90,12 +90,13 @@ fn rollback_is_refused_after_compaction_or_trim() {
 
 #[test]
 fn appends_are_amortized_constant_per_token() {
-    let mut layer = LayerCache::new(4, 8).unwrap();
+    let mut cache = KvCache::new(&[(4, 8)]).unwrap();
     let k = vec![0.5f32; 4 * 8];
     let n = 20_000u32;
     for p in 0..n {
-        layer.append(&k, &k, &[p]).unwrap();
+        cache.append(0, &k, &k, &[p]).unwrap();
     }
+    let layer = cache.layer(0).unwrap();
     // Uniform slack = max(mean length, 64) => capacity at least doubles each re-layout.
     let bound = (n as f64 / MIN_HEAD_SLACK as f64).log2().ceil() as usize + 1;
     assert!(
@@ -111,34 +112,44 @@ fn appends_are_amortized_constant_per_token() {
 #[test]
 fn appends_after_a_ragged_compaction_stay_amortized() {
     // Heads of very different lengths: the short head must not force a re-layout of the long
-    // one on every few appends.
-    let lens = [5000, 0, 17];
-    let rows: usize = lens.iter().sum();
-    let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
-    let data = vec![1.0f32; rows * 2];
-    let mut layer = LayerCache::from_packed(2, &lens, &data, &data, &positions, 0).unwrap();
+    // one on every few appends. Lengths 5000 / 0 / 17 with no slack, from a compaction.
+    let mut cache = KvCache::new(&[(3, 2)]).unwrap();
+    let ones = vec![1.0f32; 5000 * 3 * 2];
+    let positions: Vec<u32> = (0..5000).collect();
+    cache.append(0, &ones, &ones, &positions).unwrap();
+    cache.set_spans(0, 5000);
+    let keep = [5000, 0, 17];
+    let bits: Vec<bool> = keep
+        .iter()
+        .flat_map(|&n| (0..5000).map(move |p| p < n))
+        .collect();
+    let mask = KeepMask::from_layers(5000, vec![Some(LayerKeep { n_heads: 3, bits })]).unwrap();
+    cache.compact_with_slack(&mask, 0).unwrap();
+    assert_eq!(cache.layer(0).unwrap().lens(), &[5000, 0, 17]);
     let k = vec![2.0f32; 3 * 2];
     for p in 5000..15_000u32 {
-        layer.append(&k, &k, &[p]).unwrap();
+        cache.append(0, &k, &k, &[p]).unwrap();
     }
+    let layer = cache.layer(0).unwrap();
     assert!(
         layer.relayout_count() <= 4,
         "{} re-layouts",
         layer.relayout_count()
     );
     assert_eq!(layer.lens(), &[15_000, 10_000, 10_017]);
-    assert_eq!(&layer.head_keys(1)[..2], &[2.0, 2.0]);
+    assert_eq!(&layer.head_keys(1).unwrap()[..2], &[2.0, 2.0]);
 }
 
 #[test]
 fn reserve_avoids_relayouts() {
-    let mut layer = LayerCache::new(2, 4).unwrap();
-    layer.reserve(100);
+    let mut cache = KvCache::new(&[(2, 4)]).unwrap();
+    cache.reserve(100).unwrap();
     let k = vec![0.0f32; 10 * 2 * 4];
     for c in 0..10u32 {
         let pos: Vec<u32> = (c * 10..c * 10 + 10).collect();
-        layer.append(&k, &k, &pos).unwrap();
+        cache.append(0, &k, &k, &pos).unwrap();
     }
+    let layer = cache.layer(0).unwrap();
     assert_eq!(layer.relayout_count(), 0);
     assert_eq!(layer.rows(), 200);
 }

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use kvzip_hub::fetch::{default_cache_dir, resolve_model};
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring};
 use kvzip_models::engine::Engine;
-use kvzip_hub::fetch::{default_cache_dir, resolve_model};
 use kvzip_templates::{ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
 use sha2::{Digest, Sha256};
 

@@ -7,8 +7,8 @@ use kvzip_eval::methods::Method;
 use kvzip_eval::results::{load_finished, prepare_out_dir, RunConfig};
 use kvzip_eval::runner::{run_all, ModelEvaluator, RunEvent};
 use kvzip_eval::summary::summarize;
-use kvzip_models::engine::{Engine, GenerateOptions};
 use kvzip_hub::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
+use kvzip_models::engine::{Engine, GenerateOptions};
 use kvzip_templates::{ModelFamily, PromptPieces, Tokenizer};
 
 struct Tok<'a>(&'a Tokenizer);

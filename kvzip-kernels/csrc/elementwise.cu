@@ -159,6 +159,14 @@ __device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi)
     }
 }
 
+// Final-logit softcapping in place. Grid-stride.
+extern "C" __global__ void kvz_softcap(KvzSoftcapParams p) {
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < p.n;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        p.x[e] = p.cap * tanhf(p.x[e] / p.cap);
+    }
+}
+
 // One block per row (blockDim 1024): softcap in place, then argmax or a Gumbel-max sample.
 extern "C" __global__ void kvz_sample(KvzSampleParams p) {
     const int row = blockIdx.x;

@@ -80,6 +80,13 @@ typedef struct KvzAddParams {
     int32_t cols;
 } KvzAddParams;
 
+/* x[i] = cap * tanh(x[i] / cap) over n f32 values (final-logit softcapping), cap > 0. */
+typedef struct KvzSoftcapParams {
+    float *x;
+    int64_t n;
+    float cap;
+} KvzSoftcapParams;
+
 /* Per row of logits [rows, vocab] f32: softcap (if softcap > 0: c * tanh(x / c)) in place, then
  * out[r] = argmax, or, if temperature > 0, a sample from softmax(logits / temperature) by the
  * Gumbel-max trick with a counter-based hash of (seed, step, r, index). */

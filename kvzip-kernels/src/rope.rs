@@ -53,6 +53,27 @@ pub enum RopeScaling {
         /// Round the correction range outward to integers (HF default `true`).
         truncate: bool,
     },
+    /// `"longrope"` (Phi-3; legacy spelling `"su"`): every frequency is divided by its own
+    /// rescale factor, `inv_freq[i] = 1 / (ext[i] * theta^(2i / rotary_dim))`, where `ext` is
+    /// `short_factor` or `long_factor` depending on the sequence length (see
+    /// [`RopeParams::inv_freq_for_seq_len`]); cos and sin are multiplied by an attention factor.
+    LongRope {
+        /// Rescale factors used while `seq_len <= original_max_position_embeddings`
+        /// (`rotary_dim / 2` values).
+        short_factor: Vec<f64>,
+        /// Rescale factors used once `seq_len > original_max_position_embeddings`
+        /// (`rotary_dim / 2` values).
+        long_factor: Vec<f64>,
+        /// Context length of pre-training: the switch point between the two factor sets.
+        original_max_position_embeddings: usize,
+        /// `factor` of the rope parameters, only used for the default attention factor;
+        /// `None` means `max_position_embeddings / original_max_position_embeddings` (HF's Phi-3
+        /// rule).
+        factor: Option<f64>,
+        /// Explicit attention factor; `None` means `sqrt(1 + ln(factor) / ln(original))`
+        /// (1 when `factor <= 1`).
+        attention_factor: Option<f64>,
+    },
 }
 
 /// Everything needed to compute RoPE inverse frequencies for one attention layer type.
@@ -64,7 +85,7 @@ pub struct RopeParams {
     pub rotary_dim: usize,
     /// Scaling variant.
     pub scaling: RopeScaling,
-    /// Model's `max_position_embeddings` (used by `Dynamic`).
+    /// Model's `max_position_embeddings` (used by `Dynamic`, and by `LongRope`'s default factor).
     pub max_position_embeddings: usize,
 }
 
@@ -133,6 +154,41 @@ impl RopeParams {
                 }
                 *factor
             }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                factor,
+                attention_factor,
+            } => {
+                let half = self.rotary_dim / 2;
+                for (name, list) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                    if list.len() != half {
+                        return bad(format!(
+                            "longrope {name} has {} values, expected rotary_dim / 2 = {half}",
+                            list.len()
+                        ));
+                    }
+                    if let Some(x) = list.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                        return bad(format!(
+                            "longrope {name} values must be finite and > 0, got {x}"
+                        ));
+                    }
+                }
+                if *original_max_position_embeddings == 0 {
+                    return bad(
+                        "longrope rope_scaling needs original_max_position_embeddings > 0".into(),
+                    );
+                }
+                if let Some(a) = attention_factor {
+                    if !(a.is_finite() && *a > 0.0) {
+                        return bad(format!(
+                            "longrope attention_factor must be finite and > 0, got {a}"
+                        ));
+                    }
+                }
+                factor.unwrap_or(1.0)
+            }
         };
         if !(factor.is_finite() && factor > 0.0) {
             return bad(format!(
@@ -142,13 +198,35 @@ impl RopeParams {
         Ok(())
     }
 
-    /// Inverse frequencies, `[rotary_dim / 2]`, as HF computes them at model initialisation.
+    /// Inverse frequencies, `[rotary_dim / 2]`, as HF computes them at model initialisation
+    /// (`seq_len = None`): `Dynamic` as the default rope, `LongRope` with its SHORT factors.
+    /// Models whose frequencies change with the sequence length ([`Self::depends_on_seq_len`])
+    /// must use [`Self::inv_freq_for_seq_len`] per forward instead.
     pub fn inv_freq(&self) -> Vec<f32> {
-        self.inv_freq_for_seq_len(self.max_position_embeddings)
+        // seq_len 0 plays HF's `seq_len=None`: Dynamic clamps it up to max_position_embeddings,
+        // LongRope treats it as short.
+        self.inv_freq_for_seq_len(0)
     }
 
-    /// Inverse frequencies for a sequence of `seq_len` tokens. Only `Dynamic` depends on it
-    /// (HF recomputes theta when the sequence grows past `max_position_embeddings`).
+    /// Whether the frequencies depend on the length of the sequence being processed, i.e.
+    /// whether a forward pass must call [`Self::inv_freq_for_seq_len`] rather than reuse
+    /// [`Self::inv_freq`]: true for `Dynamic` and `LongRope`.
+    pub fn depends_on_seq_len(&self) -> bool {
+        matches!(
+            self.scaling,
+            RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. }
+        )
+    }
+
+    /// Inverse frequencies for a forward pass whose largest position is `seq_len - 1` (HF's
+    /// `dynamic_rope_update`: `seq_len = max(position_ids) + 1`, for the positions of the
+    /// CURRENT forward only, so a decode step at position `p` has `seq_len = p + 1`).
+    ///
+    /// * `Dynamic`: theta grows once `seq_len > max_position_embeddings`.
+    /// * `LongRope`: `long_factor` when `seq_len > original_max_position_embeddings`, else
+    ///   `short_factor` (HF `longrope_frequency_update`; keys already in a KV cache keep the
+    ///   rotation they were given).
+    /// * every other variant: independent of `seq_len`.
     pub fn inv_freq_for_seq_len(&self, seq_len: usize) -> Vec<f32> {
         let dim = self.rotary_dim;
         match &self.scaling {
@@ -199,12 +277,48 @@ impl RopeParams {
                 *beta_slow,
                 *truncate,
             ),
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                ..
+            } => {
+                let ext = if seq_len > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
+                // HF: 1.0 / (ext_factors * base ** inv_freq_shape), ext_factors an f32 tensor.
+                pos_freqs(self.theta, dim)
+                    .iter()
+                    .zip(ext)
+                    .map(|(&p, &e)| 1.0 / (e as f32 * p))
+                    .collect()
+            }
         }
     }
 
-    /// Factor multiplying cos / sin (YaRN's mscale; 1.0 for every other variant).
+    /// Factor multiplying cos / sin (YaRN's mscale, LongRope's attention factor; 1.0 for every
+    /// other variant). Never depends on the sequence length.
     pub fn attention_factor(&self) -> f32 {
         match &self.scaling {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                factor,
+                attention_factor,
+                ..
+            } => {
+                if let Some(a) = attention_factor {
+                    return *a as f32;
+                }
+                let original = *original_max_position_embeddings as f64;
+                let factor = factor.unwrap_or(self.max_position_embeddings as f64 / original);
+                if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / original.ln()).sqrt() as f32
+                }
+            }
             RopeScaling::Yarn {
                 factor,
                 mscale,

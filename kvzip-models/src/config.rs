@@ -3,7 +3,9 @@
 //! Reads both spellings transformers has used: the 4.x fields (`rope_theta`, `rope_scaling`,
 //! `rope_local_base_freq`, `sliding_window_pattern`) and the 5.x ones (`rope_parameters`, per layer
 //! type for Gemma3, and `layer_types`). Every field that changes the math is captured; missing
-//! required fields are errors naming the field.
+//! required fields are errors naming the field. RoPE types: default, linear, llama3, yarn and
+//! longrope (legacy `su`; Phi-3 keeps its `original_max_position_embeddings` at the top level),
+//! with `partial_rotary_factor` from the rope object or the top level.
 
 use std::path::{Path, PathBuf};
 
@@ -261,13 +263,15 @@ impl RawConfig {
     }
 
     /// Parses one RoPE parameter object (`rope_parameters`, `rope_scaling`, or a per-layer-type
-    /// entry). `theta_fallback` is used when the object has no `rope_theta`.
+    /// entry). `theta_fallback` is used when the object has no `rope_theta`. `head_dim` is
+    /// scaled by `partial_rotary_factor` (from the object, else the top level; default 1) to
+    /// give the rotated dims, `int(head_dim * partial_rotary_factor)` as HF computes it.
     pub fn rope_from_object(
         &self,
         field: &str,
         obj: Option<&Map<String, Value>>,
         theta_fallback: f64,
-        rotary_dim: usize,
+        head_dim: usize,
     ) -> Result<RopeParams> {
         let max_pos = self.opt_usize("max_position_embeddings")?.unwrap_or(8192);
         let num = |k: &str| -> Result<Option<f64>> {
@@ -280,6 +284,25 @@ impl RawConfig {
             }
         };
         let theta = num("rope_theta")?.unwrap_or(theta_fallback);
+        let (prf_field, prf) = match num("partial_rotary_factor")? {
+            Some(p) => (format!("{field}.partial_rotary_factor"), p),
+            None => (
+                "partial_rotary_factor".to_owned(),
+                self.opt_f64("partial_rotary_factor")?.unwrap_or(1.0),
+            ),
+        };
+        if !(prf > 0.0 && prf <= 1.0) {
+            return Err(self.err(&prf_field, format!("must be in (0, 1], got {prf}")));
+        }
+        let rotary_dim = (head_dim as f64 * prf) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+            return Err(self.err(
+                &prf_field,
+                format!(
+                    "head_dim {head_dim} * {prf} gives {rotary_dim} rotated dims; it must be even and > 0"
+                ),
+            ));
+        }
         let kind = obj
             .and_then(|o| o.get("rope_type").or_else(|| o.get("type")))
             .and_then(|v| v.as_str())
@@ -322,21 +345,77 @@ impl RawConfig {
                     .and_then(|v| v.as_bool())
                     .unwrap_or(true),
             },
+            // "su" is the name Phi-3 checkpoints used before "longrope".
+            "longrope" | "su" => {
+                let factors = |k: &str| -> Result<Vec<f64>> {
+                    let key = format!("{field}.{k}");
+                    let half = rotary_dim / 2;
+                    let want = format!(
+                        "a list of rotary_dim / 2 = {half} numbers (rotary_dim = head_dim {head_dim} * partial_rotary_factor {prf})"
+                    );
+                    let list = match obj.and_then(|o| o.get(k)) {
+                        None | Some(Value::Null) => {
+                            return Err(self.err(&key, format!("required for longrope: {want}")))
+                        }
+                        Some(Value::Array(a)) => a,
+                        Some(v) => return Err(self.err(&key, format!("expected {want}, got {v}"))),
+                    };
+                    if list.len() != half {
+                        return Err(self.err(
+                            &key,
+                            format!("has {} values; expected {want}", list.len()),
+                        ));
+                    }
+                    list.iter()
+                        .enumerate()
+                        .map(|(i, v)| match v.as_f64() {
+                            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                            _ => Err(self.err(
+                                &format!("{key}[{i}]"),
+                                format!("expected a positive number, got {v}"),
+                            )),
+                        })
+                        .collect()
+                };
+                // HF gives a top-level `original_max_position_embeddings` (where Phi-3 keeps
+                // it) priority over the one inside the rope object.
+                let original = match self.opt_usize("original_max_position_embeddings")? {
+                    Some(o) => o,
+                    None => orig_max(max_pos)?,
+                };
+                if original == 0 {
+                    return Err(self.err(
+                        "original_max_position_embeddings",
+                        "must be > 0 for longrope",
+                    ));
+                }
+                RopeScaling::LongRope {
+                    short_factor: factors("short_factor")?,
+                    long_factor: factors("long_factor")?,
+                    original_max_position_embeddings: original,
+                    factor: num("factor")?,
+                    attention_factor: num("attention_factor")?,
+                }
+            }
             other => {
                 return Err(self.err(
                     &format!("{field}.rope_type"),
                     format!(
-                        "unsupported rope type {other:?}; supported: default, linear, llama3, yarn"
+                        "unsupported rope type {other:?}; supported: default, linear, llama3, yarn, longrope (su)"
                     ),
                 ))
             }
         };
-        Ok(RopeParams {
+        let params = RopeParams {
             theta,
             rotary_dim,
             scaling,
             max_position_embeddings: max_pos,
-        })
+        };
+        params
+            .validate()
+            .map_err(|e| self.err(field, e.to_string()))?;
+        Ok(params)
     }
 
     fn object(&self, field: &str) -> Result<Option<&Map<String, Value>>> {
@@ -387,13 +466,13 @@ impl RawConfig {
         &self,
         layer_type: &str,
         default_theta: f64,
-        rotary_dim: usize,
+        head_dim: usize,
     ) -> Result<RopeParams> {
         let theta = self.opt_f64("rope_theta")?.unwrap_or(default_theta);
         if let Some(params) = self.object("rope_parameters")? {
             if let Some(Value::Object(per_type)) = params.get(layer_type) {
                 let field = format!("rope_parameters.{layer_type}");
-                return self.rope_from_object(&field, Some(per_type), theta, rotary_dim);
+                return self.rope_from_object(&field, Some(per_type), theta, head_dim);
             }
             if params.values().all(|v| v.is_object()) && !params.is_empty() {
                 return Err(self.err(
@@ -401,10 +480,10 @@ impl RawConfig {
                     format!("has per-layer-type entries but none for {layer_type:?}"),
                 ));
             }
-            return self.rope_from_object("rope_parameters", Some(params), theta, rotary_dim);
+            return self.rope_from_object("rope_parameters", Some(params), theta, head_dim);
         }
         let scaling = self.object("rope_scaling")?;
-        self.rope_from_object("rope_scaling", scaling, theta, rotary_dim)
+        self.rope_from_object("rope_scaling", scaling, theta, head_dim)
     }
 }
 
@@ -480,6 +559,20 @@ impl RawConfig {
         })
     }
 
+    /// Mistral / Phi-3 style: a non-null `sliding_window` makes EVERY layer slide with that
+    /// window (these models have no per-layer types); `null` or absent means full attention.
+    pub fn apply_sliding_window_to_all_layers(&self, spec: &mut ModelSpec) -> Result<()> {
+        if let Some(w) = self.opt_usize("sliding_window")? {
+            if w == 0 {
+                return Err(self.err("sliding_window", "must be > 0 (or null for no window)"));
+            }
+            for layer in &mut spec.layers {
+                layer.window = Some(w);
+            }
+        }
+        Ok(())
+    }
+
     /// Applies `layer_types` / `use_sliding_window` sliding windows to `spec` (Qwen-style configs).
     pub fn apply_sliding_layers(&self, spec: &mut ModelSpec) -> Result<()> {
         if self.get("layer_types").is_none()
@@ -499,5 +592,139 @@ impl RawConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Phi-3 style config (head_dim 128 / 4 = 32) with `extra` merged in at the top level.
+    fn phi3(extra: Value) -> Result<ModelSpec> {
+        let mut cfg = serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"],
+            "model_type": "phi3",
+            "vocab_size": 256,
+            "hidden_size": 128,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 10000.0,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        let raw = RawConfig::parse(Path::new("config.json"), cfg.to_string().as_bytes())?;
+        raw.base_spec()
+    }
+
+    fn field_of(e: ModelError) -> String {
+        match e {
+            ModelError::Config { field, .. } => field,
+            other => panic!("expected a config error, got {other}"),
+        }
+    }
+
+    fn factors(n: usize, start: f64) -> Vec<f64> {
+        (0..n).map(|i| start + 0.5 * i as f64).collect()
+    }
+
+    #[test]
+    fn longrope_legacy_su_spelling_with_partial_rotary() {
+        let spec = phi3(serde_json::json!({
+            "partial_rotary_factor": 0.5,
+            "rope_scaling": {"type": "su", "short_factor": factors(8, 1.0), "long_factor": factors(8, 2.0)},
+        }))
+        .unwrap();
+        let rope = &spec.layers[0].rope;
+        assert_eq!(rope.rotary_dim, 16);
+        assert_eq!(
+            rope.scaling,
+            RopeScaling::LongRope {
+                short_factor: factors(8, 1.0),
+                long_factor: factors(8, 2.0),
+                original_max_position_embeddings: 64,
+                factor: None,
+                attention_factor: None,
+            }
+        );
+        assert!(rope.depends_on_seq_len());
+        // sqrt(1 + ln(1024 / 64) / ln(64))
+        let want = (1.0 + 16f64.ln() / 64f64.ln()).sqrt() as f32;
+        assert_eq!(rope.attention_factor(), want);
+    }
+
+    #[test]
+    fn longrope_top_level_original_wins_and_rope_parameters_keys_are_read() {
+        let spec = phi3(serde_json::json!({
+            "rope_parameters": {
+                "rope_type": "longrope", "rope_theta": 5e5, "partial_rotary_factor": 0.75,
+                "original_max_position_embeddings": 128, "factor": 4.0, "attention_factor": 1.5,
+                "short_factor": factors(12, 1.0), "long_factor": factors(12, 3.0),
+            },
+        }))
+        .unwrap();
+        let rope = &spec.layers[1].rope;
+        assert_eq!((rope.theta, rope.rotary_dim), (5e5, 24));
+        match &rope.scaling {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                factor,
+                attention_factor,
+                ..
+            } => {
+                assert_eq!(*original_max_position_embeddings, 64);
+                assert_eq!((*factor, *attention_factor), (Some(4.0), Some(1.5)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_longrope_values_name_the_field() {
+        let cases = [
+            (
+                serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": factors(16, 1.0), "long_factor": factors(15, 1.0)}}),
+                "rope_scaling.long_factor",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0, "x"], "long_factor": factors(16, 1.0)}}),
+                "rope_scaling.short_factor",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": factors(16, 1.0), "long_factor": 2.0}}),
+                "rope_scaling.long_factor",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"type": "longrope", "short_factor": factors(16, 1.0)}}),
+                "rope_scaling.long_factor",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "longrope", "short_factor": factors(16, 1.0), "long_factor": factors(16, 1.0), "attention_factor": "big"}}),
+                "rope_parameters.attention_factor",
+            ),
+            (
+                serde_json::json!({"partial_rotary_factor": 1.5}),
+                "partial_rotary_factor",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.01}}),
+                "rope_parameters.partial_rotary_factor",
+            ),
+        ];
+        for (extra, field) in cases {
+            let e = phi3(extra.clone()).expect_err(field);
+            let msg = e.to_string();
+            assert_eq!(field_of(e), field, "{extra}: {msg}");
+        }
+        // A non-number inside a list names the element.
+        let e = phi3(serde_json::json!({"rope_scaling": {"type": "longrope",
+            "short_factor": [1.0, 1.0, "x", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+            "long_factor": factors(16, 1.0)}}))
+        .unwrap_err();
+        assert_eq!(field_of(e), "rope_scaling.short_factor[2]");
     }
 }

@@ -43,16 +43,13 @@ pub enum ModelError {
         /// What is wrong and how to fix it.
         msg: String,
     },
-    /// A compute kernel rejected its arguments.
+    /// A compute kernel rejected its arguments, or the device failed (no CUDA in this build, no
+    /// GPU, out of memory).
     #[error(transparent)]
     Kernel(#[from] kvzip_kernels::KernelError),
     /// The KV cache rejected an operation.
     #[error(transparent)]
     Cache(#[from] kvzip_cache::CacheError),
-    /// The CUDA backend failed (no GPU, driver error, kernel launch).
-    #[cfg(feature = "cuda")]
-    #[error(transparent)]
-    Cuda(#[from] kvzip_kernels::cuda::CudaError),
     /// Invalid input to the engine (e.g. empty prompt, context longer than the model allows).
     #[error("{0}")]
     Input(String),

@@ -1,255 +1,342 @@
-//! Building blocks shared by the architectures: linear layers, RMSNorm, attention over the
-//! per-head KV cache, and the gated MLP. Weight names mirror HF transformers.
+//! Weights of the building blocks every architecture shares, on any device: linear layers
+//! (stacked when several projections read the same input), RMSNorm, and one decoder layer.
+//! Weight names mirror HF transformers; [`DecoderNames`] lets an architecture rename or fuse
+//! them.
 
-use kvzip_cache::KvCache;
-use kvzip_kernels::cpu;
+use kvzip_kernels::{Device, Tensor, View, ViewMut};
 
-use crate::config::{Activation, LayerSpec, ModelSpec};
+use crate::config::{LayerSpec, ModelSpec};
 use crate::error::Result;
-use crate::model::AttentionHook;
-use crate::weights::Weights;
+use crate::loader::{f32_tensor, Init, WeightLoader};
 
-/// A dense projection `y = x · Wᵀ + b` with `W: [out_dim, in_dim]`.
+/// A projection `y = x · Wᵀ (+ b)` with `W: [out_dim, in_dim]` on the device. Stacked
+/// projections keep their parts' rows one after the other (q, k, v; gate, up).
 pub struct Linear {
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    in_dim: usize,
-    out_dim: usize,
+    /// `[out_dim, in_dim]`.
+    pub weight: Tensor,
+    /// `[out_dim]`.
+    pub bias: Option<Tensor>,
+    /// Input features.
+    pub in_dim: usize,
+    /// Output features (all parts together when stacked).
+    pub out_dim: usize,
+}
+
+/// How the checkpoint stores projections that read the same input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Projection {
+    /// One tensor per part, e.g. `self_attn.{q,k,v}_proj`: names relative to the layer.
+    Split(Vec<String>),
+    /// One fused tensor holding the parts' rows in order, e.g. Phi-3's `self_attn.qkv_proj`.
+    Fused(String),
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias` is true).
+    /// Loads `{name}.weight` (+ `{name}.bias` when `bias`): `[out_dim, in_dim]`.
     pub fn load(
-        w: &Weights,
-        prefix: &str,
+        w: &WeightLoader<'_>,
+        name: &str,
         in_dim: usize,
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
-        let bias = if bias {
-            Some(w.get(&format!("{prefix}.bias"), &[out_dim])?)
-        } else {
-            None
+        Self::load_parts(
+            w,
+            &Projection::Fused(name.to_owned()),
+            "",
+            &[out_dim],
+            in_dim,
+            bias,
+        )
+    }
+
+    /// Loads a stacked projection of parts with `outs[i]` output rows each, from split tensors
+    /// under `prefix` or one fused tensor.
+    pub fn load_parts(
+        w: &WeightLoader<'_>,
+        proj: &Projection,
+        prefix: &str,
+        outs: &[usize],
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let out_dim: usize = outs.iter().sum();
+        let join = |n: &str| {
+            if prefix.is_empty() {
+                n.to_owned()
+            } else {
+                format!("{prefix}.{n}")
+            }
+        };
+        let (weights, biases): (Vec<_>, Vec<_>) = match proj {
+            Projection::Split(names) => names
+                .iter()
+                .zip(outs)
+                .map(|(n, &o)| {
+                    (
+                        (format!("{}.weight", join(n)), vec![o, in_dim]),
+                        (format!("{}.bias", join(n)), vec![o]),
+                    )
+                })
+                .unzip(),
+            Projection::Fused(n) => (
+                vec![(format!("{}.weight", join(n)), vec![out_dim, in_dim])],
+                vec![(format!("{}.bias", join(n)), vec![out_dim])],
+            ),
         };
         Ok(Self {
-            weight,
-            bias,
+            weight: w.stacked(&weights, Init::Matrix)?,
+            bias: if bias {
+                Some(w.stacked(&biases, Init::Bias)?)
+            } else {
+                None
+            },
             in_dim,
             out_dim,
         })
     }
 
-    /// Wraps an existing `[out_dim, in_dim]` matrix (e.g. tied embeddings).
-    pub fn from_matrix(weight: Vec<f32>, in_dim: usize, out_dim: usize) -> Self {
-        Self {
-            weight,
-            bias: None,
-            in_dim,
-            out_dim,
-        }
-    }
-
-    /// Output width.
-    pub fn out_dim(&self) -> usize {
-        self.out_dim
-    }
-
-    /// `x: [rows, in_dim]` → `[rows, out_dim]`.
-    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut y = vec![0.0; rows * self.out_dim];
-        cpu::linear(
+    /// `out[rows, out_dim] = x[rows, in_dim] · Wᵀ (+ b)`.
+    pub fn forward(
+        &self,
+        dev: &Device,
+        x: &View<'_>,
+        out: &mut ViewMut<'_>,
+        rows: usize,
+    ) -> Result<()> {
+        let bias = self.bias.as_ref().map(Tensor::view);
+        dev.linear(
             x,
-            &self.weight,
-            self.bias.as_deref(),
+            &self.weight.view(),
+            bias.as_ref(),
+            out,
             rows,
-            self.in_dim,
             self.out_dim,
-            &mut y,
+            self.in_dim,
         )?;
-        Ok(y)
+        Ok(())
+    }
+
+    /// Rows `start..start + n` of the stacked projection (one part) applied to `x`.
+    pub fn forward_part(
+        &self,
+        dev: &Device,
+        x: &View<'_>,
+        out: &mut ViewMut<'_>,
+        rows: usize,
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
+        let k = self.in_dim;
+        let w = self.weight.slice(start * k..(start + n) * k)?;
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| b.slice(start..start + n))
+            .transpose()?;
+        dev.linear(x, &w, b.as_ref(), out, rows, n, k)?;
+        Ok(())
+    }
+
+    /// Bytes of the weight and bias.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes() + self.bias.as_ref().map_or(0, Tensor::bytes)
     }
 }
 
-/// RMSNorm over the last dimension, with a weight offset (0, or 1 for Gemma's `(1 + w)`).
-pub struct RmsNorm {
-    weight: Vec<f32>,
-    eps: f32,
-    offset: f32,
-    dim: usize,
+/// RMSNorm weights `[dim]` with the model's epsilon and weight offset (1 for Gemma's `(1 + w)`).
+pub struct Norm {
+    /// `[dim]`.
+    pub weight: Tensor,
+    /// Epsilon inside the square root.
+    pub eps: f32,
+    /// Added to the weight.
+    pub offset: f32,
+    /// Normalised width.
+    pub dim: usize,
 }
 
-impl RmsNorm {
+impl Norm {
     /// Loads `{name}.weight` of length `dim`.
-    pub fn load(w: &Weights, name: &str, dim: usize, spec: &ModelSpec) -> Result<Self> {
+    pub fn load(w: &WeightLoader<'_>, name: &str, dim: usize, spec: &ModelSpec) -> Result<Self> {
         Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
+            weight: w.tensor(&format!("{name}.weight"), &[dim], Init::Norm)?,
             eps: spec.rms_norm_eps,
             offset: spec.norm_weight_offset,
             dim,
         })
     }
 
-    /// Normalises every row of `dim` values of `x`, returning a new buffer.
-    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let mut out = vec![0.0; x.len()];
-        cpu::rms_norm(x, &self.weight, self.eps, self.offset, self.dim, &mut out)?;
-        Ok(out)
-    }
-
-    /// Normalises in place.
-    pub fn forward_inplace(&self, x: &mut [f32]) -> Result<()> {
-        let out = self.forward(x)?;
-        x.copy_from_slice(&out);
+    /// `out = norm(x)` over `rows` rows; with `residual`, `x` first becomes `x + residual`
+    /// (written back) and the sum is normalised (the fused add + norm).
+    pub fn apply(
+        &self,
+        dev: &Device,
+        x: &mut ViewMut<'_>,
+        residual: Option<&View<'_>>,
+        out: &mut ViewMut<'_>,
+        rows: usize,
+    ) -> Result<()> {
+        dev.rms_norm(
+            x,
+            residual,
+            &self.weight.view(),
+            out,
+            rows,
+            self.dim,
+            self.eps,
+            self.offset,
+        )?;
         Ok(())
     }
+
+    /// Bytes of the weight.
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes()
+    }
 }
 
-/// Self-attention of one layer over the flattened per-head KV cache.
-pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    scale: f32,
-    softcap: Option<f32>,
-    window: Option<usize>,
-    inv_freq: Vec<f32>,
-    rope_factor: f32,
+/// HF weight names of a decoder, relative to each layer `{prefix}.layers.{l}` unless noted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecoderNames {
+    /// Prefix of the decoder (`model`; Gemma 3 multimodal checkpoints nest it).
+    pub prefix: String,
+    /// Full name of the LM head weight (absent when tied).
+    pub lm_head: String,
+    /// The q, k, v projections.
+    pub qkv: Projection,
+    /// The gate and up projections.
+    pub gate_up: Projection,
 }
 
-impl Attention {
-    /// Loads `{prefix}.{q,k,v,o}_proj` (+ `q_norm`/`k_norm` when the spec has qk-norm).
-    pub fn load(w: &Weights, prefix: &str, spec: &ModelSpec, layer: &LayerSpec) -> Result<Self> {
-        let (h, q_dim, kv_dim) = (
-            spec.hidden_size,
-            spec.n_heads * spec.head_dim,
-            spec.n_kv_heads * spec.head_dim,
-        );
-        let qk_norm = |n: &str| -> Result<Option<RmsNorm>> {
-            if spec.qk_norm {
-                Ok(Some(RmsNorm::load(
-                    w,
-                    &format!("{prefix}.{n}"),
-                    spec.head_dim,
-                    spec,
-                )?))
-            } else {
-                Ok(None)
-            }
+impl DecoderNames {
+    /// The LLaMA / Qwen / Gemma names under `prefix`: separate `self_attn.{q,k,v}_proj` and
+    /// `mlp.{gate,up}_proj`.
+    pub fn llama(prefix: &str, lm_head: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            lm_head: lm_head.to_owned(),
+            qkv: Projection::Split(
+                ["q_proj", "k_proj", "v_proj"]
+                    .map(|n| format!("self_attn.{n}"))
+                    .to_vec(),
+            ),
+            gate_up: Projection::Split(
+                ["gate_proj", "up_proj"]
+                    .map(|n| format!("mlp.{n}"))
+                    .to_vec(),
+            ),
+        }
+    }
+}
+
+/// RoPE of one layer: the inverse frequencies on the device and the cos/sin factor.
+pub struct LayerRope {
+    /// `[rot / 2]` f32 on the device (for the seq-len-independent variants).
+    pub inv_freq: Tensor,
+    /// Attention factor multiplying cos and sin.
+    pub factor: f32,
+    /// The parameters (seq-len-dependent variants recompute `inv_freq` per forward).
+    pub params: kvzip_kernels::rope::RopeParams,
+}
+
+/// One decoder layer's weights.
+pub struct DecoderLayer {
+    /// Before attention (`input_layernorm`).
+    pub input_norm: Norm,
+    /// Gemma: after attention (`post_attention_layernorm`).
+    pub post_attention_norm: Option<Norm>,
+    /// Before the MLP (`post_attention_layernorm` for LLaMA/Qwen, `pre_feedforward_layernorm`
+    /// for Gemma).
+    pub pre_mlp_norm: Norm,
+    /// Gemma: after the MLP (`post_feedforward_layernorm`).
+    pub post_mlp_norm: Option<Norm>,
+    /// q, k, v stacked: `[(n_heads + 2 * n_kv_heads) * head_dim, hidden]`.
+    pub qkv: Linear,
+    /// Output projection.
+    pub o: Linear,
+    /// Per-head q norm (Qwen3, Gemma3).
+    pub q_norm: Option<Norm>,
+    /// Per-head k norm.
+    pub k_norm: Option<Norm>,
+    /// gate and up stacked: `[2 * intermediate, hidden]` (gate rows first).
+    pub gate_up: Linear,
+    /// `down_proj`.
+    pub down: Linear,
+    /// RoPE of this layer.
+    pub rope: LayerRope,
+    /// Sliding window (`None`: global).
+    pub window: Option<usize>,
+}
+
+impl DecoderLayer {
+    /// Loads layer `l` with the names of `names`.
+    pub fn load(
+        w: &WeightLoader<'_>,
+        names: &DecoderNames,
+        l: usize,
+        spec: &ModelSpec,
+        ls: &LayerSpec,
+    ) -> Result<Self> {
+        let p = format!("{}.layers.{l}", names.prefix);
+        let (h, d, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
+        let (q_dim, kv_dim) = (spec.n_heads * d, spec.n_kv_heads * d);
+        let norm = |n: &str, dim: usize| Norm::load(w, &format!("{p}.{n}"), dim, spec);
+        let (post_attention_norm, pre_mlp_norm, post_mlp_norm) = if spec.sandwich_norms {
+            (
+                Some(norm("post_attention_layernorm", h)?),
+                norm("pre_feedforward_layernorm", h)?,
+                Some(norm("post_feedforward_layernorm", h)?),
+            )
+        } else {
+            (None, norm("post_attention_layernorm", h)?, None)
+        };
+        let qk_norm = |n: &str| -> Result<Option<Norm>> {
+            spec.qk_norm
+                .then(|| norm(&format!("self_attn.{n}"), d))
+                .transpose()
         };
         Ok(Self {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), h, q_dim, spec.qkv_bias)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), h, kv_dim, spec.qkv_bias)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), h, kv_dim, spec.qkv_bias)?,
-            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), q_dim, h, spec.o_bias)?,
+            input_norm: norm("input_layernorm", h)?,
+            post_attention_norm,
+            pre_mlp_norm,
+            post_mlp_norm,
+            qkv: Linear::load_parts(
+                w,
+                &names.qkv,
+                &p,
+                &[q_dim, kv_dim, kv_dim],
+                h,
+                spec.qkv_bias,
+            )?,
+            o: Linear::load(w, &format!("{p}.self_attn.o_proj"), q_dim, h, spec.o_bias)?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
-            n_heads: spec.n_heads,
-            n_kv_heads: spec.n_kv_heads,
-            head_dim: spec.head_dim,
-            scale: spec.attn_scale,
-            softcap: spec.attn_softcap,
-            window: layer.window,
-            inv_freq: layer.rope.inv_freq(),
-            rope_factor: layer.rope.attention_factor(),
+            gate_up: Linear::load_parts(w, &names.gate_up, &p, &[i, i], h, spec.mlp_bias)?,
+            down: Linear::load(w, &format!("{p}.mlp.down_proj"), i, h, spec.mlp_bias)?,
+            rope: LayerRope {
+                inv_freq: f32_tensor(w.device(), &ls.rope.inv_freq())?,
+                factor: ls.rope.attention_factor(),
+                params: ls.rope.clone(),
+            },
+            window: ls.window,
         })
     }
 
-    /// `x: [t, hidden]` normalised input → attention output `[t, hidden]`; appends this step's
-    /// K/V (rotated) to `cache` layer `layer` at `positions` (the same positions as `u32` in
-    /// `cache_positions`) and calls `hook` with the rotated queries once the cache holds them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        x: &[f32],
-        positions: &[usize],
-        cache_positions: &[u32],
-        layer: usize,
-        cache: &mut KvCache,
-        hook: &mut Option<&mut dyn AttentionHook>,
-    ) -> Result<Vec<f32>> {
-        let t = positions.len();
-        let d = self.head_dim;
-        let mut q = self.q_proj.forward(x, t)?;
-        let mut k = self.k_proj.forward(x, t)?;
-        let v = self.v_proj.forward(x, t)?;
-        if let Some(n) = &self.q_norm {
-            n.forward_inplace(&mut q)?;
-        }
-        if let Some(n) = &self.k_norm {
-            n.forward_inplace(&mut k)?;
-        }
-        cpu::rope_inplace(
-            &mut q,
-            positions,
-            self.n_heads,
-            d,
-            &self.inv_freq,
-            self.rope_factor,
-        )?;
-        cpu::rope_inplace(
-            &mut k,
-            positions,
-            self.n_kv_heads,
-            d,
-            &self.inv_freq,
-            self.rope_factor,
-        )?;
-        cache.append(layer, &k, &v, cache_positions)?;
-        if let Some(h) = hook.as_deref_mut() {
-            h.after_append(layer, &q, t, cache)?;
-        }
-        let mut out = vec![0.0; q.len()];
-        cpu::attention(
-            &q,
-            &cache.segments(layer)?,
-            t,
-            self.n_heads / self.n_kv_heads,
-            d,
-            self.scale,
-            self.window,
-            self.softcap,
-            &mut out,
-        )?;
-        self.o_proj.forward(&out, t)
-    }
-}
-
-/// Gated MLP: `down(act(gate(x)) * up(x))`.
-pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-    activation: Activation,
-}
-
-impl Mlp {
-    /// Loads `{prefix}.{gate,up,down}_proj`.
-    pub fn load(w: &Weights, prefix: &str, spec: &ModelSpec) -> Result<Self> {
-        let (h, i, b) = (spec.hidden_size, spec.intermediate_size, spec.mlp_bias);
-        Ok(Self {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, b)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), h, i, b)?,
-            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, h, b)?,
-            activation: spec.activation,
-        })
-    }
-
-    /// `x: [rows, hidden]` → `[rows, hidden]`.
-    pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let gate = self.gate_proj.forward(x, rows)?;
-        let up = self.up_proj.forward(x, rows)?;
-        let mut act = vec![0.0; gate.len()];
-        match self.activation {
-            Activation::Silu => cpu::silu_mul(&gate, &up, &mut act)?,
-            Activation::GeluTanh => cpu::gelu_tanh_mul(&gate, &up, &mut act)?,
-        }
-        self.down_proj.forward(&act, rows)
+    /// Bytes of weights one token reads in this layer.
+    pub fn bytes(&self) -> usize {
+        let norms = [
+            Some(&self.input_norm),
+            self.post_attention_norm.as_ref(),
+            Some(&self.pre_mlp_norm),
+            self.post_mlp_norm.as_ref(),
+            self.q_norm.as_ref(),
+            self.k_norm.as_ref(),
+        ];
+        self.qkv.bytes()
+            + self.o.bytes()
+            + self.gate_up.bytes()
+            + self.down.bytes()
+            + norms.iter().flatten().map(|n| n.bytes()).sum::<usize>()
     }
 }

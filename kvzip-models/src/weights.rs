@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use kvzip_kernels::HostData;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 
@@ -180,24 +181,8 @@ impl Weights {
 
     /// Loads tensor `name` as f32, checking it has exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let entry = self.tensors.get(name).ok_or_else(|| {
-            weights_err(
-                &self.primary_path(),
-                name,
-                "missing from the checkpoint (does config.json match the weights?)",
-            )
-        })?;
+        let entry = self.entry(name, shape)?;
         let path = &self.files[entry.file].0;
-        if entry.shape != shape {
-            return Err(weights_err(
-                path,
-                name,
-                format!(
-                    "has shape {:?} but the config implies {:?}; the checkpoint does not match config.json",
-                    entry.shape, shape
-                ),
-            ));
-        }
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
         let out = match entry.dtype {
             Dtype::F32 => bytes
@@ -221,6 +206,64 @@ impl Weights {
             }
         };
         Ok(out)
+    }
+
+    /// Loads tensor `name` (checking `shape`) as host data in a compute type without widening
+    /// what need not be widened: BF16 stays bf16 (so a bf16 device takes it as is), F32 stays
+    /// f32, F16 becomes f32.
+    pub fn host_data(&self, name: &str, shape: &[usize]) -> Result<HostData> {
+        let entry = self.entry(name, shape)?;
+        if entry.dtype == Dtype::BF16 {
+            let bytes = &self.files[entry.file].1[entry.start..entry.end];
+            return Ok(HostData::Bf16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ));
+        }
+        Ok(HostData::F32(self.get(name, shape)?))
+    }
+
+    /// Tells the OS that the file pages of tensor `name` are no longer needed, so a loader that
+    /// has copied (or uploaded) the tensor does not keep the mapped file resident as well
+    /// (peak RSS of a load stays near the largest converted tensor, not the file size).
+    pub fn release(&self, name: &str) {
+        let Some(entry) = self.tensors.get(name) else {
+            return;
+        };
+        let map = &self.files[entry.file].1;
+        let page = 4096;
+        let start = entry.start.div_ceil(page) * page;
+        let end = (entry.end / page) * page;
+        if end > start {
+            // SAFETY: the map is read-only and private to this process; dropping its pages only
+            // makes later reads fault them in again from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
+        let entry = self.tensors.get(name).ok_or_else(|| {
+            weights_err(
+                &self.primary_path(),
+                name,
+                "missing from the checkpoint (does config.json match the weights?)",
+            )
+        })?;
+        if entry.shape != shape {
+            return Err(weights_err(
+                &self.files[entry.file].0,
+                name,
+                format!(
+                    "has shape {:?} but the config implies {:?}; the checkpoint does not match config.json",
+                    entry.shape, shape
+                ),
+            ));
+        }
+        Ok(entry)
     }
 
     /// Loads `name` if present (with shape check), `Ok(None)` if absent.

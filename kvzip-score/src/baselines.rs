@@ -19,8 +19,9 @@
 
 use std::ops::Range;
 
-use crate::colstats::{column_stats, ColReduce, Unit};
 use crate::{ContextScores, LayerScores, Result, ScoreError};
+use kvzip_kernels::colstats::{ColReduce, ColumnUnit as Unit};
+use kvzip_kernels::host::column_stats;
 
 /// 1-D pooling kind of SnapKV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

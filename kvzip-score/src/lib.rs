@@ -2,9 +2,10 @@
 //!
 //! * [`ContextScores`] / [`ScoreAccumulator`]: one f32 score per (layer, KV head, context
 //!   position), assembled chunk by chunk (KVZIP-SPEC §1).
-//! * [`score_chunk`]: the KVzip context-reconstruction score of one chunk on CPU (tiled two-pass
-//!   softmax statistics, nothing larger than a tile materialised), plus
-//!   [`score_chunk_reference`], a plain loop implementation used to test it.
+//! * [`score_chunk`]: the KVzip context-reconstruction score of one chunk on host memory (tiled
+//!   two-pass softmax statistics, nothing larger than a tile materialised), plus
+//!   [`score_chunk_reference`], a plain loop implementation used to test it (both from
+//!   `kvzip-kernels`, which also runs the op on CUDA; [`ScoreAccumulator`] drives either).
 //! * [`select`]: budget selection (pair, pair-uniform, head, pyramid) producing a
 //!   [`kvzip_cache::KeepMask`] with exactly `round(ratio * N)` kept units (DESIGN §3).
 //! * [`HeadScores`]: context-independent head scores (KVZIP-SPEC §3): compute, save/load as
@@ -12,7 +13,6 @@
 //! * [`baselines`]: SnapKV, PyramidKV, H2O and StreamingLLM scores under the same budget rules.
 
 pub mod baselines;
-mod colstats;
 mod head;
 mod recon;
 mod scores;

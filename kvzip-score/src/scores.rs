@@ -2,8 +2,9 @@
 
 use std::ops::Range;
 
-use crate::recon::{score_chunk, ScoreShape};
-use crate::{Result, ScoreError};
+use kvzip_kernels::{DType, Device, KvView, ScoreChunkShape, Tensor, View};
+
+use crate::{score_chunk, Result, ScoreError, ScoreShape};
 
 /// Scores of one scored layer: `n_heads` rows of `n_ctx` f32 values, head-major
 /// (`values[h * n_ctx + pos]`).
@@ -119,20 +120,38 @@ impl ContextScores {
     }
 }
 
-/// Assembles [`ContextScores`] chunk by chunk: the engine calls it once per scored layer per
-/// scoring chunk (chunks may arrive in any order, each position exactly once).
-#[derive(Debug, Clone)]
+/// Assembles [`ContextScores`] chunk by chunk, on any device.
+///
+/// Each scored layer keeps a `[n_heads, n_ctx]` f32 buffer on the accumulator's device. The
+/// score ops ([`score_layer_chunk`](Self::score_layer_chunk) on host key slices,
+/// [`score_layer_view`](Self::score_layer_view) on a cache layer of any device) take the max
+/// of the stored value and the chunk's score (scores are probabilities, the buffers start at
+/// 0); [`insert_chunk`](Self::insert_chunk) stores externally computed values. Every context
+/// position must be covered before [`finish`](Self::finish).
+#[derive(Debug)]
 pub struct ScoreAccumulator {
-    scores: ContextScores,
+    device: Device,
+    n_ctx: usize,
+    heads: Vec<Option<usize>>,
+    layers: Vec<Option<Tensor>>,
+    /// Row log-sum-exp scratch of the CUDA score kernel (grown on demand).
+    row_lse: Option<Tensor>,
     filled: Vec<Option<Vec<bool>>>,
 }
 
 impl ScoreAccumulator {
-    /// Accumulator for `n_ctx` context positions and `n_heads[l]` KV heads per layer
+    /// Host accumulator for `n_ctx` context positions and `n_heads[l]` KV heads per layer
     /// (`None` = layer not scored).
     pub fn new(n_ctx: usize, n_heads: &[Option<usize>]) -> Self {
         Self {
-            scores: ContextScores::zeros(n_ctx, n_heads),
+            device: Device::Cpu,
+            n_ctx,
+            heads: n_heads.to_vec(),
+            layers: n_heads
+                .iter()
+                .map(|h| h.map(|n| Tensor::from_f32(vec![0.0; n * n_ctx])))
+                .collect(),
+            row_lse: None,
             filled: n_heads
                 .iter()
                 .map(|h| h.map(|_| vec![false; n_ctx]))
@@ -140,51 +159,89 @@ impl ScoreAccumulator {
         }
     }
 
-    /// Number of context positions.
-    pub fn n_ctx(&self) -> usize {
-        self.scores.n_ctx
+    /// An accumulator whose buffers live on `device` (zeroed there).
+    pub fn on_device(device: &Device, n_ctx: usize, n_heads: &[Option<usize>]) -> Result<Self> {
+        let layers = n_heads
+            .iter()
+            .map(|h| h.map(|n| device.zeros(DType::F32, n * n_ctx)).transpose())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self {
+            device: device.clone(),
+            n_ctx,
+            heads: n_heads.to_vec(),
+            layers,
+            row_lse: None,
+            filled: n_heads
+                .iter()
+                .map(|h| h.map(|_| vec![false; n_ctx]))
+                .collect(),
+        })
     }
 
-    /// Stores externally computed chunk scores (e.g. from a GPU kernel): `values` is
-    /// `[n_heads, chunk.len()]` head-major, written to `score[layer][h][chunk]`.
+    /// Number of context positions.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn layer_buf(&mut self, layer: usize) -> Result<(usize, &mut Tensor)> {
+        let n_layers = self.layers.len();
+        match (
+            self.heads.get(layer).copied().flatten(),
+            self.layers.get_mut(layer),
+        ) {
+            (Some(n), Some(Some(t))) => Ok((n, t)),
+            _ => Err(ScoreError::Shape(format!(
+                "layer {layer} is not scored (model has {n_layers} layers; \
+                 scored layers are fixed when the accumulator is created)"
+            ))),
+        }
+    }
+
+    fn check_chunk(&self, chunk: &Range<usize>) -> Result<()> {
+        if chunk.start > chunk.end || chunk.end > self.n_ctx {
+            return Err(ScoreError::Shape(format!(
+                "chunk {chunk:?} is outside the context 0..{}",
+                self.n_ctx
+            )));
+        }
+        Ok(())
+    }
+
+    fn mark_filled(&mut self, layer: usize, chunk: Range<usize>) {
+        if let Some(Some(filled)) = self.filled.get_mut(layer) {
+            filled[chunk].iter_mut().for_each(|f| *f = true);
+        }
+    }
+
+    /// Stores externally computed chunk scores: `values` is `[n_heads, chunk.len()]`
+    /// head-major, written (overwriting) to `score[layer][h][chunk]`. Host accumulators only.
     pub fn insert_chunk(
         &mut self,
         layer: usize,
         chunk: Range<usize>,
         values: &[f32],
     ) -> Result<()> {
-        let n_ctx = self.scores.n_ctx;
-        if chunk.start > chunk.end || chunk.end > n_ctx {
-            return Err(ScoreError::Shape(format!(
-                "chunk {chunk:?} is outside the context 0..{n_ctx}"
-            )));
-        }
-        let n_layers = self.scores.n_layers();
-        let Some(ls) = self.scores.layer_mut(layer) else {
-            return Err(ScoreError::Shape(format!(
-                "layer {layer} is not scored (model has {n_layers} layers; \
-                 scored layers are fixed when the accumulator is created)"
-            )));
-        };
+        self.check_chunk(&chunk)?;
+        let n_ctx = self.n_ctx;
+        let (n_heads, buf) = self.layer_buf(layer)?;
         let len = chunk.len();
-        if values.len() != ls.n_heads * len {
+        if values.len() != n_heads * len {
             return Err(ScoreError::Shape(format!(
-                "chunk scores of layer {layer}: {} values, expected n_heads {} x chunk length {len}",
-                values.len(),
-                ls.n_heads
+                "chunk scores of layer {layer}: {} values, expected n_heads {n_heads} x chunk length {len}",
+                values.len()
             )));
         }
-        for h in 0..ls.n_heads {
-            ls.values[h * n_ctx + chunk.start..h * n_ctx + chunk.end]
+        let dst = buf.host_f32_mut("score buffer")?;
+        for h in 0..n_heads {
+            dst[h * n_ctx + chunk.start..h * n_ctx + chunk.end]
                 .copy_from_slice(&values[h * len..(h + 1) * len]);
         }
-        if let Some(Some(filled)) = self.filled.get_mut(layer) {
-            filled[chunk].iter_mut().for_each(|f| *f = true);
-        }
+        self.mark_filled(layer, chunk);
         Ok(())
     }
 
-    /// Runs [`score_chunk`] for one layer and chunk and stores the result.
+    /// Runs the KVzip score op ([`score_chunk`]) for one layer and chunk on host key slices and
+    /// keeps the max with the stored scores. Host accumulators only.
     ///
     /// `q` is `[shape.q_len, n_kv_heads * group, head_dim]` (rotated queries of the scoring
     /// input); `head_keys(h)` returns every key row of KV head `h` of the unpruned cache after
@@ -200,12 +257,73 @@ impl ScoreAccumulator {
     where
         F: Fn(usize) -> &'k [f32] + Sync,
     {
+        self.check_chunk(&chunk)?;
         let mut out = vec![0.0f32; shape.n_kv_heads * chunk.len()];
         score_chunk(shape, q, head_keys, chunk.clone(), &mut out)?;
-        self.insert_chunk(layer, chunk, &out)
+        let n_ctx = self.n_ctx;
+        let (n_heads, buf) = self.layer_buf(layer)?;
+        if n_heads != shape.n_kv_heads {
+            return Err(ScoreError::Shape(format!(
+                "layer {layer} has {n_heads} KV heads, the score shape {}",
+                shape.n_kv_heads
+            )));
+        }
+        let dst = buf.host_f32_mut("score buffer")?;
+        let len = chunk.len();
+        for h in 0..n_heads {
+            dst[h * n_ctx + chunk.start..h * n_ctx + chunk.end]
+                .iter_mut()
+                .zip(&out[h * len..(h + 1) * len])
+                .for_each(|(a, &b)| *a = a.max(b));
+        }
+        self.mark_filled(layer, chunk);
+        Ok(())
     }
 
-    /// Returns the scores; fails if some scored layer has unfilled positions.
+    /// Runs the KVzip score op for one layer and chunk over a cache layer of the accumulator's
+    /// device ([`Device::score_chunk`]: host code on the CPU, the fused kernel on CUDA).
+    /// `q`: `[n_in, n_kv_heads * group, head_dim]`; `kv`: the unpruned layer after appending
+    /// the scoring input; the chunk is `shape.chunk_start - shape.n_sys ..` `+ chunk_len`.
+    pub fn score_layer_view(
+        &mut self,
+        layer: usize,
+        q: &View<'_>,
+        kv: &KvView<'_>,
+        shape: &ScoreChunkShape,
+    ) -> Result<()> {
+        let start = shape.chunk_start.saturating_sub(shape.n_sys);
+        let chunk = start..start + shape.chunk_len;
+        self.check_chunk(&chunk)?;
+        let mut shape = *shape;
+        shape.score_stride = self.n_ctx;
+        let need = shape.lse_len();
+        let device = self.device.clone();
+        if self.row_lse.as_ref().is_none_or(|t| t.len() < need) && device.is_cuda() {
+            self.row_lse = Some(device.alloc(DType::F32, need)?);
+        }
+        let mut empty = Tensor::from_f32(Vec::new());
+        let lse = self.row_lse.as_mut().unwrap_or(&mut empty);
+        let mut lse_view = lse.view_mut();
+        let (n_heads, buf) = match (
+            self.heads.get(layer).copied().flatten(),
+            self.layers.get_mut(layer),
+        ) {
+            (Some(n), Some(Some(t))) => (n, t),
+            _ => return Err(ScoreError::Shape(format!("layer {layer} is not scored"))),
+        };
+        if n_heads != shape.n_kv_heads {
+            return Err(ScoreError::Shape(format!(
+                "layer {layer} has {n_heads} KV heads, the score shape {}",
+                shape.n_kv_heads
+            )));
+        }
+        device.score_chunk(q, kv, &shape, &mut lse_view, &mut buf.view_mut())?;
+        self.mark_filled(layer, chunk);
+        Ok(())
+    }
+
+    /// Returns the scores (downloaded to the host); fails if some scored layer has unfilled
+    /// positions.
     pub fn finish(self) -> Result<ContextScores> {
         for (l, filled) in self.filled.iter().enumerate() {
             if let Some(filled) = filled {
@@ -219,6 +337,16 @@ impl ScoreAccumulator {
                 }
             }
         }
-        Ok(self.scores)
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (h, t) in self.heads.iter().zip(&self.layers) {
+            layers.push(match (h, t) {
+                (Some(n), Some(t)) => Some(LayerScores {
+                    n_heads: *n,
+                    values: self.device.to_host_f32(&t.view())?,
+                }),
+                _ => None,
+            });
+        }
+        ContextScores::from_layers(self.n_ctx, layers)
     }
 }

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use kvzip_hub::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring, DEFAULT_SCORING_CHUNK};
 use kvzip_models::engine::{Engine, GenerateOptions};
-use kvzip_hub::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
 use kvzip_score::Level;
 use kvzip_templates::{format_query, ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
 

@@ -121,7 +121,7 @@ fn multi_turn(arch: &str) {
     let mut seen = n_pre;
     for (i, &(q_len, n_new, keep)) in turns.iter().enumerate() {
         let query = random_ids(100 + i as u64, q_len, vocab);
-        let before = ctx.cache.clone();
+        let before = ctx.cache.try_clone().unwrap();
         let mut streamed = Vec::new();
         let gen = engine
             .answer(&mut ctx, &query, &greedy(&engine, n_new), keep, &mut |t| {
@@ -156,8 +156,14 @@ fn multi_turn(arch: &str) {
                 let (a, b) = (before.layer(l).unwrap(), ctx.cache.layer(l).unwrap());
                 for h in 0..a.n_kv_heads() {
                     let n = a.lens()[h];
-                    assert_eq!(a.head_keys(h), &b.head_keys(h)[..n * a.head_dim()]);
-                    assert_eq!(a.head_values(h), &b.head_values(h)[..n * a.head_dim()]);
+                    assert_eq!(
+                        a.head_keys(h).unwrap(),
+                        &b.head_keys(h).unwrap()[..n * a.head_dim()]
+                    );
+                    assert_eq!(
+                        a.head_values(h).unwrap(),
+                        &b.head_values(h).unwrap()[..n * a.head_dim()]
+                    );
                 }
             }
         } else {
@@ -414,7 +420,7 @@ fn ratio_and_context_errors() {
     let prompt = random_prompt(vocab);
     let context = random_ids(20, 80, vocab);
     let mut ctx = prefill_scored(&engine, &prompt, &context, 32, KvType::Evict);
-    let untouched = ctx.cache.clone();
+    let untouched = ctx.cache.try_clone().unwrap();
     for bad in [0.0, -0.1, 1.5, f64::NAN, f64::INFINITY] {
         let err = ctx
             .prune(bad, Level::Pair)
@@ -456,7 +462,7 @@ fn ratio_and_context_errors() {
     assert!(unscored.prune(0.3, Level::Pair).is_err());
     // Ratio 1 keeps everything.
     let mut all = prefill_scored(&engine, &prompt, &context, 32, KvType::Evict);
-    let full = all.cache.clone();
+    let full = all.cache.try_clone().unwrap();
     let report = all.prune(1.0, Level::Pair).unwrap();
     assert_eq!(report.ratio_real, 1.0);
     assert_eq!(report.kv_bytes_kept, report.kv_bytes_full);
@@ -474,12 +480,12 @@ fn retain_reprune_equals_fresh_evict() {
         let opts = greedy(&engine, 6);
 
         let mut retain = prefill_scored(&engine, &prompt, &context, 50, KvType::Retain);
-        let full_cache = retain.cache.clone();
+        let full_cache = retain.cache.try_clone().unwrap();
         let full_answer = engine
             .answer(&mut retain, &query, &opts, false, &mut |_| true)
             .unwrap();
         let r50 = retain.prune(0.5, Level::Pair).unwrap();
-        let cache50 = retain.cache.clone();
+        let cache50 = retain.cache.try_clone().unwrap();
         let answer50 = engine
             .answer(&mut retain, &query, &opts, false, &mut |_| true)
             .unwrap();
@@ -572,7 +578,7 @@ fn compacted_equals_dense(arch: &str) {
     assert_eq!(lens(&ctx.cache), lens(&dense));
 
     let query = random_ids(41, 12, vocab);
-    let mut a = ctx.cache.clone();
+    let mut a = ctx.cache.try_clone().unwrap();
     let la = engine.prefill(&mut a, &query, LogitsMode::All).unwrap();
     let lb = engine.prefill(&mut dense, &query, LogitsMode::All).unwrap();
     let d = max_abs_diff(&la, &lb);
@@ -622,7 +628,7 @@ fn all_archs_prune_and_answer() {
                 "{arch} {level:?}: ratio_real {}",
                 report.ratio_real
             );
-            let before = ctx.cache.clone();
+            let before = ctx.cache.try_clone().unwrap();
             let gen = engine
                 .answer(&mut ctx, &query, &greedy(&engine, 4), false, &mut |_| true)
                 .unwrap();

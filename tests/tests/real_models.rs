@@ -17,9 +17,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use kvzip_hub::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
 use kvzip_models::engine::kvzip::{KvType, Scoring};
 use kvzip_models::engine::{Engine, GenerateOptions};
-use kvzip_hub::fetch::{default_cache_dir, fetch_model, DEFAULT_MODEL};
 use kvzip_models::LogitsMode;
 use kvzip_templates::{format_query, ChatMessage, PromptPieces, Task, Tokenizer};
 use kvzip_tests::{fixtures_dir, max_abs_diff, Golden};

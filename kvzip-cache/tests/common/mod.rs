@@ -80,8 +80,16 @@ pub fn assert_matches(cache: &KvCache, model: &Model) {
             let k: Vec<f32> = rows.iter().flat_map(|r| r.k.clone()).collect();
             let v: Vec<f32> = rows.iter().flat_map(|r| r.v.clone()).collect();
             let p: Vec<u32> = rows.iter().map(|r| r.pos).collect();
-            assert_eq!(layer.head_keys(h), k.as_slice(), "layer {l} head {h} K");
-            assert_eq!(layer.head_values(h), v.as_slice(), "layer {l} head {h} V");
+            assert_eq!(
+                layer.head_keys(h).unwrap(),
+                k.as_slice(),
+                "layer {l} head {h} K"
+            );
+            assert_eq!(
+                layer.head_values(h).unwrap(),
+                v.as_slice(),
+                "layer {l} head {h} V"
+            );
             assert_eq!(
                 layer.head_positions(h),
                 p.as_slice(),

@@ -93,3 +93,50 @@ pub fn softcap_inplace(x: &mut [f32], cap: f32) {
         x.par_iter_mut().with_min_len(TASK_ELEMS).for_each(f);
     }
 }
+
+/// Gated activation over stacked `[gate | up]` rows: `out[r, i] = act(gate_up[r, i]) *
+/// gate_up[r, inter + i]`. `gate_up`: `[rows, 2 * inter]`; `out`: `[rows, inter]`. Rows run in
+/// parallel for large inputs.
+pub fn act_mul_rows(
+    gate_up: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    inter: usize,
+    act: crate::Activation,
+) -> Result<()> {
+    validate::len(
+        "gate_up",
+        gate_up.len(),
+        rows * 2 * inter,
+        "[rows, 2 * inter]",
+    )?;
+    validate::len("out", out.len(), rows * inter, "[rows, inter]")?;
+    if rows * inter == 0 {
+        return Ok(());
+    }
+    let f = match act {
+        crate::Activation::Silu => math::silu,
+        crate::Activation::GeluTanh => math::gelu_tanh,
+    };
+    let row = |(o, gu): (&mut [f32], &[f32])| {
+        let (g, u) = gu.split_at(inter);
+        for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+            *ov = f(gv) * uv;
+        }
+    };
+    if out.len() < PAR_MIN_ELEMS {
+        out.chunks_exact_mut(inter)
+            .zip(gate_up.chunks_exact(2 * inter))
+            .for_each(row);
+    } else {
+        let per_task = (TASK_ELEMS / inter).max(1);
+        out.par_chunks_mut(per_task * inter)
+            .zip(gate_up.par_chunks(per_task * 2 * inter))
+            .for_each(|(o, gu)| {
+                o.chunks_exact_mut(inter)
+                    .zip(gu.chunks_exact(2 * inter))
+                    .for_each(row)
+            });
+    }
+    Ok(())
+}

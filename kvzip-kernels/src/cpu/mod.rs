@@ -6,13 +6,15 @@
 
 mod act;
 mod attention;
+mod colstats;
 mod gemm;
 pub(crate) mod math;
 mod norm;
 mod rope;
 
-pub use act::{add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
+pub use act::{act_mul_rows, add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
 pub use attention::{attention, attention_tiled, AttentionArgs, AttentionTiling};
+pub use colstats::column_stats;
 pub use gemm::{linear, matmul};
 pub use math::{max_value, sum_exp_shifted};
 pub use norm::{rms_norm, softmax_rows};

@@ -45,71 +45,10 @@ fn auto_chunk(total_keys: usize, n_sms: usize) -> usize {
     nearest.clamp(AUTO_CHUNK_RANGE.0, AUTO_CHUNK_RANGE.1)
 }
 
-/// Shape and scalars of one attention call (see the module docs for the layouts).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionShape {
-    /// New query tokens per call (>= 1 for work to happen).
-    pub q_len: usize,
-    /// KV heads of the layer (= length of `offsets` / `lens`).
-    pub n_kv_heads: usize,
-    /// Query heads per KV head (GQA group).
-    pub group: usize,
-    /// Elements per head row: 64, 128 or 256.
-    pub head_dim: usize,
-    /// Multiplier of `q . k` (usually `1 / sqrt(head_dim)`).
-    pub scale: f32,
-    /// Sliding window in keys (`None`: full causal).
-    pub window: Option<usize>,
-    /// Logit softcap `c`: logits become `c * tanh(logits / c)` (`None`: off).
-    pub softcap: Option<f32>,
-}
+pub use crate::device::AttentionShape;
 
-impl AttentionShape {
-    /// Elements of `q` / `out`: `q_len * n_kv_heads * group * head_dim`.
-    pub fn q_elems(&self) -> usize {
-        self.q_len * self.n_kv_heads * self.group * self.head_dim
-    }
-
-    /// Packed query rows per KV head: `q_len * group`.
-    pub fn rows_per_head(&self) -> usize {
-        self.q_len * self.group
-    }
-
-    fn validate(&self) -> CudaResult<()> {
-        if !matches!(self.head_dim, 64 | 128 | 256) {
-            return Err(CudaError::Shape(format!(
-                "attention head_dim {} is not supported (64, 128 or 256)",
-                self.head_dim
-            )));
-        }
-        if self.group == 0 {
-            return Err(CudaError::Shape("attention group must be >= 1".into()));
-        }
-        if !self.scale.is_finite() {
-            return Err(CudaError::Shape(format!(
-                "attention scale {} is not finite",
-                self.scale
-            )));
-        }
-        if let Some(c) = self.softcap {
-            if !(c > 0.0 && c.is_finite()) {
-                return Err(CudaError::Shape(format!(
-                    "attention softcap {c} must be finite and > 0 (use None to disable)"
-                )));
-            }
-        }
-        if self.window == Some(0) {
-            return Err(CudaError::Shape(
-                "attention window Some(0) sees no key; use None for full causal".into(),
-            ));
-        }
-        to_i32(
-            "q_len * n_kv_heads * group",
-            self.q_len * self.n_kv_heads * self.group,
-        )?;
-        to_i32("window", self.window.unwrap_or(0))?;
-        Ok(())
-    }
+fn shape_err(e: crate::KernelError) -> CudaError {
+    CudaError::Shape(e.to_string())
 }
 
 fn to_i32(what: &str, v: usize) -> CudaResult<i32> {
@@ -134,7 +73,7 @@ impl CudaBackend {
         shape: &AttentionShape,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> CudaResult<KvzAttentionParams> {
-        shape.validate()?;
+        shape.validate().map_err(shape_err)?;
         let n = shape.q_elems();
         check_len("attention q", q.len(), n)?;
         check_len("attention out", out.len(), n)?;

@@ -1,190 +1,22 @@
 //! KV-cache maintenance on the GPU (`csrc/cache.cu`): appending new rows into per-head
-//! capacity, and compaction (gathering kept rows after pruning).
-//!
-//! Layout (as [`crate::KvSegments`]): one layer's keys (and values) are `[rows, head_dim]` bf16;
-//! KV head `h` owns rows `offsets[h] .. offsets[h] + capacities[h]`, of which the first
-//! `lens[h]` are filled. [`HeadSegments`] keeps the host copy (for checks) and the device copy
-//! (for kernels) of that layout. Dropping rows from the end of every head (rolling back a
-//! query, "slice back") is bookkeeping only: [`CudaBackend::set_head_lens`].
+//! capacity, and row gathers (compaction after pruning, re-layouts) from a
+//! [`crate::GatherPlan`]. The layout bookkeeping itself lives in `kvzip-cache`; these are the
+//! kernels the device layer ([`crate::Device::append_kv`], [`crate::Device::gather_rows`])
+//! launches.
 
 use cudarc::driver::LaunchConfig;
 
 use super::params::{KvzAppendParams, KvzCompactParams};
 use super::{bf16, blocks, check_len, dptr, dptr_mut, CudaBackend, CudaError, CudaResult};
 use super::{CudaSlice, DevicePtr, DevicePtrMut};
+use crate::GatherPlan;
 
 /// Threads per block of the copy kernels.
 const THREADS: usize = 256;
 
-/// Per-head segment layout of one layer's K/V buffers: host and device copies.
+/// A [`GatherPlan`] uploaded to the device, with the bounds its launch is checked against.
 #[derive(Debug)]
-pub struct HeadSegments {
-    offsets: Vec<i64>,
-    lens: Vec<i32>,
-    capacities: Vec<usize>,
-    offsets_dev: CudaSlice<i64>,
-    lens_dev: CudaSlice<i32>,
-}
-
-impl HeadSegments {
-    /// Number of KV heads.
-    pub fn n_heads(&self) -> usize {
-        self.offsets.len()
-    }
-    /// First row of each head's segment (host copy).
-    pub fn offsets(&self) -> &[i64] {
-        &self.offsets
-    }
-    /// Filled rows of each head (host copy).
-    pub fn lens(&self) -> &[i32] {
-        &self.lens
-    }
-    /// Row capacity of each head.
-    pub fn capacities(&self) -> &[usize] {
-        &self.capacities
-    }
-    /// Device copy of [`Self::offsets`] (`[n_heads]` i64), for the attention / score kernels.
-    pub fn offsets_dev(&self) -> &CudaSlice<i64> {
-        &self.offsets_dev
-    }
-    /// Device copy of [`Self::lens`] (`[n_heads]` i32).
-    pub fn lens_dev(&self) -> &CudaSlice<i32> {
-        &self.lens_dev
-    }
-    /// Rows a K or V buffer must hold: `max(offsets[h] + capacities[h])`.
-    pub fn rows_needed(&self) -> usize {
-        self.offsets
-            .iter()
-            .zip(&self.capacities)
-            .map(|(&o, &c)| o as usize + c)
-            .max()
-            .unwrap_or(0)
-    }
-}
-
-/// Host-side plan of a compaction: for every head, the absolute source rows it keeps
-/// (ascending) and where its kept rows start in the destination.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CompactPlan {
-    /// Absolute source row of every kept row, head after head (`[total kept]`).
-    pub src_rows: Vec<i64>,
-    /// Kept rows of head `h` are `src_rows[row_starts[h] .. row_starts[h + 1]]` (`[n_heads + 1]`).
-    pub row_starts: Vec<i64>,
-    /// First destination row of each head (`[n_heads]`).
-    pub dst_offsets: Vec<i64>,
-}
-
-impl CompactPlan {
-    /// Plan from per-head kept positions: `kept[h]` lists positions `0..src_lens[h]` of head `h`
-    /// (strictly ascending) that survive; head `h`'s source rows start at `src_offsets[h]`, and
-    /// its kept rows go to `dst_offsets[h]..`.
-    pub fn from_kept(
-        kept: &[Vec<usize>],
-        src_offsets: &[i64],
-        src_lens: &[i32],
-        dst_offsets: &[i64],
-    ) -> CudaResult<Self> {
-        let n = kept.len();
-        if src_offsets.len() != n || src_lens.len() != n || dst_offsets.len() != n {
-            return Err(CudaError::Shape(format!(
-                "compact: {n} kept lists but {} src offsets, {} src lens, {} dst offsets",
-                src_offsets.len(),
-                src_lens.len(),
-                dst_offsets.len()
-            )));
-        }
-        let mut src_rows = Vec::with_capacity(kept.iter().map(Vec::len).sum());
-        let mut row_starts = Vec::with_capacity(n + 1);
-        row_starts.push(0i64);
-        for (h, list) in kept.iter().enumerate() {
-            let len = src_lens[h].max(0) as usize;
-            let mut prev: Option<usize> = None;
-            for &pos in list {
-                if pos >= len || prev.is_some_and(|p| p >= pos) {
-                    return Err(CudaError::Shape(format!(
-                        "compact: head {h} keeps position {pos}; positions must be strictly \
-                         ascending and below the head length {len}"
-                    )));
-                }
-                prev = Some(pos);
-                src_rows.push(src_offsets[h] + pos as i64);
-            }
-            row_starts.push(src_rows.len() as i64);
-        }
-        if dst_offsets.iter().any(|&o| o < 0) || src_offsets.iter().any(|&o| o < 0) {
-            return Err(CudaError::Shape("compact: negative segment offset".into()));
-        }
-        Ok(Self {
-            src_rows,
-            row_starts,
-            dst_offsets: dst_offsets.to_vec(),
-        })
-    }
-
-    /// Plan from per-head keep masks: `masks[h][pos]` keeps position `pos` of head `h`
-    /// (`masks[h].len()` must equal `src_lens[h]`).
-    pub fn from_masks(
-        masks: &[Vec<bool>],
-        src_offsets: &[i64],
-        src_lens: &[i32],
-        dst_offsets: &[i64],
-    ) -> CudaResult<Self> {
-        for (h, m) in masks.iter().enumerate() {
-            if src_lens
-                .get(h)
-                .is_some_and(|&l| l.max(0) as usize != m.len())
-            {
-                return Err(CudaError::Shape(format!(
-                    "compact: mask of head {h} has {} entries, the head holds {}",
-                    m.len(),
-                    src_lens[h]
-                )));
-            }
-        }
-        let kept: Vec<Vec<usize>> = masks
-            .iter()
-            .map(|m| {
-                m.iter()
-                    .enumerate()
-                    .filter(|(_, &k)| k)
-                    .map(|(i, _)| i)
-                    .collect()
-            })
-            .collect();
-        Self::from_kept(&kept, src_offsets, src_lens, dst_offsets)
-    }
-
-    /// Destination offsets packing heads back to back with the given capacities
-    /// (`offsets[h] = sum of capacities[..h]`).
-    pub fn packed_offsets(capacities: &[usize]) -> Vec<i64> {
-        let mut acc = 0i64;
-        capacities
-            .iter()
-            .map(|&c| {
-                let o = acc;
-                acc += c as i64;
-                o
-            })
-            .collect()
-    }
-
-    /// Kept rows per head: the new `lens` after the compaction.
-    pub fn kept_lens(&self) -> Vec<i32> {
-        self.row_starts
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as i32)
-            .collect()
-    }
-
-    /// Total kept rows.
-    pub fn total_rows(&self) -> usize {
-        self.src_rows.len()
-    }
-}
-
-/// A [`CompactPlan`] uploaded to the device, with the bounds its launch is checked against.
-#[derive(Debug)]
-pub struct DeviceCompactPlan {
+pub struct DeviceGatherPlan {
     src_rows: CudaSlice<i64>,
     row_starts: CudaSlice<i64>,
     dst_offsets: CudaSlice<i64>,
@@ -194,7 +26,7 @@ pub struct DeviceCompactPlan {
     dst_rows_needed: usize,
 }
 
-impl DeviceCompactPlan {
+impl DeviceGatherPlan {
     /// Total kept rows.
     pub fn total_rows(&self) -> usize {
         self.total_rows
@@ -218,123 +50,9 @@ fn copy_cfg(n: usize) -> LaunchConfig {
 }
 
 impl CudaBackend {
-    /// Uploads a segment layout. Errors if a head's `lens[h]` exceeds `capacities[h]` or the
-    /// three slices differ in length.
-    pub fn head_segments(
-        &self,
-        offsets: &[i64],
-        lens: &[i32],
-        capacities: &[usize],
-    ) -> CudaResult<HeadSegments> {
-        if lens.len() != offsets.len() || capacities.len() != offsets.len() {
-            return Err(CudaError::Shape(format!(
-                "segments: {} offsets, {} lens, {} capacities",
-                offsets.len(),
-                lens.len(),
-                capacities.len()
-            )));
-        }
-        for h in 0..offsets.len() {
-            if offsets[h] < 0 || lens[h] < 0 || lens[h] as usize > capacities[h] {
-                return Err(CudaError::Shape(format!(
-                    "segments: head {h} has offset {}, len {} and capacity {}",
-                    offsets[h], lens[h], capacities[h]
-                )));
-            }
-        }
-        Ok(HeadSegments {
-            offsets: offsets.to_vec(),
-            lens: lens.to_vec(),
-            capacities: capacities.to_vec(),
-            offsets_dev: self.upload(offsets)?,
-            lens_dev: self.upload(lens)?,
-        })
-    }
-
-    /// Sets every head's filled length (rolling back appended rows is just this: no data moves).
-    /// Errors if a length exceeds its head's capacity.
-    pub fn set_head_lens(&self, seg: &mut HeadSegments, lens: &[i32]) -> CudaResult<()> {
-        if lens.len() != seg.n_heads() {
-            return Err(CudaError::Shape(format!(
-                "set_head_lens: {} lens for {} heads",
-                lens.len(),
-                seg.n_heads()
-            )));
-        }
-        if let Some(h) =
-            (0..lens.len()).find(|&h| lens[h] < 0 || lens[h] as usize > seg.capacities[h])
-        {
-            return Err(CudaError::Shape(format!(
-                "set_head_lens: head {h} len {} outside 0..={}",
-                lens[h], seg.capacities[h]
-            )));
-        }
-        seg.lens.copy_from_slice(lens);
-        self.stream().memcpy_htod(lens, &mut seg.lens_dev)?;
-        Ok(())
-    }
-
-    /// Appends `q_len` new rows to every head: `k_cache[offsets[h] + lens[h] + t] =
-    /// k_new[t, h]` (same for v), then advances `lens` by `q_len` (host and device).
-    /// `k_new`, `v_new`: `[q_len, n_heads, head_dim]` bf16; the caches hold
-    /// [`HeadSegments::rows_needed`] rows. Errors (nothing written) if a head lacks capacity.
-    #[allow(clippy::too_many_arguments)]
-    pub fn append_kv(
-        &self,
-        seg: &mut HeadSegments,
-        k_new: &impl DevicePtr<bf16>,
-        v_new: &impl DevicePtr<bf16>,
-        k_cache: &mut impl DevicePtrMut<bf16>,
-        v_cache: &mut impl DevicePtrMut<bf16>,
-        q_len: usize,
-        head_dim: usize,
-    ) -> CudaResult<()> {
-        let n_heads = seg.n_heads();
-        check_len("append k_new", k_new.len(), q_len * n_heads * head_dim)?;
-        check_len("append v_new", v_new.len(), q_len * n_heads * head_dim)?;
-        check_len(
-            "append k_cache",
-            k_cache.len(),
-            seg.rows_needed() * head_dim,
-        )?;
-        check_len(
-            "append v_cache",
-            v_cache.len(),
-            seg.rows_needed() * head_dim,
-        )?;
-        for h in 0..n_heads {
-            if seg.lens[h] as usize + q_len > seg.capacities[h] {
-                return Err(CudaError::Shape(format!(
-                    "append: head {h} holds {} of {} rows, {q_len} more do not fit \
-                     (grow the cache capacity first)",
-                    seg.lens[h], seg.capacities[h]
-                )));
-            }
-        }
-        if q_len == 0 || n_heads == 0 || head_dim == 0 {
-            return Ok(());
-        }
-        // SAFETY: every head's capacity was checked above against the host copy of the layout.
-        unsafe {
-            self.append_rows(
-                k_new,
-                v_new,
-                k_cache,
-                v_cache,
-                &seg.offsets_dev,
-                &seg.lens_dev,
-                q_len,
-                n_heads,
-                head_dim,
-            )?;
-        }
-        let new_lens: Vec<i32> = seg.lens.iter().map(|&l| l + q_len as i32).collect();
-        self.set_head_lens(seg, &new_lens)
-    }
-
-    /// Uploads a compaction plan. Errors if the destination ranges of two heads
-    /// (`dst_offsets[h] .. dst_offsets[h] + kept[h]`) overlap.
-    pub fn upload_compact_plan(&self, plan: &CompactPlan) -> CudaResult<DeviceCompactPlan> {
+    /// Uploads a gather plan. Errors if the destination ranges of two heads
+    /// (`dst_offsets[h] .. dst_offsets[h] + count[h]`) overlap.
+    pub fn upload_gather_plan(&self, plan: &GatherPlan) -> CudaResult<DeviceGatherPlan> {
         let n_heads = plan.dst_offsets.len();
         if plan.row_starts.len() != n_heads + 1 || n_heads == 0 {
             return Err(CudaError::Shape(format!(
@@ -342,7 +60,7 @@ impl CudaBackend {
                 plan.row_starts.len()
             )));
         }
-        let counts = plan.kept_lens();
+        let counts = plan.head_counts();
         let mut spans: Vec<(i64, i64)> = (0..n_heads)
             .map(|h| (plan.dst_offsets[h], plan.dst_offsets[h] + counts[h] as i64))
             .filter(|(a, b)| a < b)
@@ -360,7 +78,7 @@ impl CudaBackend {
             .max()
             .unwrap_or(0);
         let dst_rows_needed = spans.last().map_or(0, |s| s.1 as usize);
-        Ok(DeviceCompactPlan {
+        Ok(DeviceGatherPlan {
             src_rows: self.upload(&plan.src_rows)?,
             row_starts: self.upload(&plan.row_starts)?,
             dst_offsets: self.upload(&plan.dst_offsets)?,
@@ -380,7 +98,7 @@ impl CudaBackend {
         v_src: &impl DevicePtr<bf16>,
         k_dst: &mut impl DevicePtrMut<bf16>,
         v_dst: &mut impl DevicePtrMut<bf16>,
-        plan: &DeviceCompactPlan,
+        plan: &DeviceGatherPlan,
         head_dim: usize,
     ) -> CudaResult<()> {
         check_len(

@@ -61,6 +61,7 @@ device_repr!(
     params::KvzEmbeddingParams,
     params::KvzAddParams,
     params::KvzSampleParams,
+    params::KvzSoftcapParams,
     params::KvzAppendParams,
     params::KvzCompactParams,
     params::KvzAttentionParams,

@@ -4,20 +4,13 @@ use cudarc::driver::LaunchConfig;
 
 use super::params::{
     KvzActMulParams, KvzAddParams, KvzEmbeddingParams, KvzRmsNormParams, KvzRopeParams,
-    KvzSampleParams,
+    KvzSampleParams, KvzSoftcapParams,
 };
 use super::{
     bf16, blocks, check_len, dptr, dptr_mut, CudaBackend, CudaResult, DevicePtr, DevicePtrMut,
 };
 
-/// Activation of [`CudaBackend::act_mul`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `silu(g) * u` (SwiGLU: LLaMA, Qwen).
-    Silu,
-    /// `gelu_tanh(g) * u` (GeGLU: Gemma).
-    GeluTanh,
-}
+pub use crate::device::Activation;
 
 /// Threads per block of the grid-stride element-wise kernels.
 const THREADS: u32 = 256;
@@ -256,6 +249,27 @@ impl CudaBackend {
         };
         // SAFETY: lengths checked above.
         unsafe { self.launch("kvz_add", linear_cfg(n, 1), &p) }
+    }
+
+    /// `x = cap * tanh(x / cap)` in place over `n` f32 values (`cap > 0`).
+    pub fn softcap(&self, x: &mut impl DevicePtrMut<f32>, n: usize, cap: f32) -> CudaResult<()> {
+        check_len("softcap x", x.len(), n)?;
+        if !(cap > 0.0 && cap.is_finite()) {
+            return Err(super::CudaError::Shape(format!(
+                "softcap {cap} must be finite and > 0"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let s = self.stream();
+        let p = KvzSoftcapParams {
+            x: dptr_mut(x, s) as _,
+            n: n as i64,
+            cap,
+        };
+        // SAFETY: length checked above.
+        unsafe { self.launch("kvz_softcap", linear_cfg(n, 1), &p) }
     }
 
     /// Per row of `logits` `[rows, vocab]` (f32, softcapped in place when `softcap > 0`):

@@ -21,118 +21,7 @@ const PER_CTA: usize = WARPS * 16;
 /// Keys (pass 1) or query rows (pass 2) per shared-memory tile.
 const TILE: usize = 64;
 
-/// Geometry of one [`CudaBackend::score_chunk`] call. Rows are absolute row indices inside each
-/// KV head's segment of the cache (row 0 = first system token).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ScoreChunkShape {
-    /// Rows of the scoring input (repeat prompt + hint + postfix + chunk tokens), ≥ 1; its keys
-    /// are the last `n_in` rows of every head's segment.
-    pub n_in: usize,
-    /// KV heads of the layer.
-    pub n_kv_heads: usize,
-    /// Query heads per KV head; query head index = `kv_head * group + g`.
-    pub group: usize,
-    /// Head dimension: 64, 128 or 256.
-    pub head_dim: usize,
-    /// System-prompt rows `0..n_sys` of every head (always in the softmax key set).
-    pub n_sys: usize,
-    /// First row of the chunk (absolute, ≥ `n_sys`); its context position is `chunk_start - n_sys`.
-    pub chunk_start: usize,
-    /// Rows of the chunk (may be 0: nothing to do).
-    pub chunk_len: usize,
-    /// Floats per KV head in `scores` (≥ the context length).
-    pub score_stride: usize,
-    /// Logit scale, `1 / sqrt(head_dim)` for the reference method.
-    pub scale: f32,
-}
-
-impl ScoreChunkShape {
-    /// Query rows per KV head (`n_in * group`).
-    pub fn rows_per_head(&self) -> usize {
-        self.n_in * self.group
-    }
-
-    /// Floats of the `row_lse` scratch buffer (`n_kv_heads * n_in * group`).
-    pub fn lse_len(&self) -> usize {
-        self.n_kv_heads * self.rows_per_head()
-    }
-
-    /// Multiply-add FLOPs of one call (both passes, `2 * head_dim` per logit, causal half of the
-    /// self block): for throughput reports.
-    pub fn flops(&self) -> f64 {
-        let rows = self.n_in as f64 * self.group as f64 * self.n_kv_heads as f64;
-        let keys_p1 = (self.n_sys + self.chunk_len) as f64 + (self.n_in as f64 + 1.0) / 2.0;
-        2.0 * self.head_dim as f64 * rows * (keys_p1 + self.chunk_len as f64)
-    }
-
-    /// Checks the per-head segments on the host: every head `h` must hold `lens[h] ≥
-    /// chunk_start + chunk_len + n_in` rows inside `k` (`k_rows` rows in all).
-    pub fn check_segments(&self, offsets: &[i64], lens: &[i32], k_rows: usize) -> CudaResult<()> {
-        if offsets.len() < self.n_kv_heads || lens.len() < self.n_kv_heads {
-            return Err(CudaError::Shape(format!(
-                "score: {} offsets / {} lens for {} KV heads",
-                offsets.len(),
-                lens.len(),
-                self.n_kv_heads
-            )));
-        }
-        let need = self.chunk_start + self.chunk_len + self.n_in;
-        for h in 0..self.n_kv_heads {
-            let (off, len) = (offsets[h], lens[h]);
-            if off < 0 || len < 0 || (len as usize) < need {
-                return Err(CudaError::Shape(format!(
-                    "score: head {h} has offset {off}, len {len}; it needs len >= chunk_start + \
-                     chunk_len + n_in = {need} (append the scoring input before scoring)"
-                )));
-            }
-            if off as usize + len as usize > k_rows {
-                return Err(CudaError::Shape(format!(
-                    "score: head {h} rows {off}..{} exceed the {k_rows} rows of k",
-                    off as usize + len as usize
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    fn validate(&self) -> CudaResult<()> {
-        if !matches!(self.head_dim, 64 | 128 | 256) {
-            return Err(CudaError::Shape(format!(
-                "score: head_dim {} unsupported (64, 128 or 256)",
-                self.head_dim
-            )));
-        }
-        if self.n_in == 0 || self.group == 0 {
-            return Err(CudaError::Shape(format!(
-                "score: n_in ({}) and group ({}) must be >= 1",
-                self.n_in, self.group
-            )));
-        }
-        if self.chunk_start < self.n_sys {
-            return Err(CudaError::Shape(format!(
-                "score: chunk_start {} lies inside the system prompt (n_sys {})",
-                self.chunk_start, self.n_sys
-            )));
-        }
-        if self.chunk_start - self.n_sys + self.chunk_len > self.score_stride {
-            return Err(CudaError::Shape(format!(
-                "score: context positions up to {} exceed score_stride {}",
-                self.chunk_start - self.n_sys + self.chunk_len,
-                self.score_stride
-            )));
-        }
-        let too_big = [
-            self.rows_per_head(),
-            self.chunk_start + self.chunk_len + self.n_in,
-        ]
-        .iter()
-        .any(|&v| v > i32::MAX as usize / 2);
-        if too_big {
-            return Err(CudaError::Shape("score: row counts exceed i32".into()));
-        }
-        Ok(())
-    }
-}
+pub use crate::device::ScoreChunkShape;
 
 impl CudaBackend {
     /// KVzip score of one chunk for every KV head of a layer (two launches, no sync).
@@ -158,7 +47,9 @@ impl CudaBackend {
         row_lse: &mut impl DevicePtrMut<f32>,
         scores: &mut impl DevicePtrMut<f32>,
     ) -> CudaResult<()> {
-        shape.validate()?;
+        shape
+            .validate()
+            .map_err(|e| CudaError::Shape(e.to_string()))?;
         let s = shape;
         let d = s.head_dim;
         check_len("score q", q.len(), s.n_in * s.n_kv_heads * s.group * d)?;

@@ -5,8 +5,10 @@
 //! than any fast path. Never use these on hot paths.
 
 mod attention;
+mod colstats;
 
 pub use attention::attention;
+pub use colstats::column_stats;
 
 use crate::{validate, KernelError, Result};
 
@@ -221,4 +223,45 @@ pub fn softcap_inplace(x: &mut [f32], cap: f32) {
     for v in x.iter_mut() {
         *v = cap * (*v / cap).tanh();
     }
+}
+
+/// Gated activation over stacked `[gate | up]` rows (`gate_up`: `[rows, 2 * inter]`, `out`:
+/// `[rows, inter]`): `out[r, i] = act(gate_up[r, i]) * gate_up[r, inter + i]`.
+pub fn act_mul_rows(
+    gate_up: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    inter: usize,
+    act: crate::Activation,
+) -> Result<()> {
+    validate::len(
+        "gate_up",
+        gate_up.len(),
+        rows * 2 * inter,
+        "[rows, 2 * inter]",
+    )?;
+    validate::len("out", out.len(), rows * inter, "[rows, inter]")?;
+    for r in 0..rows {
+        for i in 0..inter {
+            let (g, u) = (
+                gate_up[r * 2 * inter + i],
+                gate_up[r * 2 * inter + inter + i],
+            );
+            out[r * inter + i] = match act {
+                crate::Activation::Silu => silu(g),
+                crate::Activation::GeluTanh => gelu_tanh(g),
+            } * u;
+        }
+    }
+    Ok(())
+}
+
+/// Largest value of `x` (`-inf` for an empty slice).
+pub fn max_value(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `sum(exp(x - shift))`, accumulated in f64.
+pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
+    x.iter().map(|&v| ((v - shift) as f64).exp()).sum::<f64>() as f32
 }

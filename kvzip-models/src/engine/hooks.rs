@@ -1,12 +1,17 @@
-//! Attention hooks of the CPU KVzip engine: reconstruction scoring and the baseline
-//! observers, called inside every layer once the step's K/V are in the cache.
+//! Attention hooks of the KVzip engine: reconstruction scoring and the baseline observers,
+//! called inside every layer once the step's K/V are in the cache. Written once: the score op
+//! runs on the cache's device; the baselines read host copies of queries and keys (borrowed
+//! on the CPU, downloaded from a GPU).
 
-use kvzip_cache::{KvCache, LayerCache};
+use std::borrow::Cow;
+
+use kvzip_cache::KvCache;
+use kvzip_kernels::{Device, ScoreChunkShape, View};
 use kvzip_score::baselines::{BaselineScorer, LayerObservation};
-use kvzip_score::{ScoreAccumulator, ScoreShape};
+use kvzip_score::ScoreAccumulator;
 
 use super::kvzip::score_err;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::model::AttentionHook;
 
 /// Hook that runs the reconstruction score op in every scored layer.
@@ -22,23 +27,28 @@ pub(super) struct ReconstructHook<'a> {
 impl AttentionHook for ReconstructHook<'_> {
     fn after_append(
         &mut self,
+        _device: &Device,
         layer: usize,
-        q: &[f32],
+        q: &View<'_>,
         q_len: usize,
         cache: &KvCache,
     ) -> Result<()> {
-        let Some((n_kv, lc)) = scored_layer(self.layer_heads, cache, layer)? else {
+        let Some(Some(n_kv)) = self.layer_heads.get(layer).copied() else {
             return Ok(());
         };
-        let shape = ScoreShape {
-            q_len,
+        let shape = ScoreChunkShape {
+            n_in: q_len,
             n_kv_heads: n_kv,
             group: self.group,
             head_dim: self.head_dim,
             n_sys: self.n_sys,
+            chunk_start: self.n_sys + self.chunk.start,
+            chunk_len: self.chunk.len(),
+            score_stride: self.acc.n_ctx(),
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
         };
         self.acc
-            .score_layer_chunk(layer, &shape, q, |h| lc.head_keys(h), self.chunk.clone())
+            .score_layer_view(layer, q, &cache.kv_view(layer)?, &shape)
             .map_err(score_err)
     }
 }
@@ -55,23 +65,29 @@ pub(super) struct MultiBaselineHook<'a> {
 impl AttentionHook for MultiBaselineHook<'_> {
     fn after_append(
         &mut self,
+        device: &Device,
         layer: usize,
-        q: &[f32],
+        q: &View<'_>,
         q_len: usize,
         cache: &KvCache,
     ) -> Result<()> {
-        let Some((n_kv, lc)) = scored_layer(self.layer_heads, cache, layer)? else {
+        let Some(Some(n_kv)) = self.layer_heads.get(layer).copied() else {
             return Ok(());
         };
-        let keys = |h: usize| lc.head_keys(h);
+        let nq = q_len * self.n_q_heads * self.head_dim;
+        let q_host = device.host_f32_cow(&q.slice(0..nq)?)?;
+        let keys: Vec<Cow<'_, [f32]>> = (0..n_kv)
+            .map(|h| cache.head_keys_host(layer, h))
+            .collect::<std::result::Result<_, _>>()?;
+        let head_keys = |h: usize| -> &[f32] { &keys[h] };
         let obs = LayerObservation {
-            q,
+            q: &q_host,
             n_q_heads: self.n_q_heads,
             head_dim: self.head_dim,
             // The step's rows are already appended, so they end at `seen_tokens`.
             first_pos: cache.seen_tokens() - q_len,
             n_kv_heads: n_kv,
-            head_keys: &keys,
+            head_keys: &head_keys,
             scale: self.scale,
         };
         for scorer in self.scorers.iter_mut() {
@@ -79,19 +95,4 @@ impl AttentionHook for MultiBaselineHook<'_> {
         }
         Ok(())
     }
-}
-
-/// The KV head count and cache layer of `layer` if it is scored (`None` for sliding layers).
-pub(super) fn scored_layer<'c>(
-    layer_heads: &[Option<usize>],
-    cache: &'c KvCache,
-    layer: usize,
-) -> Result<Option<(usize, &'c LayerCache)>> {
-    let Some(Some(n_kv)) = layer_heads.get(layer).copied() else {
-        return Ok(None);
-    };
-    let lc = cache
-        .layer(layer)
-        .ok_or_else(|| ModelError::Input(format!("cache has no layer {layer}")))?;
-    Ok(Some((n_kv, lc)))
 }

@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use kvzip_cache::KvCache;
+use kvzip_cache::KvStorage;
 use kvzip_score::baselines::{Baseline, BaselineScorer};
 use kvzip_score::{
     select, select_heads, ContextScores, HeadScores, Level, ScoreAccumulator, Selection,
@@ -14,13 +15,14 @@ use kvzip_templates::{reconstruction_inputs, PromptIds};
 use super::hooks::{MultiBaselineHook, ReconstructHook};
 use super::{Engine, GenerateOptions, Generation};
 use crate::error::{ModelError, Result};
-use crate::model::{AttentionHook, ForwardOptions, LogitsMode};
-
-/// Bytes per stored K or V element of the CPU cache (f32).
-const KV_ELEM_BYTES: usize = std::mem::size_of::<f32>();
+use crate::model::{AttentionHook, LogitsMode};
 
 /// Context tokens per reconstruction chunk (KVZIP-SPEC §1.1).
 pub const DEFAULT_SCORING_CHUNK: usize = 2000;
+
+/// Rows reserved per head beyond the prefill when a context cache is created: room for a
+/// reconstruction chunk's input and a short query before the first re-layout.
+const MIN_SCORING_ROOM: usize = 256;
 
 /// How context KV pairs are scored after the prefill.
 #[derive(Debug, Clone)]
@@ -93,10 +95,11 @@ pub struct ContextCache {
     layer_heads: Vec<Option<usize>>,
 }
 
-/// Context KV bytes of `cache` over the layers with `Some` in `layer_heads`.
+/// Context KV bytes of `cache` (at its storage's element size) over the layers with `Some` in
+/// `layer_heads`.
 fn context_bytes(cache: &KvCache, layer_heads: &[Option<usize>]) -> usize {
     cache
-        .context_usage(KV_ELEM_BYTES, |l| {
+        .context_usage(cache.storage().elem_bytes(), |l| {
             layer_heads.get(l).is_some_and(|h| h.is_some())
         })
         .bytes_kept
@@ -106,14 +109,14 @@ pub(crate) fn score_err(e: kvzip_score::ScoreError) -> ModelError {
     ModelError::Input(e.to_string())
 }
 
-/// The error for an empty context (CPU and GPU engines).
+/// The error for an empty context.
 pub(crate) fn empty_context_error() -> ModelError {
     ModelError::Input(
         "the context is empty: KVzip compresses a context, give one (e.g. --context FILE)".into(),
     )
 }
 
-/// Checks a prune request and selects the pairs to keep (CPU and GPU engines): ratio in
+/// Checks a prune request and selects the pairs to keep: ratio in
 /// (0, 1], not a second prune of an evicted cache, scores present; head scores (whole heads)
 /// take precedence over per-pair scores.
 pub(crate) fn select_for_prune(
@@ -216,7 +219,8 @@ impl Engine {
             .collect::<Result<_>>()?;
         let spec = self.spec();
         let prefill_ids = prompt.prefill_ids(context_ids);
-        let mut cache = self.new_cache()?;
+        // Room for the whole prefill plus one reconstruction chunk: no re-layout on the way.
+        let mut cache = self.new_cache_with_capacity(prefill_ids.len() + MIN_SCORING_ROOM)?;
         cache.set_spans(n_sys, n_ctx);
         let t0 = Instant::now();
         let mut hook = MultiBaselineHook {
@@ -240,6 +244,7 @@ impl Engine {
         )?;
         drop(hook);
         self.commit_windows(&mut cache)?;
+        self.device().synchronize()?;
         let mut ctx = ContextCache {
             cache,
             full: None,
@@ -280,6 +285,7 @@ impl Engine {
             };
             out.push(scores);
         }
+        self.device().synchronize()?;
         ctx.timings.scoring_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok((ctx, out))
     }
@@ -304,9 +310,11 @@ impl Engine {
             chunk,
         )
         .map_err(|e| ModelError::Input(e.to_string()))?;
-        let mut acc = ScoreAccumulator::new(context_ids.len(), &layer_heads);
+        let mut acc = ScoreAccumulator::on_device(self.device(), context_ids.len(), &layer_heads)
+            .map_err(score_err)?;
         let longest = inputs.iter().map(|c| c.input_ids.len()).max().unwrap_or(0);
         self.check_length(cache, longest)?;
+        cache.reserve(longest)?;
         for (i, input) in inputs.iter().enumerate() {
             let mark = cache.mark();
             let mut hook = ReconstructHook {
@@ -317,14 +325,7 @@ impl Engine {
                 n_sys: prompt.system_ids.len(),
                 chunk: input.ctx_range.clone(),
             };
-            let res = self.model.forward(
-                &input.input_ids,
-                cache,
-                ForwardOptions {
-                    logits: LogitsMode::None,
-                    hook: Some(&mut hook),
-                },
-            );
+            let res = self.forward(&input.input_ids, cache, LogitsMode::None, Some(&mut hook));
             cache.rollback(&mark)?;
             res?;
             progress("score", i + 1, inputs.len());
@@ -428,7 +429,13 @@ impl ContextCache {
         match self.kv_type {
             KvType::Evict => self.cache.compact(&selection.mask)?,
             KvType::Retain => {
-                let full = self.full.take().unwrap_or_else(|| self.cache.clone());
+                let full = match self.full.take() {
+                    Some(full) => full,
+                    None => {
+                        let empty = KvCache::new_in(self.cache.storage().clone(), &[])?;
+                        std::mem::replace(&mut self.cache, empty)
+                    }
+                };
                 self.cache = full.compacted_view(&selection.mask)?;
                 self.full = Some(full);
             }

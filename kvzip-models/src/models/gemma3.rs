@@ -5,8 +5,9 @@
 
 use crate::config::{Activation, ModelSpec, RawConfig};
 use crate::error::{ModelError, Result};
+use crate::layers::DecoderNames;
+use crate::loader::WeightLoader;
 use crate::model::{CausalLm, DecoderStack};
-use crate::weights::Weights;
 
 /// A Gemma 3 text model.
 pub struct Gemma3(DecoderStack);
@@ -71,20 +72,17 @@ pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     Ok(spec)
 }
 
-/// Loads a Gemma 3 checkpoint (text-only or the language tower of a multimodal one).
-pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
-    let spec = spec(raw)?;
-
-    let (prefix, lm_head) = if w.contains("model.embed_tokens.weight") {
-        ("model", "lm_head.weight")
-    } else if w.contains("model.language_model.embed_tokens.weight") {
-        ("model.language_model", "lm_head.weight")
+/// Loads a Gemma 3 model (text-only, or the language tower of a multimodal checkpoint, whose
+/// decoder is nested under `model.language_model` or `language_model.model`).
+pub fn load(spec: ModelSpec, w: &WeightLoader<'_>) -> Result<Box<dyn CausalLm>> {
+    let names = if w.contains("model.embed_tokens.weight", true) {
+        DecoderNames::llama("model", "lm_head.weight")
+    } else if w.contains("model.language_model.embed_tokens.weight", false) {
+        DecoderNames::llama("model.language_model", "lm_head.weight")
     } else {
-        ("language_model.model", "language_model.lm_head.weight")
+        DecoderNames::llama("language_model.model", "language_model.lm_head.weight")
     };
-    Ok(Box::new(Gemma3(DecoderStack::load(
-        w, prefix, lm_head, spec,
-    )?)))
+    Ok(Box::new(Gemma3(DecoderStack::load(w, &names, spec)?)))
 }
 
 super::impl_causal_lm_for_stack!(Gemma3);

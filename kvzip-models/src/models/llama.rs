@@ -2,27 +2,20 @@
 
 use crate::config::{ModelSpec, RawConfig};
 use crate::error::Result;
+use crate::loader::WeightLoader;
 use crate::model::{CausalLm, DecoderStack};
-use crate::weights::Weights;
 
 /// A LLaMA model.
 pub struct Llama(DecoderStack);
 
-/// Loads a LLaMA checkpoint.
 /// The normalised description of a LLaMA config (no weights read).
 pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     raw.base_spec()
 }
 
-/// Loads a LLaMA checkpoint.
-pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
-    let spec = spec(raw)?;
-    Ok(Box::new(Llama(DecoderStack::load(
-        w,
-        "model",
-        "lm_head.weight",
-        spec,
-    )?)))
+/// Loads a LLaMA model (HF LLaMA names) from `w` onto its device.
+pub fn load(spec: ModelSpec, w: &WeightLoader<'_>) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(Llama(super::llama_stack(spec, w)?)))
 }
 
 super::impl_causal_lm_for_stack!(Llama);

@@ -2,13 +2,12 @@
 
 use crate::config::{ModelSpec, RawConfig};
 use crate::error::Result;
+use crate::loader::WeightLoader;
 use crate::model::{CausalLm, DecoderStack};
-use crate::weights::Weights;
 
 /// A Qwen2 model.
 pub struct Qwen2(DecoderStack);
 
-/// Loads a Qwen2 checkpoint.
 /// The normalised description of a Qwen2 config (no weights read).
 pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     let mut spec = raw.base_spec()?;
@@ -18,15 +17,9 @@ pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     Ok(spec)
 }
 
-/// Loads a Qwen2 checkpoint.
-pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
-    let spec = spec(raw)?;
-    Ok(Box::new(Qwen2(DecoderStack::load(
-        w,
-        "model",
-        "lm_head.weight",
-        spec,
-    )?)))
+/// Loads a Qwen2 model (HF LLaMA names) from `w` onto its device.
+pub fn load(spec: ModelSpec, w: &WeightLoader<'_>) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(Qwen2(super::llama_stack(spec, w)?)))
 }
 
 super::impl_causal_lm_for_stack!(Qwen2);

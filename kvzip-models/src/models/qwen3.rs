@@ -2,13 +2,12 @@
 
 use crate::config::{ModelSpec, RawConfig};
 use crate::error::Result;
+use crate::loader::WeightLoader;
 use crate::model::{CausalLm, DecoderStack};
-use crate::weights::Weights;
 
 /// A Qwen3 model.
 pub struct Qwen3(DecoderStack);
 
-/// Loads a Qwen3 checkpoint.
 /// The normalised description of a Qwen3 config (no weights read).
 pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     let mut spec = raw.base_spec()?;
@@ -17,15 +16,9 @@ pub fn spec(raw: &RawConfig) -> Result<ModelSpec> {
     Ok(spec)
 }
 
-/// Loads a Qwen3 checkpoint.
-pub fn load(raw: &RawConfig, w: &Weights) -> Result<Box<dyn CausalLm>> {
-    let spec = spec(raw)?;
-    Ok(Box::new(Qwen3(DecoderStack::load(
-        w,
-        "model",
-        "lm_head.weight",
-        spec,
-    )?)))
+/// Loads a Qwen3 model (HF LLaMA names) from `w` onto its device.
+pub fn load(spec: ModelSpec, w: &WeightLoader<'_>) -> Result<Box<dyn CausalLm>> {
+    Ok(Box::new(Qwen3(super::llama_stack(spec, w)?)))
 }
 
 super::impl_causal_lm_for_stack!(Qwen3);

@@ -1,4 +1,4 @@
-//! Tiled causal-softmax column statistics: for a block of query rows and a set of key segments,
+//! Tiled causal-softmax column statistics (fast path; types in [`crate::colstats`]): for a block of query rows and a set of key segments,
 //! the max (or sum) over rows of the softmax probability at each key of a target range.
 //!
 //! Two passes per row tile, nothing larger than a `ROW_TILE x KEY_TILE` logit tile held:
@@ -11,33 +11,13 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::colstats::{ColReduce, ColumnUnit as Unit};
 use crate::Result;
 
 /// Query rows per tile.
 const ROW_TILE: usize = 128;
 /// Key rows per tile.
 const KEY_TILE: usize = 256;
-
-/// How column statistics reduce over query rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ColReduce {
-    /// Maximum probability over rows.
-    Max,
-    /// Sum of probabilities over rows.
-    Sum,
-}
-
-/// One independent unit of work: a contiguous block of query rows attending to one key matrix.
-pub(crate) struct Unit<'a> {
-    /// `[n_rows, d]` query rows, contiguous.
-    pub q: &'a [f32],
-    /// All key rows of the unit's KV head, row r = position r, `d` floats each.
-    pub keys: &'a [f32],
-    /// Rows are ordered `(g, t)`; the position of row r is `first_pos + r % period`.
-    pub period: usize,
-    /// Position of the row with `t = 0`.
-    pub first_pos: usize,
-}
 
 /// `c[m, n] = alpha * a[m, k] · b[n, k]^T` (slices cut to exactly those sizes), through the
 /// workspace GEMM of `kvzip-kernels`.
@@ -50,7 +30,7 @@ fn matmul_nt(
     c: &mut [f32],
     alpha: f32,
 ) -> Result<()> {
-    kvzip_kernels::cpu::matmul(
+    super::gemm::matmul(
         &a[..m * k],
         &b[..n * k],
         m,
@@ -70,7 +50,7 @@ fn matmul_nt(
 /// `target` (inside the segments) is the range whose statistics are written to
 /// `out[u * target.len() + (kp - target.start)]`. `Max` outputs are overwritten; `Sum` outputs
 /// are overwritten with the sum.
-pub(crate) fn column_stats(
+pub fn column_stats(
     units: &[Unit<'_>],
     d: usize,
     scale: f32,
@@ -79,6 +59,7 @@ pub(crate) fn column_stats(
     reduce: ColReduce,
     out: &mut [f32],
 ) -> Result<()> {
+    crate::colstats::validate(units, d, segments, &target, out.len())?;
     let tlen = target.len();
     let jobs: Vec<(usize, usize)> = units
         .iter()
@@ -125,16 +106,6 @@ pub(crate) fn column_stats(
     Ok(())
 }
 
-impl ColReduce {
-    /// The starting value of the reduction: `-inf` log-probability for `Max`, 0 for `Sum`.
-    fn identity(self) -> f32 {
-        match self {
-            ColReduce::Max => f32::NEG_INFINITY,
-            ColReduce::Sum => 0.0,
-        }
-    }
-}
-
 /// Both passes for rows `rows` of one unit; reduces into `acc` (`target.len()` floats): the max
 /// over rows of the log-probability `s - lse` for `Max` (exponentiated by the caller), the sum
 /// of probabilities for `Sum`.
@@ -173,10 +144,10 @@ fn row_tile_stats(
                     continue;
                 }
                 let s = &tile[i * nk..i * nk + visible];
-                let tile_max = kvzip_kernels::cpu::max_value(s);
+                let tile_max = super::math::max_value(s);
                 let new_max = run_max[i].max(tile_max);
                 let mut sum = run_sum[i] * (run_max[i] - new_max).exp();
-                sum += kvzip_kernels::cpu::sum_exp_shifted(s, new_max);
+                sum += super::math::sum_exp_shifted(s, new_max);
                 run_max[i] = new_max;
                 run_sum[i] = sum;
             }

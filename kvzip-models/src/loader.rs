@@ -1,0 +1,154 @@
+//! Weights onto a device: from a memory-mapped checkpoint (converted per tensor, never through a
+//! whole-model host copy) or seeded random values at the same shapes (benchmarks).
+
+use std::cell::Cell;
+
+use kvzip_kernels::{DType, Device, HostData, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::weights::Weights;
+
+/// Where weight values come from.
+pub enum WeightSource {
+    /// A safetensors checkpoint (single or sharded).
+    Checkpoint(Weights),
+    /// Seeded random values (speed does not depend on weight values).
+    Random {
+        /// Seed of the first tensor; later tensors derive theirs from it.
+        seed: u64,
+    },
+}
+
+/// What a tensor is, for random initialisation ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// A projection or embedding matrix: uniform in `±1/sqrt(in_dim)`.
+    Matrix,
+    /// An RMSNorm weight: uniform in `[0.9, 1.1)`.
+    Norm,
+    /// A bias: uniform in `±0.02`.
+    Bias,
+}
+
+/// Loads named tensors of a [`WeightSource`] into tensors of a device's compute type.
+pub struct WeightLoader<'a> {
+    device: &'a Device,
+    source: &'a WeightSource,
+    seed: Cell<u64>,
+}
+
+impl<'a> WeightLoader<'a> {
+    /// A loader onto `device`.
+    pub fn new(device: &'a Device, source: &'a WeightSource) -> Self {
+        let seed = match source {
+            WeightSource::Random { seed } => *seed,
+            WeightSource::Checkpoint(_) => 0,
+        };
+        Self {
+            device,
+            source,
+            seed: Cell::new(seed),
+        }
+    }
+
+    /// The target device.
+    pub fn device(&self) -> &Device {
+        self.device
+    }
+
+    /// The checkpoint, if the source is one.
+    pub fn checkpoint(&self) -> Option<&Weights> {
+        match self.source {
+            WeightSource::Checkpoint(w) => Some(w),
+            WeightSource::Random { .. } => None,
+        }
+    }
+
+    /// Whether the checkpoint has tensor `name` (random sources: `random_default`).
+    pub fn contains(&self, name: &str, random_default: bool) -> bool {
+        match self.source {
+            WeightSource::Checkpoint(w) => w.contains(name),
+            WeightSource::Random { .. } => random_default,
+        }
+    }
+
+    fn next_seed(&self) -> u64 {
+        let s = self.seed.get();
+        self.seed.set(s.wrapping_add(0x9E37_79B9_7F4A_7C15));
+        s
+    }
+
+    fn fill_random(&self, t: &mut Tensor, cols: usize, init: Init) -> Result<()> {
+        let (lo, hi) = match init {
+            Init::Matrix => {
+                let a = 1.0 / (cols.max(1) as f32).sqrt();
+                (-a, a)
+            }
+            Init::Norm => (0.9, 1.1),
+            Init::Bias => (-0.02, 0.02),
+        };
+        let seed = self.next_seed();
+        self.device.fill_uniform(&mut t.view_mut(), seed, lo, hi)?;
+        Ok(())
+    }
+
+    /// Tensor `name` of `shape` (`[rows, cols]` or `[n]`) on the device.
+    pub fn tensor(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.stacked(&[(name.to_owned(), shape.to_vec())], init)
+    }
+
+    /// The tensors `parts` (each `[rows_i, cols]`, or `[n_i]` for vectors) stacked row-wise into
+    /// one device tensor, in order: one GEMM then computes all of them (q/k/v, gate/up).
+    pub fn stacked(&self, parts: &[(String, Vec<usize>)], init: Init) -> Result<Tensor> {
+        let numel = |s: &[usize]| s.iter().product::<usize>();
+        let total: usize = parts.iter().map(|(_, s)| numel(s)).sum();
+        let cols = parts
+            .first()
+            .and_then(|(_, s)| s.last().copied())
+            .unwrap_or(1);
+        let mut out = self.device.alloc(self.device.float_dtype(), total)?;
+        match self.source {
+            WeightSource::Random { .. } => self.fill_random(&mut out, cols, init)?,
+            WeightSource::Checkpoint(w) => {
+                let mut at = 0;
+                for (name, shape) in parts {
+                    let n = numel(shape);
+                    let data = w.host_data(name, shape)?;
+                    let data = match (self.device.float_dtype(), data) {
+                        // Convert on the host in the compute type (halves the upload for f32
+                        // checkpoints on a bf16 device).
+                        (DType::Bf16, HostData::F32(v)) => HostData::Bf16(
+                            v.iter()
+                                .map(|&x| kvzip_kernels::bf16::from_f32(x))
+                                .collect(),
+                        ),
+                        (_, d) => d,
+                    };
+                    self.device
+                        .write_host(&mut out.slice_mut(at..at + n)?, &data)
+                        .map_err(|e| ModelError::Weights {
+                            path: Default::default(),
+                            tensor: name.clone(),
+                            msg: e.to_string(),
+                        })?;
+                    drop(data);
+                    w.release(name);
+                    at += n;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A small f32 tensor with the given host values (RoPE frequencies) on the device.
+    pub fn f32_values(&self, values: &[f32]) -> Result<Tensor> {
+        f32_tensor(self.device, values)
+    }
+}
+
+/// `values` as an f32 tensor on `device` (f32 on both devices: RoPE frequencies, not weights).
+pub fn f32_tensor(device: &Device, values: &[f32]) -> Result<Tensor> {
+    let mut t = device.alloc(DType::F32, values.len())?;
+    device.write_f32(&mut t.view_mut(), values)?;
+    Ok(t)
+}
