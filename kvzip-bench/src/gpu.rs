@@ -3,9 +3,10 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kvzip_kernels::cuda::attention::{AttentionShape, DecodePlan};
+use kvzip_cache::KvCache;
 use kvzip_kernels::cuda::{bf16, CudaBackend};
-use kvzip_models::gpu::{GpuEngine, GpuKvCache, GpuModel};
+use kvzip_kernels::{AttentionShape, DType, Device, TokenSampler};
+use kvzip_models::engine::Engine;
 use kvzip_models::{LogitsMode, ModelSpec, RawConfig};
 use kvzip_templates::PromptIds;
 use serde_json::{json, Value};
@@ -38,7 +39,7 @@ fn time_ms(
 }
 
 /// Copy bandwidth (bytes read + written per second) and the bf16 GEMM rate of our cuBLAS path.
-fn ceilings(gpu: &CudaBackend, quick: bool) -> Result<Value> {
+fn ceilings(gpu: &std::sync::Arc<CudaBackend>, quick: bool) -> Result<Value> {
     let n: usize = if quick { 1 << 26 } else { 1 << 31 };
     let src = gpu.upload(&vec![bf16::from_f32(0.5); 1 << 20])?;
     let mut a = gpu.alloc::<bf16>(n)?;
@@ -54,10 +55,17 @@ fn ceilings(gpu: &CudaBackend, quick: bool) -> Result<Value> {
     let copy_bps = 2.0 * (n * 2) as f64 / (copy_ms * 1e-3);
     drop((a, b));
     let g = if quick { 1024 } else { 8192 };
-    let x = gpu.upload(&kvzip_models::gpu::model::random_bf16(g * g, 1, -1.0, 1.0))?;
-    let w = gpu.upload(&kvzip_models::gpu::model::random_bf16(g * g, 2, -1.0, 1.0))?;
+    let dev = device_of(gpu);
+    let mut x = dev.alloc(DType::Bf16, g * g)?;
+    dev.fill_uniform(&mut x.view_mut(), 1, -1.0, 1.0)?;
+    let mut w = dev.alloc(DType::Bf16, g * g)?;
+    dev.fill_uniform(&mut w.view_mut(), 2, -1.0, 1.0)?;
+    let (x, w) = (
+        x.cuda_bf16().context("bf16")?,
+        w.cuda_bf16().context("bf16")?,
+    );
     let mut y = gpu.alloc::<bf16>(g * g)?;
-    let gemm_ms = time_ms(gpu, 3, 10, || Ok(gpu.linear(&x, &w, &mut y, g, g, g)?))?;
+    let gemm_ms = time_ms(gpu, 3, 10, || Ok(gpu.linear(x, w, &mut y, g, g, g)?))?;
     let gemm_flops = 2.0 * (g as f64).powi(3) / (gemm_ms * 1e-3);
     Ok(json!({
         "copy_bytes_per_s": copy_bps,
@@ -156,29 +164,34 @@ fn head_level_lens(
     lens
 }
 
+/// The CUDA device a backend belongs to (the bench keeps one backend per shape).
+fn device_of(gpu: &std::sync::Arc<CudaBackend>) -> Device {
+    Device::Cuda(gpu.clone())
+}
+
 /// Decode figures for one cache layout: ms/token end to end, attention-only bandwidth, floor.
 fn decode_case(
-    engine: &mut GpuEngine,
-    cache: &mut GpuKvCache,
+    engine: &mut Engine,
+    cache: &mut KvCache,
     lens: &[Vec<usize>],
     ctx: usize,
     steps: usize,
     copy_bps: f64,
 ) -> Result<Value> {
-    let gpu = engine.gpu();
+    let dev = engine.device().clone();
+    let gpu = dev
+        .cuda_backend()
+        .context("the bench needs a CUDA device")?
+        .clone();
     let s = engine.spec().clone();
-    cache.set_lens(gpu, lens, ctx)?;
-    let kv_bytes = cache.kv_bytes();
+    cache.set_head_lens(lens, ctx)?;
+    let kv_bytes = cache.kv_bytes_live();
     let weight_bytes = engine.model().weight_bytes();
     // Attention only: every layer's decode kernel over this cache (plans prebuilt).
     let d = s.head_dim;
-    let q = gpu.upload(&kvzip_models::gpu::model::random_bf16(
-        s.n_heads * d,
-        9,
-        -1.0,
-        1.0,
-    ))?;
-    let mut out = gpu.alloc::<bf16>(s.n_heads * d)?;
+    let mut q = dev.alloc(DType::Bf16, s.n_heads * d)?;
+    dev.fill_uniform(&mut q.view_mut(), 9, -1.0, 1.0)?;
+    let mut out = dev.alloc(DType::Bf16, s.n_heads * d)?;
     let shape = AttentionShape {
         q_len: 1,
         n_kv_heads: s.n_kv_heads,
@@ -201,15 +214,12 @@ fn decode_case(
         Some(2048),
     ] {
         let plans = (0..s.n_layers())
-            .map(|l| DecodePlan::new(gpu, &cache.layers[l].lens, 1, chunk))
+            .map(|l| dev.attention_plan(&lens[l], 1, chunk))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let ms = time_ms(gpu, 3, 20, || {
+        let ms = time_ms(&gpu, 3, 20, || {
             for (l, plan) in plans.iter().enumerate() {
-                let (lens_dev, _, offsets) = cache.layer_meta(l);
-                let kv = &cache.layers[l];
-                gpu.attention_decode(
-                    plan, &q, &kv.k, &kv.v, &offsets, &lens_dev, &shape, &mut out,
-                )?;
+                let kv = cache.kv_view(l)?;
+                dev.attention(&q.view(), &kv, &shape, plan.as_ref(), &mut out.view_mut())?;
             }
             Ok(())
         })?;
@@ -222,25 +232,28 @@ fn decode_case(
     }
     let (best_chunk, attn_ms) = best;
     drop((q, out));
-    engine.set_decode_chunk_keys(best_chunk);
-    let gpu = engine.gpu();
+    engine.decode_chunk_keys = best_chunk;
     // End to end: one token per step through the whole model, sampled on the device.
     let mark = cache.mark();
     let mut times = Vec::new();
     let mut tok = 1u32;
-    let mut ids = gpu.alloc::<u32>(1)?;
+    let mut sampler = TokenSampler::new(kvzip_kernels::sampling::SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+    })?;
     for step in 0..steps + 2 {
         let t0 = Instant::now();
         let mut logits = engine
             .forward(&[tok], cache, LogitsMode::Last, None)?
             .context("no logits")?;
-        gpu.sample(&mut logits, &mut ids, 1, s.vocab_size, 0.0, 0.0, 0, 0)?;
-        tok = gpu.download(&ids)?[0];
+        tok = sampler.next(&dev, &mut logits, step as u64)?;
         if step >= 2 {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    cache.rollback(gpu, &mark)?;
+    cache.rollback(&mark)?;
     times.sort_by(f64::total_cmp);
     let ms = times[times.len() / 2];
     let floor_ms = (weight_bytes + kv_bytes) as f64 / copy_bps * 1e3;
@@ -269,15 +282,14 @@ fn shape_bench(
     gemm_flops: f64,
 ) -> Result<Value> {
     let spec = shape_spec(name)?;
-    let gpu = CudaBackend::new(gpu_ordinal)?;
+    let dev = Device::cuda(gpu_ordinal)?;
     let t0 = Instant::now();
-    let model = GpuModel::random(&gpu, spec.clone(), 42)?;
-    gpu.synchronize()?;
+    let mut engine = Engine::random(spec.clone(), &dev, 42)?;
+    dev.synchronize()?;
     eprintln!(
         "[bench] {name}: random weights in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let mut engine = GpuEngine::new(gpu, model);
     engine.prefill_chunk = args.prefill_chunk;
     let mut out = json!({"shape": name, "n_layers": spec.n_layers(), "hidden": spec.hidden_size,
                          "n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim});
@@ -295,23 +307,23 @@ fn shape_bench(
         repeat_next_ids: vec![6, 7, 9],
     };
     {
-        let mut warm = engine.new_cache(4096 + 64)?;
-        engine.feed(
+        let mut warm = engine.new_cache_with_capacity(4096 + 64)?;
+        engine.feed_observed(
             &mut warm,
             &ids[..4096.min(t)],
             LogitsMode::Last,
             None,
             &mut |_, _| {},
         )?;
-        engine.gpu().synchronize()?;
+        dev.synchronize()?;
     }
     let mut prefill_ms = f64::INFINITY;
     for _ in 0..2 {
-        let mut cache = engine.new_cache(t + 4096)?;
-        engine.gpu().synchronize()?;
+        let mut cache = engine.new_cache_with_capacity(t + 4096)?;
+        dev.synchronize()?;
         let t1 = Instant::now();
-        engine.feed(&mut cache, &ids, LogitsMode::Last, None, &mut |_, _| {})?;
-        engine.gpu().synchronize()?;
+        engine.feed_observed(&mut cache, &ids, LogitsMode::Last, None, &mut |_, _| {})?;
+        dev.synchronize()?;
         prefill_ms = prefill_ms.min(t1.elapsed().as_secs_f64() * 1e3);
     }
     let flops = prefill_flops(&spec, t);
@@ -331,7 +343,7 @@ fn shape_bench(
             kvzip_models::engine::kvzip::KvType::Evict,
             &mut |_, _, _| {},
         )?;
-        engine.gpu().synchronize()?;
+        dev.synchronize()?;
         let total = t2.elapsed().as_secs_f64() * 1e3;
         out["scoring"] = json!({
             "context_tokens": ctx_ids.len(),
@@ -350,8 +362,8 @@ fn shape_bench(
     let mut decode = Vec::new();
     for &ctx in &args.contexts {
         let n_sys = 16;
-        let mut cache = engine.new_cache(ctx + args.decode_steps + 64)?;
-        cache.fill_random(engine.gpu(), 7)?;
+        let mut cache = engine.new_cache_with_capacity(ctx + args.decode_steps + 64)?;
+        fill_random(&mut cache, 7)?;
         let (nl, nkv) = (spec.n_layers(), spec.n_kv_heads);
         let cases = [
             ("full", vec![vec![ctx; nkv]; nl]),
@@ -390,9 +402,31 @@ fn shape_bench(
     Ok(out)
 }
 
+/// Fills every K/V buffer of the cache with seeded random values in [-1, 1) (decode speed does
+/// not depend on values, but zeros can run faster than real data).
+fn fill_random(cache: &mut KvCache, seed: u64) -> Result<()> {
+    let dev = cache.device().clone();
+    for l in 0..cache.n_layers() {
+        let layer = cache.layer_mut_data(l).context("layer")?;
+        dev.fill_uniform(
+            &mut layer.k.view_mut(),
+            seed ^ ((l * 2) as u64) << 20,
+            -1.0,
+            1.0,
+        )?;
+        dev.fill_uniform(
+            &mut layer.v.view_mut(),
+            seed ^ ((l * 2 + 1) as u64) << 20,
+            -1.0,
+            1.0,
+        )?;
+    }
+    Ok(())
+}
+
 /// Runs every measurement and returns the JSON report.
 pub fn run(args: &Args) -> Result<Value> {
-    let gpu = CudaBackend::new(0)?;
+    let gpu = std::sync::Arc::new(CudaBackend::new(0)?);
     let ceil = ceilings(&gpu, args.quick)?;
     drop(gpu);
     let copy_bps = ceil["copy_bytes_per_s"].as_f64().unwrap_or(4.3e12);

@@ -245,6 +245,12 @@ impl<S: KvStorage + Clone> KvCache<S> {
         })
     }
 
+    /// The buffers of layer `l` for direct writes (e.g. benchmark data); the layout does not
+    /// change. `None` if out of range.
+    pub fn layer_mut_data(&mut self, l: usize) -> Option<&mut S::Layer> {
+        self.layers.get_mut(l).map(|layer| &mut layer.data)
+    }
+
     /// Absolute positions of (`layer`, head `h`)'s live rows (`[len]`, increasing).
     pub fn head_positions(&self, layer: usize, h: usize) -> Result<&[u32], CacheError> {
         let lc = self.layer_checked(layer)?;
@@ -493,9 +499,8 @@ impl<S: KvStorage + Clone> KvCache<S> {
             }
         }
         for (layer, want) in self.layers.iter_mut().zip(lens) {
-            for h in 0..layer.n_kv_heads {
-                let o = layer.offsets[h];
-                for (i, p) in layer.pos[o..o + want[h]].iter_mut().enumerate() {
+            for (&o, &len) in layer.offsets.iter().zip(want) {
+                for (i, p) in layer.pos[o..o + len].iter_mut().enumerate() {
                     *p = i as u32;
                 }
             }
@@ -534,13 +539,17 @@ impl<S: KvStorage + Clone> KvCache<S> {
     }
 
     /// Drops the oldest rows of every head of `layer` so at most `keep_last` remain (sliding
-    /// window layers), moving the rest into buffers of `keep_last +` [`MIN_HEAD_SLACK`] rows per
-    /// head so the memory is really freed. If rows were dropped, earlier marks become invalid:
-    /// call it only when committing a turn. Returns the number of rows dropped over all heads.
+    /// window layers), moving the rest into buffers of `len +` [`MIN_HEAD_SLACK`] rows per head so
+    /// the memory is really freed (also when no row is dropped but the layer holds more than
+    /// twice the slack of free capacity, e.g. after scoring passes grew it). If rows were
+    /// dropped, earlier marks become invalid: call it only when committing a turn. Returns the
+    /// number of rows dropped over all heads.
     pub fn trim_front(&mut self, layer: usize, keep_last: usize) -> Result<usize, CacheError> {
         let lc = self.layer_checked(layer)?;
         let dropped: usize = lc.lens.iter().map(|&l| l.saturating_sub(keep_last)).sum();
-        if dropped == 0 {
+        let oversized =
+            (0..lc.n_kv_heads).any(|h| lc.caps[h] > lc.lens[h].min(keep_last) + 2 * MIN_HEAD_SLACK);
+        if dropped == 0 && !oversized {
             return Ok(0);
         }
         let firsts: Vec<u32> = (0..lc.n_kv_heads)
@@ -553,7 +562,9 @@ impl<S: KvStorage + Clone> KvCache<S> {
             .collect();
         let new = self.copied_layer(lc, |h, p| p >= firsts[h], MIN_HEAD_SLACK)?;
         self.layers[layer] = new;
-        self.generation = fresh_generation();
+        if dropped > 0 {
+            self.generation = fresh_generation();
+        }
         self.sync(0, true)?;
         Ok(dropped)
     }

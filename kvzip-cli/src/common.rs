@@ -8,8 +8,24 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kvzip_hub::fetch::{default_cache_dir, resolve_model};
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring};
 use kvzip_models::engine::Engine;
+use kvzip_models::Device;
 use kvzip_templates::{ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
 use sha2::{Digest, Sha256};
+
+/// `--device`: where the model runs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Where to run: cpu, cuda (GPU 0) or cuda:N. CUDA needs a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    /// Opens the device (a clear error for CUDA in a build without the feature or without a GPU).
+    pub fn open(&self) -> Result<Device> {
+        Device::parse(&self.device).with_context(|| format!("--device {}", self.device))
+    }
+}
 
 /// A model ready to run: engine, tokenizer, and identity.
 pub struct LoadedModel {
@@ -31,10 +47,12 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     Ok(resolve_model(model, &cache, true)?)
 }
 
-/// Loads model and tokenizer from `--model`.
-pub fn load_model(model: &str) -> Result<LoadedModel> {
+/// Loads model and tokenizer from `--model` onto `--device` (weights go straight from the
+/// mapped checkpoint into the device's memory, converted per tensor).
+pub fn load_model(model: &str, device: &DeviceArgs) -> Result<LoadedModel> {
+    let device = device.open()?;
     let dir = resolve(model)?;
-    let engine = Engine::load(&dir)?;
+    let engine = Engine::load_on(&dir, &device)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let name = dir
         .file_name()
@@ -118,6 +136,15 @@ impl LoadedModel {
         ids.sort_unstable();
         ids.dedup();
         ids
+    }
+
+    /// `cpu` or `cuda`: the device kind reported in JSON output.
+    pub fn device_kind(&self) -> &'static str {
+        if self.engine.device().is_cuda() {
+            "cuda"
+        } else {
+            "cpu"
+        }
     }
 }
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
-use kvzip_kernels::cuda::cache::CompactPlan;
 use kvzip_kernels::cuda::score::ScoreChunkShape;
 use kvzip_kernels::cuda::CudaBackend;
 use kvzip_kernels::sampling::Rng;
+use kvzip_kernels::GatherPlan;
 
 fn backend() -> CudaBackend {
     CudaBackend::new(0).expect("the CUDA benchmarks need a CUDA GPU")
@@ -155,21 +155,23 @@ fn compaction(c: &mut Criterion) {
     let mut rng = Rng::new(3);
     // One Llama-3.1-8B layer at 128K context, ~30 % of each head kept (ratio 0.3, skewed per head).
     let (n_kv, d, ctx) = (8usize, 128usize, 131072usize);
-    let lens = vec![ctx as i32; n_kv];
-    let offsets = CompactPlan::packed_offsets(&vec![ctx; n_kv]);
-    let masks: Vec<Vec<bool>> = (0..n_kv)
+    let rows: Vec<Vec<usize>> = (0..n_kv)
         .map(|h| {
             let p = 0.1 + 0.4 * h as f64 / (n_kv - 1) as f64;
-            (0..ctx).map(|_| rng.next_f64() < p).collect()
+            (0..ctx)
+                .filter(|_| rng.next_f64() < p)
+                .map(|pos| h * ctx + pos)
+                .collect()
         })
         .collect();
-    let counts: Vec<usize> = masks
-        .iter()
-        .map(|m| m.iter().filter(|&&b| b).count())
-        .collect();
-    let dst_offsets = CompactPlan::packed_offsets(&counts);
-    let plan = CompactPlan::from_masks(&masks, &offsets, &lens, &dst_offsets).expect("plan");
-    let dplan = be.upload_compact_plan(&plan).expect("upload plan");
+    let mut dst_offsets = Vec::with_capacity(n_kv);
+    let mut at = 0;
+    for r in &rows {
+        dst_offsets.push(at);
+        at += r.len();
+    }
+    let plan = GatherPlan::from_rows(&rows, &dst_offsets).expect("plan");
+    let dplan = be.upload_gather_plan(&plan).expect("upload plan");
     let k = rand_dev(&be, &mut rng, n_kv * ctx * d, 1.0);
     let v = rand_dev(&be, &mut rng, n_kv * ctx * d, 1.0);
     let kept = plan.total_rows();

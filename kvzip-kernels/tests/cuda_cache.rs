@@ -1,198 +1,215 @@
-//! KV-cache append and compaction kernels vs host copies (exact equality). GPU only.
+//! KV-cache append and row-gather ops on CUDA vs the host (exact equality on bf16-exact
+//! values), through the device interface. GPU only.
 #![cfg(feature = "cuda")]
 
-use half::bf16;
-use kvzip_kernels::cuda::cache::CompactPlan;
-use kvzip_kernels::cuda::{CudaBackend, CudaError};
 use kvzip_kernels::sampling::Rng;
+use kvzip_kernels::{DType, Device, GatherPlan, Tensor};
 
-fn backend() -> CudaBackend {
-    CudaBackend::new(0).expect("these tests need a CUDA GPU (run them on the GPU machine)")
+fn gpu() -> Device {
+    Device::cuda(0).expect("these tests need a CUDA GPU (run them on the GPU machine)")
 }
 
-fn rand_bf16(rng: &mut Rng, n: usize) -> Vec<bf16> {
+/// `n` values exactly representable in bf16.
+fn rand_exact(rng: &mut Rng, n: usize) -> Vec<f32> {
     rng.uniform_vec(n, -4.0, 4.0)
         .into_iter()
-        .map(bf16::from_f32)
+        .map(|x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+fn packed_offsets(caps: &[usize]) -> Vec<usize> {
+    caps.iter()
+        .scan(0, |acc, &c| {
+            let o = *acc;
+            *acc += c;
+            Some(o)
+        })
         .collect()
 }
 
 fn append_case(head_dim: usize) {
-    let be = backend();
+    let dev = gpu();
     let mut rng = Rng::new(7 + head_dim as u64);
-    let capacities = [40usize, 17, 64, 25];
-    let lens0 = [3i32, 0, 60, 20];
-    let offsets = CompactPlan::packed_offsets(&capacities);
-    let n_heads = capacities.len();
-    let rows: usize = capacities.iter().sum();
-    let mut seg = be.head_segments(&offsets, &lens0, &capacities).unwrap();
-    let mut k_host = rand_bf16(&mut rng, rows * head_dim);
-    let mut v_host = rand_bf16(&mut rng, rows * head_dim);
-    let mut k_cache = be.upload(&k_host).unwrap();
-    let mut v_cache = be.upload(&v_host).unwrap();
+    let caps = [40usize, 17, 64, 25];
+    let mut lens = vec![3usize, 0, 60, 20];
+    let offsets = packed_offsets(&caps);
+    let n_heads = caps.len();
+    let rows: usize = caps.iter().sum();
+    let mut k_host = rand_exact(&mut rng, rows * head_dim);
+    let mut v_host = rand_exact(&mut rng, rows * head_dim);
+    let mut k_dev = dev.upload_f32(&k_host).unwrap();
+    let mut v_dev = dev.upload_f32(&v_host).unwrap();
+    let mut mirror = dev.kv_layout_mirror(&[n_heads]).unwrap();
+    dev.sync_kv_offsets(&mut mirror, &offsets).unwrap();
     for q_len in [1usize, 3] {
-        let k_new = rand_bf16(&mut rng, q_len * n_heads * head_dim);
-        let v_new = rand_bf16(&mut rng, q_len * n_heads * head_dim);
-        let (kd, vd) = (be.upload(&k_new).unwrap(), be.upload(&v_new).unwrap());
-        let lens_before = seg.lens().to_vec();
-        be.append_kv(
-            &mut seg,
-            &kd,
-            &vd,
-            &mut k_cache,
-            &mut v_cache,
+        let k_new = rand_exact(&mut rng, q_len * n_heads * head_dim);
+        let v_new = rand_exact(&mut rng, q_len * n_heads * head_dim);
+        let (kd, vd) = (
+            dev.upload_f32(&k_new).unwrap(),
+            dev.upload_f32(&v_new).unwrap(),
+        );
+        let lens_before = lens.clone();
+        lens.iter_mut().for_each(|l| *l += q_len);
+        dev.sync_kv_lens(&mut mirror, &lens, q_len).unwrap();
+        dev.append_kv(
+            &kd.view(),
+            &vd.view(),
+            &mut k_dev.view_mut(),
+            &mut v_dev.view_mut(),
+            (&offsets, &lens_before, &caps),
+            Some((&mirror, 0)),
             q_len,
             head_dim,
         )
         .unwrap();
-        for t in 0..q_len {
-            for h in 0..n_heads {
-                let dst = (offsets[h] as usize + lens_before[h] as usize + t) * head_dim;
-                let src = (t * n_heads + h) * head_dim;
-                k_host[dst..dst + head_dim].copy_from_slice(&k_new[src..src + head_dim]);
-                v_host[dst..dst + head_dim].copy_from_slice(&v_new[src..src + head_dim]);
-            }
-        }
-        let want_lens: Vec<i32> = lens_before.iter().map(|&l| l + q_len as i32).collect();
-        assert_eq!(seg.lens(), &want_lens[..]);
-        assert_eq!(be.download(seg.lens_dev()).unwrap(), want_lens);
-        assert!(
-            be.download(&k_cache).unwrap() == k_host,
-            "k cache differs (head_dim {head_dim})"
+        // The same op on the host is the reference.
+        let (mut kh, mut vh) = (
+            Tensor::from_f32(k_host.clone()),
+            Tensor::from_f32(v_host.clone()),
         );
-        assert!(
-            be.download(&v_cache).unwrap() == v_host,
-            "v cache differs (head_dim {head_dim})"
+        Device::Cpu
+            .append_kv(
+                &kvzip_kernels::View::f32(&k_new),
+                &kvzip_kernels::View::f32(&v_new),
+                &mut kh.view_mut(),
+                &mut vh.view_mut(),
+                (&offsets, &lens_before, &caps),
+                None,
+                q_len,
+                head_dim,
+            )
+            .unwrap();
+        k_host = kh.host_f32("k").unwrap().to_vec();
+        v_host = vh.host_f32("v").unwrap().to_vec();
+        assert_eq!(
+            dev.to_host_f32(&k_dev.view()).unwrap(),
+            k_host,
+            "K after append"
+        );
+        assert_eq!(
+            dev.to_host_f32(&v_dev.view()).unwrap(),
+            v_host,
+            "V after append"
         );
     }
-    // Head 2 is now at 64 / 64: one more row must be refused and nothing written.
-    let k_new = rand_bf16(&mut rng, n_heads * head_dim);
-    let kd = be.upload(&k_new).unwrap();
-    let err = be.append_kv(&mut seg, &kd, &kd, &mut k_cache, &mut v_cache, 1, head_dim);
-    assert!(matches!(err, Err(CudaError::Shape(m)) if m.contains("head 2")));
-    assert!(
-        be.download(&k_cache).unwrap() == k_host,
-        "a refused append wrote"
-    );
-    // Rolling back is bookkeeping.
-    be.set_head_lens(&mut seg, &lens0).unwrap();
-    assert_eq!(be.download(seg.lens_dev()).unwrap(), lens0.to_vec());
-    assert!(
-        be.set_head_lens(&mut seg, &[41, 0, 0, 0]).is_err(),
-        "len over capacity accepted"
-    );
+    // A head without room is refused before anything is written.
+    let full = dev.upload_f32(&vec![0.0; 40 * n_heads * head_dim]).unwrap();
+    let err = dev
+        .append_kv(
+            &full.view(),
+            &full.view(),
+            &mut k_dev.view_mut(),
+            &mut v_dev.view_mut(),
+            (&offsets, &lens, &caps),
+            Some((&mirror, 0)),
+            40,
+            head_dim,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("do not fit"), "{err}");
 }
 
 #[test]
 fn append_vector_path() {
-    append_case(128);
+    append_case(64);
 }
 
 #[test]
 fn append_scalar_path() {
-    append_case(36);
+    append_case(12);
 }
 
-fn compact_case(head_dim: usize, seed: u64) {
-    let be = backend();
+fn compact_case(head_dim: usize, seed: u64, keep_p: f64) {
+    let dev = gpu();
     let mut rng = Rng::new(seed);
-    let src_lens = [0i32, 1, 500, 1000, 333, 64];
-    let src_offsets: Vec<i64> = {
-        let mut acc = 0i64;
-        src_lens
-            .iter()
-            .map(|&l| {
-                acc += 13; // gaps between heads
-                let o = acc;
-                acc += l as i64;
-                o
-            })
-            .collect()
-    };
-    let src_rows = (src_offsets[5] + 64 + 7) as usize;
-    // Keep ratios from none to all, per head.
-    let keep_p = [0.5, 1.0, 0.3, 0.0, 0.9, 1.0];
-    let masks: Vec<Vec<bool>> = src_lens
+    let caps = [300usize, 5, 128, 77];
+    let lens = [290usize, 0, 128, 70];
+    let offsets = packed_offsets(&caps);
+    let rows: usize = caps.iter().sum();
+    let k = rand_exact(&mut rng, rows * head_dim);
+    let v = rand_exact(&mut rng, rows * head_dim);
+    let kept: Vec<Vec<usize>> = lens
         .iter()
-        .zip(keep_p)
-        .map(|(&l, p)| (0..l).map(|_| rng.next_f64() < p).collect())
+        .zip(&offsets)
+        .map(|(&len, &o)| {
+            (0..len)
+                .filter(|_| rng.next_f64() < keep_p)
+                .map(|p| o + p)
+                .collect()
+        })
         .collect();
-    let plan_counts: Vec<usize> = masks
-        .iter()
-        .map(|m| m.iter().filter(|&&b| b).count())
-        .collect();
-    let capacities: Vec<usize> = plan_counts.iter().map(|c| c + 5).collect();
-    let dst_offsets = CompactPlan::packed_offsets(&capacities);
-    let plan = CompactPlan::from_masks(&masks, &src_offsets, &src_lens, &dst_offsets).unwrap();
-    assert_eq!(
-        plan.kept_lens(),
-        plan_counts.iter().map(|&c| c as i32).collect::<Vec<_>>()
+    let dst_caps: Vec<usize> = kept.iter().map(|r| r.len() + 3).collect();
+    let dst_offsets = packed_offsets(&dst_caps);
+    let plan = GatherPlan::from_rows(&kept, &dst_offsets).unwrap();
+    let dst_rows: usize = dst_caps.iter().sum();
+    let (kd, vd) = (dev.upload_f32(&k).unwrap(), dev.upload_f32(&v).unwrap());
+    let mut ko = dev.zeros(DType::Bf16, dst_rows * head_dim).unwrap();
+    let mut vo = dev.zeros(DType::Bf16, dst_rows * head_dim).unwrap();
+    dev.gather_rows(
+        (&kd.view(), &vd.view()),
+        (&mut ko.view_mut(), &mut vo.view_mut()),
+        &plan,
+        head_dim,
+    )
+    .unwrap();
+    let (mut kh, mut vh) = (
+        Tensor::from_f32(vec![0.0; dst_rows * head_dim]),
+        Tensor::from_f32(vec![0.0; dst_rows * head_dim]),
     );
-    let dplan = be.upload_compact_plan(&plan).unwrap();
-    let k_src = rand_bf16(&mut rng, src_rows * head_dim);
-    let v_src = rand_bf16(&mut rng, src_rows * head_dim);
-    let dst_rows: usize = capacities.iter().sum();
-    let poison = bf16::from_f32(-1234.0);
-    let mut k_dst = be.upload(&vec![poison; dst_rows * head_dim]).unwrap();
-    let mut v_dst = be.upload(&vec![poison; dst_rows * head_dim]).unwrap();
-    let (ks, vs) = (be.upload(&k_src).unwrap(), be.upload(&v_src).unwrap());
-    be.compact(&ks, &vs, &mut k_dst, &mut v_dst, &dplan, head_dim)
+    Device::Cpu
+        .gather_rows(
+            (&kvzip_kernels::View::f32(&k), &kvzip_kernels::View::f32(&v)),
+            (&mut kh.view_mut(), &mut vh.view_mut()),
+            &plan,
+            head_dim,
+        )
         .unwrap();
-    let mut k_want = vec![poison; dst_rows * head_dim];
-    let mut v_want = k_want.clone();
-    for h in 0..src_lens.len() {
-        let kept = masks[h].iter().enumerate().filter(|(_, &b)| b);
-        for (i, (pos, _)) in kept.enumerate() {
-            let dst = dst_offsets[h] as usize + i;
-            let src = (src_offsets[h] as usize + pos) * head_dim;
-            k_want[dst * head_dim..(dst + 1) * head_dim]
-                .copy_from_slice(&k_src[src..src + head_dim]);
-            v_want[dst * head_dim..(dst + 1) * head_dim]
-                .copy_from_slice(&v_src[src..src + head_dim]);
-        }
-    }
-    assert!(
-        be.download(&k_dst).unwrap() == k_want,
-        "k compaction differs (head_dim {head_dim})"
+    assert_eq!(
+        dev.to_host_f32(&ko.view()).unwrap(),
+        kh.host_f32("k").unwrap(),
+        "K after gather (keep {keep_p})"
     );
-    assert!(
-        be.download(&v_dst).unwrap() == v_want,
-        "v compaction differs (head_dim {head_dim})"
+    assert_eq!(
+        dev.to_host_f32(&vo.view()).unwrap(),
+        vh.host_f32("v").unwrap(),
+        "V after gather (keep {keep_p})"
     );
 }
 
 #[test]
 fn compact_vector_path() {
-    compact_case(128, 3);
-    compact_case(64, 4);
-    compact_case(256, 5);
+    // Many short runs: the gather kernel; everything kept: one copy per head.
+    compact_case(128, 1, 0.3);
+    compact_case(64, 2, 1.0);
 }
 
 #[test]
 fn compact_scalar_path() {
-    compact_case(20, 6);
+    compact_case(20, 3, 0.5);
 }
 
 #[test]
 fn compact_plan_errors() {
-    let be = backend();
-    let bad_order = CompactPlan::from_kept(&[vec![3, 2]], &[0], &[5], &[0]);
-    assert!(matches!(bad_order, Err(CudaError::Shape(m)) if m.contains("ascending")));
-    let out_of_range = CompactPlan::from_kept(&[vec![5]], &[0], &[5], &[0]);
-    assert!(out_of_range.is_err());
-    let mask_len = CompactPlan::from_masks(&[vec![true; 4]], &[0], &[5], &[0]);
-    assert!(mask_len.is_err());
-    let overlap =
-        CompactPlan::from_kept(&[vec![0, 1, 2], vec![0]], &[0, 10], &[5, 5], &[0, 2]).unwrap();
-    assert!(
-        be.upload_compact_plan(&overlap).is_err(),
-        "overlapping heads accepted"
-    );
-    let ok = CompactPlan::from_kept(&[vec![0, 1, 2], vec![0]], &[0, 10], &[5, 5], &[0, 3]).unwrap();
-    let dplan = be.upload_compact_plan(&ok).unwrap();
-    let src = be.zeros::<bf16>(8 * 11).unwrap();
-    let mut dst = be.zeros::<bf16>(8 * 3).unwrap();
-    let mut dst2 = be.zeros::<bf16>(8 * 4).unwrap();
-    let err = be.compact(&src, &src, &mut dst, &mut dst2, &dplan, 8);
-    assert!(matches!(err, Err(CudaError::Shape(m)) if m.contains("k_dst")));
+    let dev = gpu();
+    let d = 8;
+    let src = dev.upload_f32(&vec![0.0; 10 * d]).unwrap();
+    let mut dst = dev.zeros(DType::Bf16, 10 * d).unwrap();
+    let mut dst2 = dev.zeros(DType::Bf16, 10 * d).unwrap();
+    let mut run = |plan: &GatherPlan| {
+        dev.gather_rows(
+            (&src.view(), &src.view()),
+            (&mut dst.view_mut(), &mut dst2.view_mut()),
+            plan,
+            d,
+        )
+    };
+    // A source row past the buffer.
+    let plan = GatherPlan::from_rows(&[vec![0, 11]], &[0]).unwrap();
+    assert!(run(&plan).unwrap_err().to_string().contains("outside"));
+    // Overlapping destination ranges.
+    let plan = GatherPlan::from_rows(&[vec![0, 1, 2], vec![3]], &[0, 2]).unwrap();
+    assert!(run(&plan).unwrap_err().to_string().contains("overlap"));
+    // Destination past the buffer.
+    let plan = GatherPlan::from_rows(&[vec![0, 1]], &[9]).unwrap();
+    assert!(run(&plan).is_err());
 }

@@ -140,7 +140,9 @@ fn run_gpu(be: &CudaBackend, c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let k = be.upload_bf16(&c.k).unwrap();
     let offsets = be.upload(&c.offsets).unwrap();
     let lens = be.upload(&c.lens).unwrap();
-    s.check_segments(&c.offsets, &c.lens, c.k.len() / s.head_dim)
+    let off: Vec<usize> = c.offsets.iter().map(|&x| x as usize).collect();
+    let lens_host: Vec<usize> = c.lens.iter().map(|&x| x as usize).collect();
+    s.check_segments(&off, &lens_host, c.k.len() / s.head_dim)
         .unwrap();
     let mut lse = be.upload(&vec![f32::NAN; s.lse_len()]).unwrap();
     let mut scores = be

@@ -4,14 +4,17 @@
 # engine), compute-sanitizer memcheck on the kernel tests, the end-to-end benchmark and the HF
 # transformers peer, all in one call. Results go to $OUT (at most 8 files come back):
 #   device.txt, tests.log, summary.txt, memcheck.log, kvzip_bench.json, hf_peer.json, bench.log
-# Usage: bash scripts/gpu/run-all.sh [tests|bench|peer ...]   (default: all three)
+#   (+ kvzip_bench_old.json when the bundle holds an earlier build in old/: both run per shape,
+#   old then new, in the same call)
+# Usage: bash scripts/gpu/run-all.sh [tests|memcheck|bench|peer ...]   (default: all four).
+# KVZIP_BENCH_SHAPES limits the bench to some shapes (comma-separated).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 OUT="${OUT:-/tmp/kvzip-gpu-out}"
 mkdir -p "$OUT"
 export KVZIP_FIXTURES_DIR="$PWD/tests/fixtures"
-parts="${*:-tests bench peer}"
+parts="${*:-tests memcheck bench peer}"
 bundle=.gpu/bundle
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/device.txt" 2>&1
 : > "$OUT/summary.txt"
@@ -23,6 +26,8 @@ if [[ " $parts " == *" tests "* ]]; then
     timeout 300 "$t" --test-threads=1 >> "$OUT/tests.log" 2>&1
     echo "$name rc=$?" >> "$OUT/summary.txt"
   done
+fi
+if [[ " $parts " == *" memcheck "* ]]; then
   if command -v compute-sanitizer >/dev/null; then
     for t in "$bundle"/tests/cuda_*; do
       echo "=== memcheck $(basename "$t")" >> "$OUT/memcheck.log"
@@ -34,8 +39,29 @@ if [[ " $parts " == *" tests "* ]]; then
   fi
 fi
 if [[ " $parts " == *" bench "* ]]; then
-  timeout "${KVZIP_BENCH_TIMEOUT:-400}" "$bundle/kvzip-bench" --out "$OUT/kvzip_bench.json" ${KVZIP_BENCH_ARGS:-} > /dev/null 2> "$OUT/bench.log"
-  echo "kvzip-bench rc=$?" >> "$OUT/summary.txt"
+  shapes="${KVZIP_BENCH_SHAPES:-llama-3.1-8b,qwen2.5-7b-1m}"
+  tmp=$(mktemp -d)
+  for shape in ${shapes//,/ }; do
+    for build in old new; do
+      bin="$bundle/kvzip-bench"; [ "$build" = old ] && bin="$bundle/old/kvzip-bench"
+      [ -x "$bin" ] || continue
+      echo "=== $build $shape" >> "$OUT/bench.log"
+      timeout "${KVZIP_BENCH_TIMEOUT:-400}" "$bin" --shapes "$shape" --out "$tmp/$build-$shape.json" ${KVZIP_BENCH_ARGS:-} > /dev/null 2>> "$OUT/bench.log"
+      echo "kvzip-bench $build $shape rc=$?" >> "$OUT/summary.txt"
+    done
+  done
+  python3 - "$tmp" "$OUT" <<'PY'
+import glob, json, os, sys
+tmp, out = sys.argv[1], sys.argv[2]
+for build, name in [("new", "kvzip_bench.json"), ("old", "kvzip_bench_old.json")]:
+    parts = sorted(glob.glob(os.path.join(tmp, f"{build}-*.json")))
+    if not parts:
+        continue
+    docs = [json.load(open(p)) for p in parts]
+    merged = {"ceilings": docs[0]["ceilings"], "ceilings_per_shape": [d["ceilings"] for d in docs],
+              "shapes": [s for d in docs for s in d["shapes"]]}
+    json.dump(merged, open(os.path.join(out, name), "w"), indent=1)
+PY
 fi
 if [[ " $parts " == *" peer "* ]]; then
   PYTHONUNBUFFERED=1 timeout "${KVZIP_PEER_TIMEOUT:-240}" python3 scripts/gpu/hf_peer.py --out "$OUT/hf_peer.json" ${KVZIP_PEER_ARGS:-} >> "$OUT/bench.log" 2>&1

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
+pub mod synthetic;
+
 /// Root of the committed fixtures (`tests/fixtures`); `KVZIP_FIXTURES_DIR` overrides it (test
 /// binaries carried to another machine, e.g. the GPU bundle of `cargo xtask gpu`).
 pub fn fixtures_dir() -> PathBuf {
@@ -13,7 +15,8 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"))
 }
 
-/// Directory of the parity fixture `name` (`llama`, `qwen2`, `qwen3`, `gemma3`).
+/// Directory of the parity fixture `name` (`llama`, `qwen2`, `qwen3`, `gemma3`, `mistral`,
+/// `phi3`).
 pub fn parity_dir(name: &str) -> PathBuf {
     fixtures_dir().join("parity").join(name)
 }

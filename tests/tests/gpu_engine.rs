@@ -1,4 +1,4 @@
-//! GPU engine vs CPU engine on the four architectures (feature `cuda`, needs a GPU).
+//! The engine on CUDA vs the same engine on the CPU (feature `cuda`, needs a GPU).
 //!
 //! The tiny parity fixtures use head dims 16/32, below what the attention kernels are built
 //! for (64/128/256), so each fixture's config is taken as is with its head dim raised
@@ -9,164 +9,36 @@
 //! agree too.
 #![cfg(feature = "cuda")]
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use kvzip_kernels::sampling::Rng;
 use kvzip_models::engine::kvzip::{KvType, Scoring};
 use kvzip_models::engine::{Engine, GenerateOptions};
-use kvzip_models::gpu::GpuEngine;
-use kvzip_models::LogitsMode;
+use kvzip_models::{Device, LogitsMode};
 use kvzip_score::Level;
 use kvzip_templates::PromptIds;
-use kvzip_tests::parity_dir;
-use safetensors::tensor::{Dtype, TensorView};
+use kvzip_tests::synthetic::{make_model, random_ids as ids, rel_err};
 
 const REL_TOL: f64 = 2e-2;
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    assert!(num.is_finite(), "non-finite GPU output");
-    (num / den.max(1e-30)).sqrt()
-}
 
 fn argmax(x: &[f32]) -> usize {
     kvzip_kernels::sampling::argmax(x)
 }
 
-/// Writes `name`'s fixture config with `head_dim` and seeded bf16-exact weights into `dir`.
-fn make_model(name: &str, head_dim: usize, dir: &Path) {
-    let src = parity_dir(name);
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(src.join("config.json")).expect("config"))
-            .expect("json");
-    let text = cfg.get("text_config").is_some();
-    let c = if text {
-        cfg.get_mut("text_config").expect("text_config")
-    } else {
-        &mut cfg
-    };
-    c["head_dim"] = serde_json::json!(head_dim);
-    // Room for the KVzip test's context plus a reconstruction chunk (RoPE does not depend on it).
-    c["max_position_embeddings"] = serde_json::json!(4096);
-    if name == "gemma3" {
-        c["query_pre_attn_scalar"] = serde_json::json!(head_dim);
-    }
-    let get = |k: &str| c[k].as_u64().expect(k) as usize;
-    let (v, h, i, n_layers) = (
-        get("vocab_size"),
-        get("hidden_size"),
-        get("intermediate_size"),
-        get("num_hidden_layers"),
-    );
-    let (nq, nkv) = (get("num_attention_heads"), get("num_key_value_heads"));
-    let tied = c["tie_word_embeddings"].as_bool().unwrap_or(false);
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec_pretty(&cfg).expect("ser"),
-    )
-    .expect("write config");
-
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![v, h]),
-        ("model.norm.weight".into(), vec![h]),
-    ];
-    if !tied {
-        shapes.push(("lm_head.weight".into(), vec![v, h]));
-    }
-    for l in 0..n_layers {
-        let p = format!("model.layers.{l}");
-        let mut add = |n: &str, s: Vec<usize>| shapes.push((format!("{p}.{n}"), s));
-        add("input_layernorm.weight", vec![h]);
-        add("post_attention_layernorm.weight", vec![h]);
-        if name == "gemma3" {
-            add("pre_feedforward_layernorm.weight", vec![h]);
-            add("post_feedforward_layernorm.weight", vec![h]);
-        }
-        add("self_attn.q_proj.weight", vec![nq * head_dim, h]);
-        add("self_attn.k_proj.weight", vec![nkv * head_dim, h]);
-        add("self_attn.v_proj.weight", vec![nkv * head_dim, h]);
-        add("self_attn.o_proj.weight", vec![h, nq * head_dim]);
-        if name == "qwen2" {
-            add("self_attn.q_proj.bias", vec![nq * head_dim]);
-            add("self_attn.k_proj.bias", vec![nkv * head_dim]);
-            add("self_attn.v_proj.bias", vec![nkv * head_dim]);
-        }
-        if name == "qwen3" || name == "gemma3" {
-            add("self_attn.q_norm.weight", vec![head_dim]);
-            add("self_attn.k_norm.weight", vec![head_dim]);
-        }
-        add("mlp.gate_proj.weight", vec![i, h]);
-        add("mlp.up_proj.weight", vec![i, h]);
-        add("mlp.down_proj.weight", vec![h, i]);
-    }
-    let mut rng = Rng::new(0x6b767a69 ^ head_dim as u64);
-    let mut data: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
-    for (n, s) in &shapes {
-        let count: usize = s.iter().product();
-        let (lo, hi) = if n.ends_with("norm.weight") {
-            if name == "gemma3" {
-                (-0.1, 0.1)
-            } else {
-                (0.8, 1.2)
-            }
-        } else if n.contains("embed") {
-            (-1.0, 1.0)
-        } else if n.ends_with("bias") {
-            (-0.1, 0.1)
-        } else {
-            let a = 1.5 / (*s.last().unwrap_or(&1) as f32).sqrt();
-            (-a, a)
-        };
-        let vals = rng.uniform_vec(count, lo, hi);
-        let bytes: Vec<u8> = vals
-            .iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_f32().to_le_bytes())
-            .collect();
-        data.insert(n.clone(), (s.clone(), bytes));
-    }
-    let views: Vec<(String, TensorView<'_>)> = data
-        .iter()
-        .map(|(n, (s, b))| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).expect("view"),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors"))
-        .expect("write weights");
-}
-
 struct Pair {
     _dir: tempfile::TempDir,
     cpu: Engine,
-    gpu: GpuEngine,
+    gpu: Engine,
 }
 
 fn pair(name: &str, head_dim: usize) -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
     make_model(name, head_dim, dir.path());
     let cpu = Engine::load(dir.path()).expect("cpu load");
-    let gpu = GpuEngine::load(dir.path(), 0).expect("GPU engine (these tests need a CUDA GPU)");
+    let device = Device::cuda(0).expect("these tests need a CUDA GPU");
+    let gpu = Engine::load_on(dir.path(), &device).expect("GPU engine");
     Pair {
         _dir: dir,
         cpu,
         gpu,
     }
-}
-
-fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut r = Rng::new(seed);
-    (0..n)
-        .map(|_| (r.next_u64() % vocab as u64) as u32)
-        .collect()
 }
 
 fn check_forward(name: &str, head_dim: usize) {
@@ -179,37 +51,15 @@ fn check_forward(name: &str, head_dim: usize) {
         .cpu
         .prefill(&mut cc, &prompt, LogitsMode::All)
         .expect("cpu prefill");
-    let mut gc = p.gpu.new_cache(64).expect("gpu cache");
-    let got = p
-        .gpu
-        .feed(
-            &mut gc,
-            &prompt[..200],
-            LogitsMode::All,
-            None,
-            &mut |_, _| {},
-        )
-        .expect("gpu prefill 1");
+    let mut gc = p.gpu.new_cache_with_capacity(64).expect("gpu cache");
     let got1 = p
         .gpu
-        .gpu()
-        .download(&got.expect("logits"))
-        .expect("download");
-    let got = p
-        .gpu
-        .feed(
-            &mut gc,
-            &prompt[200..],
-            LogitsMode::All,
-            None,
-            &mut |_, _| {},
-        )
-        .expect("gpu prefill 2");
+        .feed(&mut gc, &prompt[..200], LogitsMode::All, &mut |_, _| {})
+        .expect("gpu prefill 1");
     let got2 = p
         .gpu
-        .gpu()
-        .download(&got.expect("logits"))
-        .expect("download");
+        .feed(&mut gc, &prompt[200..], LogitsMode::All, &mut |_, _| {})
+        .expect("gpu prefill 2");
     let got: Vec<f32> = got1.into_iter().chain(got2).collect();
     let e = rel_err(&got, &want);
     eprintln!("[gpu] {name} d={head_dim}: prefill logits rel err {e:.2e}");
@@ -236,7 +86,7 @@ fn check_forward(name: &str, head_dim: usize) {
         .cpu
         .generate(&mut cc, &prompt, &opts, true, &mut |_| true)
         .expect("cpu gen");
-    let mut gc = p.gpu.new_cache(16).expect("gpu cache");
+    let mut gc = p.gpu.new_cache_with_capacity(16).expect("gpu cache");
     let gg = p
         .gpu
         .generate(&mut gc, &prompt, &opts, true, &mut |_| true)
@@ -321,9 +171,7 @@ fn gpu_kvzip_matches_cpu() {
             assert!(e <= 5e-2, "{name}: layer {l} scores rel err {e}");
         }
         let cr = cpu_ctx.prune(0.3, Level::Pair).expect("cpu prune");
-        let gr = gpu_ctx
-            .prune(p.gpu.gpu(), 0.3, Level::Pair)
-            .expect("gpu prune");
+        let gr = gpu_ctx.prune(0.3, Level::Pair).expect("gpu prune");
         assert!(
             (gr.ratio_real - cr.ratio_real).abs() < 1e-9,
             "{name}: kept fraction differs"
@@ -336,21 +184,12 @@ fn gpu_kvzip_matches_cpu() {
         let mut opts = GenerateOptions::greedy(p.cpu.spec(), 6);
         opts.stop_tokens.clear();
         let q = ids(9, vocab as usize, 5);
-        let lens_before: Vec<Vec<usize>> = gpu_ctx
-            .cache
-            .layers
-            .iter()
-            .map(|l| l.lens.clone())
-            .collect();
-        let ga = gpu_ctx
-            .answer(&p.gpu, &q, &opts, false, &mut |_| true)
+        let lens_before = gpu_ctx.cache.lens();
+        let ga = p
+            .gpu
+            .answer(&mut gpu_ctx, &q, &opts, false, &mut |_| true)
             .expect("gpu answer");
-        let lens_after: Vec<Vec<usize>> = gpu_ctx
-            .cache
-            .layers
-            .iter()
-            .map(|l| l.lens.clone())
-            .collect();
+        let lens_after = gpu_ctx.cache.lens();
         assert_eq!(
             lens_before, lens_after,
             "{name}: update_cache=false changed the cache"
@@ -382,6 +221,6 @@ fn gpu_kvzip_matches_cpu() {
 /// does not).
 #[test]
 fn bad_device_ordinal_is_an_error() {
-    let err = kvzip_kernels::cuda::CudaBackend::new(999).expect_err("ordinal 999 must fail");
+    let err = Device::cuda(999).expect_err("ordinal 999 must fail");
     assert!(err.to_string().contains("no CUDA device"), "{err}");
 }

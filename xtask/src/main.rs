@@ -3,9 +3,12 @@
 //! - `ci`: run `.ci/run` (fmt, clippy, cuda build check, tests) exactly as CI does.
 //! - `fixtures [parity|scores|templates|real]`: regenerate committed fixtures with the Python
 //!   scripts in `scripts/` (needs a Python with torch + transformers; set `KVZIP_PYTHON`).
-//! - `gpu`: build the GPU bundle here (no GPU needed): every CUDA test binary and the release
-//!   `kvzip-bench`, copied into `.gpu/bundle/` (git-ignored, carried to the GPU machine), then
-//!   run `bash scripts/gpu/run-all.sh` there (tests, memcheck, benchmark, HF peer).
+//! - `gpu`: build the GPU bundle here (no GPU needed): every CUDA test binary (`cuda_*`,
+//!   `gpu_*`, `kvzip_flow`) and the release `kvzip-bench`, copied into `.gpu/bundle/`
+//!   (git-ignored, carried to the GPU machine), then run `bash scripts/gpu/run-all.sh` there
+//!   (tests, memcheck, benchmark, HF peer). `KVZIP_OLD_BENCH=/path/to/kvzip-bench` also copies
+//!   an earlier build's benchmark into `.gpu/bundle/old/`, which run-all.sh then measures in
+//!   the same call, interleaved with the new one (regression checks).
 //! - `bench`: on a machine with a GPU, build and run `kvzip-bench` and the HF peer
 //!   (`scripts/gpu/hf_peer.py`), writing `bench/gpu/kvzip.json` and `bench/gpu/hf_peer.json`.
 
@@ -70,6 +73,8 @@ fn gpu_bundle() -> Result<()> {
             "-p",
             "kvzip-kernels",
             "-p",
+            "kvzip-cache",
+            "-p",
             "kvzip-tests",
             "--message-format=json",
         ])
@@ -89,7 +94,7 @@ fn gpu_bundle() -> Result<()> {
         else {
             continue;
         };
-        if name.starts_with("cuda_") || name.starts_with("gpu_") {
+        if name.starts_with("cuda_") || name.starts_with("gpu_") || name == "kvzip_flow" {
             let dest = bundle.join("tests").join(name);
             std::fs::copy(exe, &dest).with_context(|| format!("copy {exe}"))?;
             strip(&dest);
@@ -97,7 +102,7 @@ fn gpu_bundle() -> Result<()> {
         }
     }
     if copied == 0 {
-        bail!("no cuda_* / gpu_* test binaries were built");
+        bail!("no cuda_* / gpu_* / kvzip_flow test binaries were built");
     }
     run(Command::new("cargo")
         .args([
@@ -114,6 +119,12 @@ fn gpu_bundle() -> Result<()> {
         bundle.join("kvzip-bench"),
     )?;
     strip(&bundle.join("kvzip-bench"));
+    if let Some(old) = std::env::var_os("KVZIP_OLD_BENCH") {
+        std::fs::create_dir_all(bundle.join("old"))?;
+        std::fs::copy(&old, bundle.join("old/kvzip-bench"))
+            .with_context(|| format!("copy KVZIP_OLD_BENCH {}", Path::new(&old).display()))?;
+        strip(&bundle.join("old/kvzip-bench"));
+    }
     let size: u64 = walk_size(&bundle);
     eprintln!(
         "bundle: {copied} test binaries + kvzip-bench, {:.1} MiB in {}",

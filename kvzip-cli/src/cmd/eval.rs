@@ -18,7 +18,7 @@ use kvzip_models::engine::GenerateOptions;
 use kvzip_score::HeadScores;
 use kvzip_templates::{Task, Tokenizer};
 
-use crate::common::{load_model, print_json, LoadedModel};
+use crate::common::{load_model, print_json, DeviceArgs, LoadedModel};
 
 /// Arguments of `kvzip eval`.
 #[derive(clap::Args, Debug)]
@@ -26,6 +26,8 @@ pub struct EvalArgs {
     /// Model directory or short name.
     #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Dataset: squad, gsm8k, needle, needle-multikey, kv-retrieval, passkey.
     #[arg(long)]
     pub data: String,
@@ -157,7 +159,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let data: DatasetName = args.data.parse()?;
     let methods = parse_methods(&args.methods)?;
     let ratios = parse_ratios(&args.ratios)?;
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, &args.device)?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("results")
             .join(&model.name)

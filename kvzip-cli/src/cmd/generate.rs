@@ -11,7 +11,7 @@ use serde_json::json;
 
 use kvzip_models::LogitsMode;
 
-use crate::common::{load_model, print_json, progress_bar, LoadedModel};
+use crate::common::{load_model, print_json, progress_bar, DeviceArgs, LoadedModel};
 
 /// Prompts longer than this many tokens get a prefill progress bar.
 const LONG_PROMPT_TOKENS: usize = 512;
@@ -69,6 +69,8 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Renders a conversation with the model's chat template (or plain text when it has none).
@@ -138,7 +140,7 @@ fn stream_generate(
 
 /// `kvzip generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, &args.device)?;
     let text = if args.raw {
         args.prompt.clone()
     } else {
@@ -179,12 +181,14 @@ pub struct ChatArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// `kvzip chat`: multi-turn; the KV cache is kept between turns and only the new part of the
 /// rendered conversation is fed each turn.
 pub fn chat(args: &ChatArgs) -> Result<()> {
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, &args.device)?;
     let opts = args.sampling.options(&model);
     let mut messages = Vec::new();
     if let Some(s) = &args.system {

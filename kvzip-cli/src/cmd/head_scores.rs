@@ -8,7 +8,7 @@ use kvzip_models::engine::kvzip::{KvType, Scoring, DEFAULT_SCORING_CHUNK};
 use kvzip_score::HeadScores;
 use kvzip_templates::Task;
 
-use crate::common::{load_model, read_text};
+use crate::common::{load_model, read_text, DeviceArgs};
 
 /// Arguments of `kvzip head-scores`.
 #[derive(clap::Args, Debug)]
@@ -16,6 +16,8 @@ pub struct HeadScoresArgs {
     /// Model directory or short name.
     #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Sample context files (one or more).
     #[arg(long = "context", required = true)]
     pub contexts: Vec<PathBuf>,
@@ -29,7 +31,7 @@ pub struct HeadScoresArgs {
 
 /// `kvzip head-scores`.
 pub fn head_scores(args: &HeadScoresArgs) -> Result<()> {
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, &args.device)?;
     let prompt = model.prompt_ids(Task::Qa)?;
     let mut merged: Option<HeadScores> = None;
     for path in &args.merge {

@@ -7,4 +7,3 @@ pub mod head_scores;
 pub mod profile;
 pub mod report;
 pub mod run;
-pub mod run_gpu;

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::generate::SamplingArgs;
 use super::run::parse_task;
-use crate::common::{load_model, print_json, read_text, LoadedModel};
+use crate::common::{load_model, print_json, read_text, DeviceArgs, LoadedModel};
 
 /// Arguments of `kvzip profile`.
 #[derive(clap::Args, Debug)]
@@ -22,6 +22,8 @@ pub struct ProfileArgs {
     /// Model directory or short name.
     #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
     pub model: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Dataset: `squad` (SQuAD v1.1 JSON); ignored when --context is given.
     #[arg(long, default_value = "squad")]
     pub data: String,
@@ -148,7 +150,7 @@ fn stats(x: &[f32]) -> [f32; 3] {
 
 /// `kvzip profile`.
 pub fn profile(args: &ProfileArgs) -> Result<()> {
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, &args.device)?;
     let task: Task = parse_task(&args.task)?;
     let (context, questions) = match &args.context {
         Some(p) => (read_text(p)?, args.queries.clone()),

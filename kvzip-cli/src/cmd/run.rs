@@ -4,14 +4,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use kvzip_cache::{CacheFileMeta, KvCache};
+use kvzip_cache::{CacheFileMeta, DeviceKv, KvCache};
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring, DEFAULT_SCORING_CHUNK};
 use kvzip_score::{HeadScores, Level};
 use kvzip_templates::{format_query, PromptIds, Task};
 use serde_json::json;
 
 use super::generate::SamplingArgs;
-use crate::common::{load_model, print_json, read_text, LoadedModel};
+use crate::common::{load_model, print_json, read_text, DeviceArgs, LoadedModel};
 
 /// Arguments of `kvzip run`.
 #[derive(clap::Args, Debug)]
@@ -54,9 +54,8 @@ pub struct RunArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Where to run: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Parses a `--kv-type` value.
@@ -97,13 +96,16 @@ pub fn answer_query(
     Ok((text.trim().to_owned(), gen.tokens.len(), ms))
 }
 
-/// Loads a saved cache and checks it belongs to `model` and `prompt`.
+/// Loads a saved cache onto the model's device (a cache saved from either device loads on
+/// either: rows are converted to the device's type) and checks it belongs to `model` and
+/// `prompt`.
 fn load_saved(
     model: &LoadedModel,
     path: &PathBuf,
     prompt: &PromptIds,
 ) -> Result<(ContextCache, CacheFileMeta)> {
-    let (cache, meta): (KvCache, CacheFileMeta) = KvCache::load(path)?;
+    let storage = DeviceKv::new(model.engine.device().clone());
+    let (cache, meta): (KvCache, CacheFileMeta) = KvCache::load_in(storage, path)?;
     meta.check(path, &model.model_id, None)?;
     if !meta.token_ids.starts_with(&prompt.system_ids) {
         bail!(
@@ -178,14 +180,9 @@ impl RunSummary<'_> {
     }
 }
 
-/// `kvzip run`.
+/// `kvzip run`: the same flow on every device.
 pub fn run(args: &RunArgs) -> Result<()> {
-    match args.device.as_str() {
-        "cpu" => {}
-        "cuda" => return super::run_gpu::run_gpu(args),
-        other => bail!("--device {other:?}: expected cpu or cuda"),
-    }
-    let model = load_model(&args.model)?;
+    let model = load_model(&args.model, &args.device)?;
     let task = parse_task(&args.task)?;
     let kv_type = parse_kv_type(&args.kv_type)?;
     let prompt = model.prompt_ids(task)?;
@@ -226,6 +223,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         } else {
             (1.0, full)
         };
+        model.engine.device().synchronize()?;
         (
             ctx,
             ratio_real,
@@ -264,7 +262,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         answers.push(json!({"query": q, "answer": answer, "tokens": n_tokens}));
     }
     RunSummary {
-        device: "cpu",
+        device: model.device_kind(),
         model: &model,
         answers,
         n_sys: ctx.n_sys,

@@ -232,14 +232,13 @@ impl GatherPlan {
         let mut out: Vec<(usize, usize, usize)> = Vec::new();
         for h in 0..self.n_heads() {
             let (a, b) = (self.row_starts[h] as usize, self.row_starts[h + 1] as usize);
-            let mut dst = self.dst_offsets[h] as usize;
-            for &src in &self.src_rows[a..b] {
+            let first = self.dst_offsets[h] as usize;
+            for (dst, &src) in (first..).zip(&self.src_rows[a..b]) {
                 let src = src as usize;
                 match out.last_mut() {
                     Some((s, d, n)) if *s + *n == src && *d + *n == dst => *n += 1,
                     _ => out.push((src, dst, 1)),
                 }
-                dst += 1;
             }
         }
         out

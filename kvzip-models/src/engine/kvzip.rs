@@ -285,6 +285,9 @@ impl Engine {
             };
             out.push(scores);
         }
+        // The scoring passes grew every layer by a chunk's input; give sliding-window layers
+        // back their window-sized memory.
+        self.commit_windows(&mut ctx.cache)?;
         self.device().synchronize()?;
         ctx.timings.scoring_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok((ctx, out))
