@@ -16,6 +16,7 @@ mkdir -p "$OUT"
 export KVZIP_FIXTURES_DIR="$PWD/tests/fixtures"
 parts="${*:-tests memcheck bench peer}"
 bundle=.gpu/bundle
+if [ ! -d "$bundle" ] && [ -f .gpu/bundle.tar.xz ]; then tar -C .gpu -xJf .gpu/bundle.tar.xz; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/device.txt" 2>&1
 : > "$OUT/summary.txt"
 
