@@ -24,6 +24,24 @@ fn fresh_generation() -> u64 {
 /// `n_sys + n_ctx` on (queries, answers, kept turns) is never evicted either.
 /// `seen_tokens` is the uncompressed length: the RoPE position of the next token, which keeps
 /// counting evicted rows.
+///
+/// Layers may differ in geometry (`(n_kv_heads, head_dim)` per layer). Within a layer every
+/// KV head is a segment of rows with its own length; see [`LayerCache`] and the crate docs for
+/// the layout and for which method to use when.
+///
+/// ```
+/// use kvzip_cache::KvCache;
+///
+/// // Host f32 cache: layer 0 has 2 KV heads of head_dim 8, layer 1 has 1 of head_dim 16.
+/// let mut cache = KvCache::new(&[(2, 8), (1, 16)])?;
+/// let pos = cache.next_positions(3); // [0, 1, 2]
+/// cache.append(0, &[0.0; 3 * 2 * 8], &[0.0; 3 * 2 * 8], &pos)?;
+/// cache.append(1, &[0.0; 3 * 16], &[0.0; 3 * 16], &pos)?;
+/// assert_eq!(cache.lens(), vec![vec![3, 3], vec![3]]);
+/// assert_eq!(cache.seen_tokens(), 3);
+/// assert_eq!(cache.kv_bytes_live(), (3 * 2 * 8 + 3 * 16) * 2 * 4); // K+V, f32
+/// # Ok::<(), kvzip_cache::CacheError>(())
+/// ```
 pub struct KvCache<S: KvStorage = DeviceKv> {
     pub(crate) storage: S,
     pub(crate) meta: S::Meta,
@@ -55,7 +73,9 @@ impl<S: KvStorage> std::fmt::Debug for KvCache<S> {
     }
 }
 
-/// A saved cache length to slice back to (see [`KvCache::mark`] / [`KvCache::rollback`]).
+/// A saved cache length to slice back to (see [`KvCache::mark`] / [`KvCache::rollback`]):
+/// every head's live row count and `seen_tokens` at the time of the mark, plus the layout
+/// generation, so that a mark taken before a compaction or front trim is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheMark {
     lens: Vec<Vec<usize>>,
@@ -76,7 +96,8 @@ impl CacheMark {
 }
 
 /// Context-only KV usage (system prompt and post-context rows excluded), from
-/// [`KvCache::context_usage`].
+/// [`KvCache::context_usage`]. Pairs count (layer, KV head, position) rows; bytes count K+V.
+/// `pairs_kept as f64 / pairs_full as f64` is the real kept ratio of the context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ContextUsage {
     /// Live (layer, head, position) rows with a position in the context span.
@@ -99,6 +120,9 @@ fn layer_err(l: usize) -> impl FnOnce(CacheError) -> CacheError {
 impl<S: KvStorage + Clone> KvCache<S> {
     /// An empty cache in `storage` with one layer per `(n_kv_heads, head_dim)` entry and
     /// `rows_per_head` rows reserved in every head (0: grow on demand); spans are 0.
+    ///
+    /// Errors with [`CacheError::Shape`] if a layer has 0 heads or `head_dim` 0, and with the
+    /// storage's error if the allocation fails.
     pub fn with_capacity_in(
         storage: S,
         layer_shapes: &[(usize, usize)],
@@ -129,7 +153,8 @@ impl<S: KvStorage + Clone> KvCache<S> {
         Self::from_parts(storage, layers, 0, 0, 0)
     }
 
-    /// An empty cache in `storage` (no capacity reserved).
+    /// An empty cache in `storage` (no capacity reserved), one layer per
+    /// `(n_kv_heads, head_dim)` entry. `KvCache::new` is this with host storage.
     pub fn new_in(storage: S, layer_shapes: &[(usize, usize)]) -> Result<Self, CacheError> {
         Self::with_capacity_in(storage, layer_shapes, 0)
     }
@@ -173,17 +198,22 @@ impl<S: KvStorage + Clone> KvCache<S> {
         )
     }
 
-    /// The storage.
+    /// The storage that owns the rows (e.g. [`DeviceKv`]: the device and element type).
     pub fn storage(&self) -> &S {
         &self.storage
     }
 
-    /// The storage's device-side layout copies.
+    /// The storage's device-side copies of the layout (offsets and lengths), synced after
+    /// every change; `kvzip_kernels::KvLayoutMirror` for [`DeviceKv`].
     pub fn meta(&self) -> &S::Meta {
         &self.meta
     }
 
-    /// Declares the system-prompt length and context length (in tokens) for later pruning.
+    /// Declares the system-prompt length and context length (in tokens) for later pruning:
+    /// positions `[0, n_sys)` are the protected system prompt and `[n_sys, n_sys + n_ctx)` the
+    /// evictable context that [`KeepMask`]s index. Call it after the prefill, before
+    /// [`compact`](Self::compact), [`compacted_view`](Self::compacted_view) or
+    /// [`context_usage`](Self::context_usage).
     pub fn set_spans(&mut self, n_sys: usize, n_ctx: usize) {
         self.n_sys = n_sys;
         self.n_ctx = n_ctx;
@@ -209,12 +239,13 @@ impl<S: KvStorage + Clone> KvCache<S> {
         self.seen_tokens
     }
 
-    /// Overrides the logical length (e.g. when an engine feeds positions itself).
+    /// Overrides the logical length in tokens (e.g. when an engine feeds positions itself).
     pub fn set_seen_tokens(&mut self, seen_tokens: usize) {
         self.seen_tokens = seen_tokens;
     }
 
-    /// The positions `seen_tokens .. seen_tokens + t` for the next `t` tokens.
+    /// The absolute positions `seen_tokens .. seen_tokens + t` of the next `t` tokens (what
+    /// [`append`](Self::append) and RoPE need); does not change the cache.
     pub fn next_positions(&self, t: usize) -> Vec<u32> {
         (self.seen_tokens..self.seen_tokens + t)
             .map(|p| p as u32)
@@ -226,7 +257,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
         self.layers.len()
     }
 
-    /// All layers.
+    /// All layers, in model order (`[n_layers]`).
     pub fn layers(&self) -> &[LayerCache<S::Layer>] {
         &self.layers
     }
@@ -258,7 +289,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
         Ok(lc.head_positions(h))
     }
 
-    /// Per-layer, per-head live lengths.
+    /// Per-layer, per-head live lengths in rows (`[n_layers][n_kv_heads]`, a copy).
     pub fn lens(&self) -> Vec<Vec<usize>> {
         self.layers.iter().map(|l| l.lens.clone()).collect()
     }
@@ -320,7 +351,9 @@ impl<S: KvStorage + Clone> KvCache<S> {
         Ok(true)
     }
 
-    /// Makes sure every head of every layer has at least `rows` free rows.
+    /// Makes sure every head of every layer has at least `rows` free rows, so that the next
+    /// appends of up to `rows` tokens copy nothing (e.g. before a decode loop of known
+    /// length). Re-lays out only the layers that lack room.
     pub fn reserve(&mut self, rows: usize) -> Result<(), CacheError> {
         let mut changed = false;
         for l in 0..self.layers.len() {
@@ -344,6 +377,28 @@ impl<S: KvStorage + Clone> KvCache<S> {
     /// room in every layer, extends every head by `t` rows (data written per layer with
     /// [`write_step`](Self::write_step)), advances `seen_tokens`, and syncs the storage's
     /// device layout once for all layers.
+    ///
+    /// This is the append path for engines that run every layer per step (one layout sync per
+    /// step instead of one per layer; what matters on CUDA). Every layer must then be written
+    /// with `write_step` before its rows are read.
+    ///
+    /// ```
+    /// use kvzip_cache::KvCache;
+    /// use kvzip_kernels::View;
+    ///
+    /// let (n_layers, n_kv, d, t) = (3, 2, 4, 5);
+    /// let mut cache = KvCache::uniform(n_layers, n_kv, d)?;
+    /// cache.begin_step(t)?; // positions 0..5 in every layer
+    /// for l in 0..n_layers {
+    ///     // ... the layer's forward produces k, v: [t, n_kv_heads, head_dim] ...
+    ///     let k = vec![l as f32; t * n_kv * d];
+    ///     let v = vec![1.0; t * n_kv * d];
+    ///     cache.write_step(l, View::f32(&k), View::f32(&v))?;
+    /// }
+    /// assert_eq!(cache.seen_tokens(), 5);
+    /// assert_eq!(cache.head_keys(2, 1)?, &[2.0; 5 * 4][..]);
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn begin_step(&mut self, t: usize) -> Result<(), CacheError> {
         let mut relaid = false;
         for l in 0..self.layers.len() {
@@ -365,7 +420,9 @@ impl<S: KvStorage + Clone> KvCache<S> {
     }
 
     /// Writes the K/V rows of the step begun by [`begin_step`](Self::begin_step) into layer `l`
-    /// (`k`, `v`: `[t, n_kv_heads, head_dim]` token-major, e.g. the projections after RoPE).
+    /// (`k`, `v`: `[t, n_kv_heads, head_dim]` token-major, e.g. the projections after RoPE; for
+    /// [`DeviceKv`] a `kvzip_kernels::View` on the cache's device). Errors if no step was begun
+    /// or the shapes do not match.
     pub fn write_step(
         &mut self,
         l: usize,
@@ -396,10 +453,17 @@ impl<S: KvStorage + Clone> KvCache<S> {
     }
 
     /// Appends `t = positions.len()` tokens to every head of `layer` alone (`k_new` /
-    /// `v_new`: `[t, n_kv_heads, head_dim]`), and raises `seen_tokens` to `max(positions) + 1`
-    /// if that is larger. Cost is O(t) rows amortized (growth policy of
-    /// [`begin_step`](Self::begin_step)). Engines stepping all layers together use
-    /// `begin_step` + `write_step`, which sync the device layout once per step.
+    /// `v_new`: `[t, n_kv_heads, head_dim]` token-major rows in the storage's row type, for
+    /// [`DeviceKv`] a `kvzip_kernels::View` on the cache's device), at the absolute
+    /// `positions`, and raises `seen_tokens` to `max(positions) + 1` if that is larger. Host
+    /// engines with f32 slices use [`KvCache::append`]. Engines stepping all layers together
+    /// use [`begin_step`](Self::begin_step) + [`write_step`](Self::write_step), which sync the
+    /// device layout once per step.
+    ///
+    /// Cost is O(t) rows amortized. Growth policy: if some head lacks room the layer is
+    /// re-laid out once, giving every head `lens[h] + t` rows plus a uniform slack of
+    /// `max(ceil(total_rows_after / n_kv_heads),` [`MIN_HEAD_SLACK`]`)` rows, so the
+    /// allocation is at most about twice the live rows. On error the cache is unchanged.
     pub fn append_rows(
         &mut self,
         layer: usize,
@@ -437,7 +501,31 @@ impl<S: KvStorage + Clone> KvCache<S> {
     }
 
     /// Records the current per-head lengths and `seen_tokens`, to [`rollback`](Self::rollback)
-    /// to after a query that must not stay in the cache.
+    /// to after a query that must not stay in the cache (`update_cache = false`). Cheap: one
+    /// length per (layer, head).
+    ///
+    /// ```
+    /// use kvzip_cache::KvCache;
+    ///
+    /// let mut cache = KvCache::uniform(1, 2, 4)?;
+    /// let ctx = cache.next_positions(10);
+    /// cache.append(0, &[1.0; 10 * 2 * 4], &[1.0; 10 * 2 * 4], &ctx)?;
+    ///
+    /// // Turn 1 is kept (update_cache = true): append and do not roll back.
+    /// let turn = cache.next_positions(3);
+    /// cache.append(0, &[2.0; 3 * 2 * 4], &[2.0; 3 * 2 * 4], &turn)?;
+    ///
+    /// // Turn 2 is a throw-away query: mark, append query + answer, roll back.
+    /// let before = cache.try_clone()?;
+    /// let mark = cache.mark();
+    /// let q = cache.next_positions(4);
+    /// cache.append(0, &[3.0; 4 * 2 * 4], &[3.0; 4 * 2 * 4], &q)?;
+    /// assert_eq!(cache.seen_tokens(), 17);
+    /// cache.rollback(&mark)?;
+    /// assert!(cache == before); // exactly the state at the mark, turn 1 included
+    /// assert_eq!((cache.seen_tokens(), cache.lens()[0][1]), (13, 13));
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn mark(&self) -> CacheMark {
         CacheMark {
             lens: self.layers.iter().map(|l| l.lens.clone()).collect(),
@@ -476,8 +564,10 @@ impl<S: KvStorage + Clone> KvCache<S> {
         self.sync(0, false)
     }
 
-    /// Benchmarks: sets every head's live length (`lens[layer][head]`, each within capacity;
-    /// positions become `0..len`) and the next position, without touching the data.
+    /// Benchmarks: sets every head's live length (`lens[layer][head]` rows, each within
+    /// capacity, e.g. after [`with_capacity_in`](Self::with_capacity_in); positions become
+    /// `0..len`) and `seen_tokens`, without touching the data (rows hold whatever the
+    /// allocation held). Not for inference.
     pub fn set_head_lens(
         &mut self,
         lens: &[Vec<usize>],
@@ -538,12 +628,26 @@ impl<S: KvStorage + Clone> KvCache<S> {
         })
     }
 
-    /// Drops the oldest rows of every head of `layer` so at most `keep_last` remain (sliding
-    /// window layers), moving the rest into buffers of `len +` [`MIN_HEAD_SLACK`] rows per head so
-    /// the memory is really freed (also when no row is dropped but the layer holds more than
-    /// twice the slack of free capacity, e.g. after scoring passes grew it). If rows were
-    /// dropped, earlier marks become invalid: call it only when committing a turn. Returns the
-    /// number of rows dropped over all heads.
+    /// Drops the oldest rows of every head of `layer` so at most `keep_last` rows remain
+    /// (sliding-window layers), moving the rest into buffers of `len +` [`MIN_HEAD_SLACK`] rows
+    /// per head so the memory is really freed (also when no row is dropped but the layer holds
+    /// more than twice the slack of free capacity, e.g. after scoring passes grew it). If rows
+    /// were dropped, earlier marks become invalid: call it only when committing a turn. Returns
+    /// the number of rows dropped over all heads.
+    ///
+    /// ```
+    /// use kvzip_cache::KvCache;
+    ///
+    /// let mut cache = KvCache::uniform(2, 1, 4)?;
+    /// let pos = cache.next_positions(6);
+    /// for l in 0..2 {
+    ///     cache.append(l, &[0.0; 6 * 4], &[0.0; 6 * 4], &pos)?;
+    /// }
+    /// assert_eq!(cache.trim_front(1, 4)?, 2); // layer 1 has a window of 4 tokens
+    /// assert_eq!(cache.head_positions(1, 0)?, &[2, 3, 4, 5]);
+    /// assert_eq!(cache.seen_tokens(), 6);
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn trim_front(&mut self, layer: usize, keep_last: usize) -> Result<usize, CacheError> {
         let lc = self.layer_checked(layer)?;
         let dropped: usize = lc.lens.iter().map(|&l| l.saturating_sub(keep_last)).sum();
@@ -612,7 +716,30 @@ impl<S: KvStorage + Clone> KvCache<S> {
     }
 
     /// Evict mode: physically removes the context rows whose keep bit is false, leaving
-    /// [`MIN_HEAD_SLACK`] free rows per head. See [`compact_with_slack`](Self::compact_with_slack).
+    /// [`MIN_HEAD_SLACK`] free rows per head, and frees the old buffers. See
+    /// [`compact_with_slack`](Self::compact_with_slack) for the exact rule. `seen_tokens` is
+    /// unchanged (new tokens keep their RoPE positions); earlier marks become invalid.
+    ///
+    /// ```
+    /// use kvzip_cache::{KeepMask, KvCache, LayerKeep};
+    ///
+    /// let (n_sys, n_ctx, n_kv, d) = (1, 4, 2, 2);
+    /// let mut cache = KvCache::uniform(1, n_kv, d)?;
+    /// let pos = cache.next_positions(n_sys + n_ctx + 1); // sys, context, one query token
+    /// cache.append(0, &[0.0; 6 * 2 * 2], &[0.0; 6 * 2 * 2], &pos)?;
+    /// cache.set_spans(n_sys, n_ctx);
+    ///
+    /// // Head 0 keeps context positions 0 and 3, head 1 keeps only 1.
+    /// let bits = vec![true, false, false, true, /* head 1 */ false, true, false, false];
+    /// let mask = KeepMask::from_layers(n_ctx, vec![Some(LayerKeep { n_heads: n_kv, bits })])?;
+    /// cache.compact(&mask)?;
+    /// // System prompt (0) and the token after the context (5) always stay.
+    /// assert_eq!(cache.head_positions(0, 0)?, &[0, 1, 4, 5]);
+    /// assert_eq!(cache.head_positions(0, 1)?, &[0, 2, 5]);
+    /// assert_eq!(cache.context_pairs_kept(), 3);
+    /// assert_eq!(cache.seen_tokens(), 6);
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn compact(&mut self, mask: &KeepMask) -> Result<(), CacheError> {
         self.compact_with_slack(mask, MIN_HEAD_SLACK)
     }
@@ -635,7 +762,28 @@ impl<S: KvStorage + Clone> KvCache<S> {
     }
 
     /// Retain mode: a new compacted cache (as [`compact`](Self::compact) would produce) while
-    /// `self` stays intact, so many ratios can be tried after one prefill + scoring.
+    /// `self` stays intact, so many ratios can be tried after one prefill + scoring. The view
+    /// is an independent cache (its own buffers, spans and `seen_tokens`); appending to it does
+    /// not touch `self`.
+    ///
+    /// ```
+    /// use kvzip_cache::{KeepMask, KvCache, LayerKeep};
+    ///
+    /// let (n_ctx, n_kv, d) = (8, 1, 4);
+    /// let mut full = KvCache::uniform(1, n_kv, d)?;
+    /// let pos = full.next_positions(n_ctx);
+    /// full.append(0, &[1.0; 8 * 4], &[1.0; 8 * 4], &pos)?;
+    /// full.set_spans(0, n_ctx);
+    ///
+    /// for keep in [2, 4, 8] {
+    ///     let bits = (0..n_ctx).map(|p| p < keep).collect();
+    ///     let mask = KeepMask::from_layers(n_ctx, vec![Some(LayerKeep { n_heads: n_kv, bits })])?;
+    ///     let view = full.compacted_view(&mask)?;
+    ///     assert_eq!(view.context_pairs_kept(), keep);
+    /// }
+    /// assert_eq!(full.context_pairs_kept(), 8); // the full cache is untouched
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn compacted_view(&self, mask: &KeepMask) -> Result<Self, CacheError> {
         self.check_mask(mask)?;
         let mut layers = Vec::with_capacity(self.layers.len());
@@ -654,7 +802,8 @@ impl<S: KvStorage + Clone> KvCache<S> {
         )
     }
 
-    /// Allocated K+V bytes over all layers (free capacity included).
+    /// Allocated K+V bytes over all layers (free capacity included), at the storage's element
+    /// size: what the cache really occupies.
     pub fn bytes(&self) -> usize {
         let e = self.storage.elem_bytes();
         self.layers
@@ -679,7 +828,22 @@ impl<S: KvStorage + Clone> KvCache<S> {
     /// Context-only usage over the layers for which `include(layer)` is true (pass
     /// `|_| true` for all layers, or the evictable layers to exclude e.g. Gemma3 sliding
     /// layers whose context rows are trimmed by the window, not by pruning). Bytes are counted
-    /// at `elem_bytes` per element.
+    /// at `elem_bytes` per element (4 for f32, 2 to report bf16 sizes), free capacity excluded.
+    ///
+    /// ```
+    /// use kvzip_cache::KvCache;
+    ///
+    /// let mut cache = KvCache::uniform(2, 2, 4)?;
+    /// let pos = cache.next_positions(10);
+    /// for l in 0..2 {
+    ///     cache.append(l, &[0.0; 10 * 2 * 4], &[0.0; 10 * 2 * 4], &pos)?;
+    /// }
+    /// cache.set_spans(2, 8); // 2 system-prompt tokens, 8 context tokens
+    /// let u = cache.context_usage(2, |_| true);
+    /// assert_eq!((u.pairs_kept, u.pairs_full), (2 * 2 * 8, 2 * 2 * 8));
+    /// assert_eq!(u.bytes_full, 32 * 2 * 4 * 2); // pairs x (K+V) x head_dim x bf16 bytes
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn context_usage(
         &self,
         elem_bytes: usize,

@@ -11,12 +11,14 @@ use crate::storage::{DeviceKv, KvBuffers};
 use crate::{CacheError, KvCache};
 
 impl KvCache<DeviceKv> {
-    /// An empty host (f32) cache with one layer per `(n_kv_heads, head_dim)` entry.
+    /// An empty host (f32) cache with one layer per `(n_kv_heads, head_dim)` entry (no
+    /// capacity reserved; heads grow on demand). Errors if a layer has 0 heads or `head_dim` 0.
     pub fn new(layer_shapes: &[(usize, usize)]) -> Result<Self, CacheError> {
         Self::new_in(DeviceKv::host(), layer_shapes)
     }
 
-    /// An empty host cache of `n_layers` identical layers.
+    /// An empty host (f32) cache of `n_layers` identical layers of `n_kv_heads` KV heads with
+    /// `head_dim` elements per row.
     pub fn uniform(
         n_layers: usize,
         n_kv_heads: usize,
@@ -25,7 +27,9 @@ impl KvCache<DeviceKv> {
         Self::new(&vec![(n_kv_heads, head_dim); n_layers])
     }
 
-    /// An empty cache on `device` (its compute element type) with `rows_per_head` rows reserved.
+    /// An empty cache on `device` (in its compute element type: f32 on the CPU, bf16 on CUDA)
+    /// with one layer per `(n_kv_heads, head_dim)` entry and `rows_per_head` rows reserved in
+    /// every head (0: grow on demand).
     pub fn on_device(
         device: &Device,
         layer_shapes: &[(usize, usize)],
@@ -34,13 +38,36 @@ impl KvCache<DeviceKv> {
         Self::with_capacity_in(DeviceKv::new(device.clone()), layer_shapes, rows_per_head)
     }
 
-    /// The device the rows live on.
+    /// The device the rows live on (`Device::Cpu` for host caches).
     pub fn device(&self) -> &Device {
         self.storage.device()
     }
 
-    /// Appends host rows to `layer` (see [`KvCache::append_rows`]); `k_new` / `v_new` are
-    /// `[t, n_kv_heads, head_dim]` f32 (converted to the storage's type).
+    /// Appends `t = positions.len()` tokens of host rows to every head of `layer`: `k_new` /
+    /// `v_new` are `[t, n_kv_heads, head_dim]` f32, token-major (K after RoPE), converted to the
+    /// storage's element type (uploaded for CUDA caches). `positions` are the tokens' absolute
+    /// positions, normally [`KvCache::next_positions`]`(t)`; `seen_tokens` rises to
+    /// `max(positions) + 1`. O(t) rows amortized (growth policy: [`KvCache::append_rows`]).
+    ///
+    /// Errors with [`CacheError::Shape`] (naming the layer and the expected sizes) if the
+    /// layer does not exist or a slice has the wrong length; the cache is then unchanged.
+    ///
+    /// ```
+    /// use kvzip_cache::KvCache;
+    ///
+    /// let (n_kv, d) = (2, 3);
+    /// let mut cache = KvCache::uniform(1, n_kv, d)?;
+    /// // Two tokens; row (token i, head h) holds 10 * i + h in every element.
+    /// let k: Vec<f32> = (0..2)
+    ///     .flat_map(|i| (0..n_kv).flat_map(move |h| [(10 * i + h) as f32; 3]))
+    ///     .collect();
+    /// let pos = cache.next_positions(2);
+    /// cache.append(0, &k, &k, &pos)?;
+    /// assert_eq!(cache.head_keys(0, 1)?, &[1.0, 1.0, 1.0, 11.0, 11.0, 11.0]);
+    /// assert_eq!(cache.head_positions(0, 1)?, &[0, 1]);
+    /// assert!(cache.append(0, &k[..5], &k, &pos).is_err()); // wrong length
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn append(
         &mut self,
         layer: usize,
@@ -70,8 +97,9 @@ impl KvCache<DeviceKv> {
         self.append_rows(layer, View::f32(k_new), View::f32(v_new), positions)
     }
 
-    /// The view of `layer` the device kernels read (attention, scoring), with the device
-    /// copies of its layout.
+    /// The view of `layer` the `kvzip-kernels` device ops read (`Device::attention`,
+    /// `Device::score_chunk`, e.g. through `kvzip_score::ScoreAccumulator::score_layer_view`),
+    /// with the device copies of its layout. Works for host and CUDA caches.
     pub fn kv_view(&self, layer: usize) -> Result<KvView<'_>, CacheError> {
         let lc = self.layer_checked(layer)?;
         Ok(KvView::new(
@@ -84,19 +112,54 @@ impl KvCache<DeviceKv> {
         .with_mirror(&self.meta, layer))
     }
 
-    /// Borrowed varlen view of host `layer` for the CPU attention kernels.
+    /// Borrowed varlen view of host `layer`: the whole K and V buffers (`[capacity_rows,
+    /// head_dim]` f32) with per-head row `offsets` and live `lens` (`[n_kv_heads]`), the input
+    /// of CPU varlen attention (yours, or `kvzip_kernels::host::attention`). Head `h`'s live
+    /// keys are rows `offsets[h] .. offsets[h] + lens[h]`. Host f32 storage only.
+    ///
+    /// ```
+    /// use kvzip_cache::KvCache;
+    ///
+    /// let (n_kv, d) = (2, 4);
+    /// let mut cache = KvCache::uniform(1, n_kv, d)?;
+    /// let pos = cache.next_positions(5);
+    /// let kv: Vec<f32> = (0..5 * n_kv * d).map(|i| (i % 7) as f32 * 0.1).collect();
+    /// cache.append(0, &kv, &kv, &pos)?;
+    ///
+    /// // One query vector per KV head; softmax(q.k / sqrt(d)) . v over the head's live rows.
+    /// let seg = cache.segments(0)?;
+    /// let q = [0.5f32; 4];
+    /// for h in 0..seg.n_kv_heads() {
+    ///     let rows = seg.offsets[h]..seg.offsets[h] + seg.lens[h];
+    ///     let logits: Vec<f32> = rows.clone()
+    ///         .map(|r| (0..d).map(|i| q[i] * seg.k[r * d + i]).sum::<f32>() / (d as f32).sqrt())
+    ///         .collect();
+    ///     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    ///     let w: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    ///     let sum: f32 = w.iter().sum();
+    ///     let out: Vec<f32> = (0..d)
+    ///         .map(|i| rows.clone().zip(&w).map(|(r, w)| w * seg.v[r * d + i]).sum::<f32>() / sum)
+    ///         .collect();
+    ///     assert_eq!(out.len(), d);
+    /// }
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn segments(&self, layer: usize) -> Result<KvSegments<'_>, CacheError> {
         self.layer_checked(layer)?.segments()
     }
 
-    /// Live K rows of (`layer`, head `h`): `[len, head_dim]` f32 (host f32 storage only).
+    /// Live K rows of (`layer`, head `h`): `[len, head_dim]` f32, in position order (host f32
+    /// storage only; see [`head_keys_host`](Self::head_keys_host) for any device). On an
+    /// unpruned cache filled from position 0, row `r` is position `r`: the `head_keys` input
+    /// of `kvzip_score::ScoreAccumulator::score_layer_chunk`.
     pub fn head_keys(&self, layer: usize, h: usize) -> Result<&[f32], CacheError> {
         let lc = self.layer_checked(layer)?;
         check_head(lc.n_kv_heads, layer, h)?;
         lc.head_keys(h)
     }
 
-    /// Live V rows of (`layer`, head `h`): `[len, head_dim]` f32 (host f32 storage only).
+    /// Live V rows of (`layer`, head `h`): `[len, head_dim]` f32, in position order (host f32
+    /// storage only).
     pub fn head_values(&self, layer: usize, h: usize) -> Result<&[f32], CacheError> {
         let lc = self.layer_checked(layer)?;
         check_head(lc.n_kv_heads, layer, h)?;

@@ -53,8 +53,9 @@ pub struct CacheFileMeta {
 }
 
 impl CacheFileMeta {
-    /// Checks the file was made for `model_id` and, if given, from exactly `token_ids`;
-    /// `path` is only used in the error message.
+    /// Checks the file was made for `model_id` and, if given, from exactly `token_ids`
+    /// (system prompt + context ids); `path` is only used in the error message. Errors with
+    /// [`CacheError::Mismatch`] saying what differs.
     pub fn check(
         &self,
         path: &Path,
@@ -228,8 +229,38 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
 
 impl<S: KvStorage + Clone> KvCache<S> {
     /// Writes the live rows, positions, lengths, spans and `meta` to `path` as one
-    /// safetensors file (rows in the storage's element type, bit-exact). Atomic: written to a
-    /// temporary file in the same directory, fsynced, then renamed over `path`.
+    /// safetensors file (rows in the storage's element type, bit-exact; free capacity is not
+    /// stored, so a compacted cache gives a proportionally smaller file). Atomic: written to a
+    /// temporary file in the same directory, fsynced, then renamed over `path`. The format is
+    /// described in [`mod@crate::file`].
+    ///
+    /// ```
+    /// use kvzip_cache::{CacheFileMeta, KvCache};
+    ///
+    /// let mut cache = KvCache::uniform(2, 2, 4)?;
+    /// let ids: Vec<u32> = vec![7, 8, 9, 10, 11]; // system prompt + context token ids
+    /// let pos = cache.next_positions(ids.len());
+    /// let kv: Vec<f32> = (0..5 * 2 * 4).map(|i| i as f32).collect();
+    /// for l in 0..2 {
+    ///     cache.append(l, &kv, &kv, &pos)?;
+    /// }
+    /// cache.set_spans(1, 4);
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("context.kvzip.safetensors");
+    /// let meta = CacheFileMeta {
+    ///     model_id: "toy@0".into(),
+    ///     token_ids: ids.clone(),
+    ///     ..Default::default()
+    /// };
+    /// cache.save(&path, &meta)?;
+    ///
+    /// let (loaded, meta_back) = KvCache::load(&path)?;
+    /// meta_back.check(&path, "toy@0", Some(&ids))?; // right model, same prompt + context
+    /// assert!(meta_back.check(&path, "other-model", None).is_err());
+    /// assert!(loaded == cache); // same spans, seen_tokens, rows and positions
+    /// # Ok::<(), kvzip_cache::CacheError>(())
+    /// ```
     pub fn save(&self, path: impl AsRef<Path>, meta: &CacheFileMeta) -> Result<(), CacheError> {
         let path = path.as_ref();
         let header = FileHeader {
@@ -302,7 +333,12 @@ impl<S: KvStorage + Clone> KvCache<S> {
 
     /// Reads a file written by [`save`](Self::save) into `storage`, validating its format,
     /// version and every shape; returns the cache (with [`MIN_HEAD_SLACK`] free rows per head)
-    /// and its meta. Rows are converted to the storage's element type.
+    /// and its meta. Rows are converted to the storage's element type, so a cache saved from
+    /// CUDA (bf16) loads on the host (f32) and the other way round.
+    ///
+    /// Errors: [`CacheError::Io`] (unreadable file), [`CacheError::Format`] (truncated,
+    /// foreign, another version, inconsistent shapes), each naming the file and the fix. Check
+    /// the returned meta with [`CacheFileMeta::check`] before using the cache with a model.
     pub fn load_in(
         storage: S,
         path: impl AsRef<Path>,
@@ -335,7 +371,8 @@ impl<S: KvStorage + Clone> KvCache<S> {
 }
 
 impl KvCache<DeviceKv> {
-    /// [`load_in`](KvCache::load_in) host (f32) storage.
+    /// [`load_in`](KvCache::load_in) host (f32) storage: reads a cache file written by
+    /// [`save`](KvCache::save) (from any device). See `save` for an example.
     pub fn load(path: impl AsRef<Path>) -> Result<(KvCache, CacheFileMeta), CacheError> {
         Self::load_in(DeviceKv::host(), path)
     }

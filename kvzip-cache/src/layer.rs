@@ -5,8 +5,8 @@ use kvzip_kernels::GatherPlan;
 
 use crate::CacheError;
 
-/// Minimum free rows per head left after a growth re-layout or a compaction (see
-/// [`crate::KvCache::append`] for the growth policy).
+/// Minimum free rows per head left after a growth re-layout, a compaction, a front trim or a
+/// load (see [`crate::KvCache::append_rows`] for the growth policy).
 pub const MIN_HEAD_SLACK: usize = 64;
 
 /// The rows of one attention layer, grouped head-major with per-head capacity.
@@ -66,7 +66,8 @@ impl<L> LayerCache<L> {
         &self.caps
     }
 
-    /// The storage's buffers of this layer.
+    /// The storage's buffers of this layer (for [`crate::DeviceKv`]: [`crate::KvBuffers`],
+    /// K and V tensors of `[capacity_rows, head_dim]`).
     pub fn data(&self) -> &L {
         &self.data
     }
@@ -171,7 +172,8 @@ impl<L> LayerCache<L> {
         pos
     }
 
-    /// Cuts every head back to `lens[h]` rows (each must be <= the current length).
+    /// Cuts every head back to `lens[h]` rows (`[n_kv_heads]`, each <= the current length),
+    /// keeping the oldest rows; capacity is kept. Errors on a wrong count or a longer length.
     pub fn truncate(&mut self, lens: &[usize]) -> Result<(), CacheError> {
         if lens.len() != self.n_kv_heads {
             return Err(CacheError::Shape(format!(

@@ -286,6 +286,20 @@ impl DecoderStack {
             )));
         }
         let s = &self.spec;
+        if cache.n_layers() != self.layers.len()
+            || cache
+                .layers()
+                .iter()
+                .any(|l| l.n_kv_heads() != s.n_kv_heads || l.head_dim() != s.head_dim)
+        {
+            return Err(ModelError::Input(format!(
+                "the KV cache's layers do not fit this model ({} layers of {} KV heads x {}); \
+                 create the cache with the engine",
+                self.layers.len(),
+                s.n_kv_heads,
+                s.head_dim
+            )));
+        }
         if let Some((i, &bad)) = ids
             .iter()
             .enumerate()
@@ -324,14 +338,11 @@ impl DecoderStack {
         };
         // Decode plans of every layer, built before the first launch of the step so that no
         // host-to-device upload sits between this step's kernels (none on the host).
-        let mut plans = Vec::with_capacity(self.layers.len());
-        for l in 0..self.layers.len() {
-            let lens = cache
-                .layer(l)
-                .map(|lc| lc.lens().to_vec())
-                .unwrap_or_default();
-            plans.push(dev.attention_plan(&lens, t, opts.decode_chunk_keys)?);
-        }
+        let plans = cache
+            .layers()
+            .iter()
+            .map(|lc| dev.attention_plan(lc.lens(), t, opts.decode_chunk_keys))
+            .collect::<kvzip_kernels::Result<Vec<_>>>()?;
         // Seq-len-dependent RoPE (longrope, dynamic NTK) picks its frequencies per forward.
         let seq_len = start + t;
         let mut pending_delta = false;

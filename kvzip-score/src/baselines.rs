@@ -1,5 +1,5 @@
 //! Baseline scorers on the same budget rules as KVzip: they produce [`ContextScores`], so
-//! [`crate::select`] applies unchanged (PyramidKV = SnapKV scores + [`crate::Level::Pyramid`]).
+//! [`crate::select()`] applies unchanged (PyramidKV = SnapKV scores + [`crate::Level::Pyramid`]).
 //!
 //! The engine feeds attention inputs during the (chunked) context prefill through
 //! [`BaselineScorer::observe_layer`], once per scored layer per prefill chunk; the scorer keeps
@@ -16,6 +16,37 @@
 //!   row and the group's query heads of the attention probability of each context key.
 //! * **StreamingLLM**: the first `n_sink` (4) context tokens, then the most recent ones; scores
 //!   only depend on position, so the recent window is whatever the budget leaves.
+//!
+//! ```
+//! use kvzip_score::baselines::{streaming_llm_scores, Baseline, BaselineScorer, LayerObservation};
+//! use kvzip_score::{select, Level};
+//!
+//! // H2O on a 1-layer model with 1 KV head, head_dim 2: 1 system token + 4 context tokens.
+//! let (n_sys, n_ctx, d) = (1, 4, 2);
+//! let keys = [0.0, 0.0, /* context */ 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, -1.0];
+//! let q = [1.0; 5 * 2]; // [t, n_q_heads, head_dim] of positions 0..5
+//! let head_keys = |_h: usize| &keys[..];
+//! let mut scorer = BaselineScorer::new(Baseline::H2o, n_sys, n_ctx, &[Some(1)])?;
+//! let obs = LayerObservation {
+//!     q: &q,
+//!     n_q_heads: 1,
+//!     head_dim: d,
+//!     first_pos: 0,
+//!     n_kv_heads: 1,
+//!     head_keys: &head_keys,
+//!     scale: 1.0 / (d as f32).sqrt(),
+//! };
+//! scorer.observe_layer(0, &obs)?; // once per scored layer per prefill chunk
+//! let scores = scorer.finish()?;
+//! let sel = select(&scores, 0.5, Level::Pair)?;
+//! assert_eq!(sel.mask.layer(0).unwrap().bits, [true, true, false, false]);
+//!
+//! // StreamingLLM needs no attention: 1 sink token, then the most recent ones.
+//! let scores = streaming_llm_scores(n_ctx, 1, &[Some(1)]);
+//! let sel = select(&scores, 0.5, Level::Pair)?;
+//! assert_eq!(sel.mask.layer(0).unwrap().bits, [true, false, false, true]);
+//! # Ok::<(), kvzip_score::ScoreError>(())
+//! ```
 
 use std::ops::Range;
 
@@ -73,7 +104,8 @@ pub enum Baseline {
     },
 }
 
-/// One layer's attention inputs for one prefill chunk.
+/// One layer's attention inputs for one prefill chunk of `t` tokens (`t` = `q.len() /
+/// (n_q_heads * head_dim)`).
 pub struct LayerObservation<'a> {
     /// `[t, n_q_heads, head_dim]` rotated queries of positions `first_pos..first_pos + t`.
     pub q: &'a [f32],
@@ -98,7 +130,8 @@ struct LayerAcc {
     n_q_heads: usize,
 }
 
-/// Accumulates baseline scores over the prefill; see the module docs.
+/// Accumulates baseline scores over the prefill; see the module docs. Keeps
+/// `O(n_heads * n_ctx)` f32 per scored layer.
 pub struct BaselineScorer {
     kind: Baseline,
     n_sys: usize,
@@ -271,7 +304,9 @@ impl BaselineScorer {
         Ok(())
     }
 
-    /// Final scores; fails if a scored layer did not see every query row it needs.
+    /// Final scores (one per scored (layer, KV head, context position), for
+    /// [`crate::select()`]); fails with [`ScoreError::Incomplete`] if a scored layer did not see
+    /// every query row it needs.
     pub fn finish(self) -> Result<ContextScores> {
         let n_ctx = self.n_ctx;
         if let Baseline::StreamingLlm { n_sink } = self.kind {
@@ -339,7 +374,8 @@ fn snapkv_layer(
     out
 }
 
-/// 1-D pooling with stride 1 and padding `kernel / 2` (output length = input length).
+/// 1-D pooling of `values` with an odd `kernel` size, stride 1 and padding `kernel / 2`
+/// (output length = input length).
 pub fn pool1d(values: &[f32], kernel: usize, pooling: Pooling) -> Vec<f32> {
     let half = kernel / 2;
     (0..values.len())

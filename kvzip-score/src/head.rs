@@ -19,7 +19,30 @@ pub const HEAD_SCORES_TENSOR: &str = "head_scores";
 /// Value of the `format` metadata key of a head-score file.
 pub const HEAD_SCORES_FORMAT: &str = "kvzip-head-scores/1";
 
-/// Head scores `[n_layers, n_heads]` (row-major), with which layers are scored.
+/// Head scores `[n_layers, n_heads]` (row-major, f32), with which layers are scored.
+///
+/// Computed once per model from the pair scores of one or more contexts, saved, and then used
+/// with [`crate::select_heads`] to prune any context without a scoring pass.
+///
+/// ```
+/// use kvzip_score::{ContextScores, HeadScores, LayerScores};
+///
+/// let sample = |v: Vec<f32>| {
+///     ContextScores::from_layers(2, vec![Some(LayerScores { n_heads: 2, values: v }), None])
+/// };
+/// // Head score = max over positions; layer 1 is not scored.
+/// let a = HeadScores::from_context_scores(&sample(vec![0.1, 0.9, 0.2, 0.3])?, "toy", "doc a")?;
+/// let b = HeadScores::from_context_scores(&sample(vec![0.5, 0.0, 0.6, 0.1])?, "toy", "doc b")?;
+/// let merged = a.merge_max(&b)?;
+/// assert_eq!(merged.values(), &[0.9, 0.6, 0.0, 0.0]);
+/// assert_eq!(merged.get(1, 0), None);
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("heads.safetensors");
+/// merged.save(&path)?;
+/// assert_eq!(HeadScores::load(&path)?, merged);
+/// # Ok::<(), kvzip_score::ScoreError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadScores {
     n_layers: usize,
@@ -65,7 +88,8 @@ impl HeadScores {
     }
 
     /// Head scores of one sample: max over context positions of every scored (layer, head).
-    /// All scored layers must have the same head count.
+    /// All scored layers must have the same head count. `model` identifies the model,
+    /// `source` describes the sample.
     pub fn from_context_scores(
         scores: &ContextScores,
         model: impl Into<String>,

@@ -29,6 +29,20 @@ fn score_err(e: kvzip_kernels::KernelError) -> ScoreError {
 /// logits `q·k / sqrt(head_dim)`; the self block is causal (input row t sees self keys
 /// `0..=t`); softmax in f32 over that set; the score of a chunk key is the max of its
 /// probability over the group's query heads and all `q_len` rows.
+///
+/// ```
+/// use kvzip_score::{score_chunk, ScoreShape};
+///
+/// // 1 KV head, group 2, head_dim 2; keys: 1 system row, 2 chunk rows, 1 input row.
+/// let keys = [0.0, 0.0, /* chunk */ 2.0, 0.0, 0.0, 2.0, /* input */ 0.0, 0.0];
+/// let shape = ScoreShape { q_len: 1, n_kv_heads: 1, group: 2, head_dim: 2, n_sys: 1 };
+/// let q = [1.0, 0.0, /* query head 1 */ 0.0, 1.0]; // [q_len, n_kv_heads * group, head_dim]
+/// let mut out = [0.0f32; 2]; // [n_kv_heads, chunk.len()]
+/// score_chunk(&shape, &q, |_| &keys[..], 0..2, &mut out)?;
+/// // Query head 0 favours chunk key 0 and head 1 chunk key 1: the max over the group.
+/// assert!((out[0] - out[1]).abs() < 1e-6 && out[0] > 0.5);
+/// # Ok::<(), kvzip_score::ScoreError>(())
+/// ```
 pub fn score_chunk<'k, F>(
     shape: &ScoreShape,
     q: &[f32],

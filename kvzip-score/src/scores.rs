@@ -7,7 +7,7 @@ use kvzip_kernels::{DType, Device, KvView, ScoreChunkShape, Tensor, View};
 use crate::{score_chunk, Result, ScoreError, ScoreShape};
 
 /// Scores of one scored layer: `n_heads` rows of `n_ctx` f32 values, head-major
-/// (`values[h * n_ctx + pos]`).
+/// (`values[h * n_ctx + pos]`, `pos` relative to the context start).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerScores {
     /// Number of KV heads of the layer.
@@ -20,7 +20,20 @@ pub struct LayerScores {
 ///
 /// Positions run over the context span only (`0..n_ctx`, absolute positions
 /// `n_sys..n_sys + n_ctx`). A `None` layer is not scored (e.g. Gemma3 sliding-window layers)
-/// and is never evicted. Larger score = more important.
+/// and is never evicted. Larger score = more important; KVzip scores are probabilities in
+/// `[0, 1]`, baselines may use other ranges (only the order matters to [`crate::select()`]).
+///
+/// ```
+/// use kvzip_score::{ContextScores, LayerScores};
+///
+/// // 2 layers (layer 1 not scored), 2 KV heads, 3 context positions.
+/// let l0 = LayerScores { n_heads: 2, values: vec![0.9, 0.1, 0.5, /* head 1 */ 0.2, 0.8, 0.3] };
+/// let scores = ContextScores::from_layers(3, vec![Some(l0), None])?;
+/// assert_eq!(scores.head(0, 1), Some(&[0.2, 0.8, 0.3][..]));
+/// assert_eq!(scores.total_pairs(), 6);
+/// assert_eq!(scores.head_counts(), vec![Some(2), None]);
+/// # Ok::<(), kvzip_score::ScoreError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContextScores {
     n_ctx: usize,
@@ -28,7 +41,8 @@ pub struct ContextScores {
 }
 
 impl ContextScores {
-    /// All-zero scores for `n_heads[l]` KV heads per layer (`None` = layer not scored).
+    /// All-zero scores over `n_ctx` context positions for `n_heads[l]` KV heads per layer
+    /// (`None` = layer not scored).
     pub fn zeros(n_ctx: usize, n_heads: &[Option<usize>]) -> Self {
         let layers = n_heads
             .iter()
@@ -42,7 +56,9 @@ impl ContextScores {
         Self { n_ctx, layers }
     }
 
-    /// Builds scores from per-layer values; checks every layer holds `n_heads * n_ctx` values.
+    /// Builds scores over `n_ctx` context positions from per-layer values (`None` = not
+    /// scored); errors with [`ScoreError::Shape`] unless every layer holds `n_heads * n_ctx`
+    /// values.
     pub fn from_layers(n_ctx: usize, layers: Vec<Option<LayerScores>>) -> Result<Self> {
         for (l, layer) in layers.iter().enumerate() {
             if let Some(layer) = layer {
@@ -81,7 +97,7 @@ impl ContextScores {
         self.layers.get(l).and_then(|x| x.as_ref())
     }
 
-    /// Mutable scores of layer `l`.
+    /// Mutable scores of layer `l` (`None` if not scored or out of range).
     pub fn layer_mut(&mut self, l: usize) -> Option<&mut LayerScores> {
         self.layers.get_mut(l).and_then(|x| x.as_mut())
     }
@@ -97,7 +113,7 @@ impl ContextScores {
         self.layers.iter().flatten().map(|l| l.values.len()).sum()
     }
 
-    /// Iterates `(layer index, scores)` over the scored layers.
+    /// Iterates `(layer index, scores)` over the scored layers, in model order.
     pub fn scored_layers(&self) -> impl Iterator<Item = (usize, &LayerScores)> {
         self.layers
             .iter()
@@ -128,6 +144,10 @@ impl ContextScores {
 /// of the stored value and the chunk's score (scores are probabilities, the buffers start at
 /// 0); [`insert_chunk`](Self::insert_chunk) stores externally computed values. Every context
 /// position must be covered before [`finish`](Self::finish).
+///
+/// Chunks may arrive in any order, layer by layer or chunk by chunk; where score-op chunks
+/// overlap the max is kept (`insert_chunk` overwrites).
+/// For the whole recipe see the crate docs and `examples/toy_engine.rs`.
 #[derive(Debug)]
 pub struct ScoreAccumulator {
     device: Device,
@@ -141,7 +161,7 @@ pub struct ScoreAccumulator {
 
 impl ScoreAccumulator {
     /// Host accumulator for `n_ctx` context positions and `n_heads[l]` KV heads per layer
-    /// (`None` = layer not scored).
+    /// (`None` = layer not scored, e.g. sliding-window layers).
     pub fn new(n_ctx: usize, n_heads: &[Option<usize>]) -> Self {
         Self {
             device: Device::Cpu,
@@ -159,7 +179,9 @@ impl ScoreAccumulator {
         }
     }
 
-    /// An accumulator whose buffers live on `device` (zeroed there).
+    /// An accumulator whose buffers live on `device` (zeroed there), for
+    /// [`score_layer_view`](Self::score_layer_view) over a cache on that device. Same shapes
+    /// as [`new`](Self::new).
     pub fn on_device(device: &Device, n_ctx: usize, n_heads: &[Option<usize>]) -> Result<Self> {
         let layers = n_heads
             .iter()
@@ -214,7 +236,20 @@ impl ScoreAccumulator {
     }
 
     /// Stores externally computed chunk scores: `values` is `[n_heads, chunk.len()]`
-    /// head-major, written (overwriting) to `score[layer][h][chunk]`. Host accumulators only.
+    /// head-major, written (overwriting) to `score[layer][h][chunk]`; `chunk` is relative to
+    /// the context start. Host accumulators only.
+    ///
+    /// ```
+    /// use kvzip_score::ScoreAccumulator;
+    ///
+    /// let mut acc = ScoreAccumulator::new(4, &[Some(2)]);
+    /// acc.insert_chunk(0, 0..2, &[0.1, 0.2, /* head 1 */ 0.3, 0.4])?;
+    /// assert!(ScoreAccumulator::new(4, &[Some(2)]).finish().is_err()); // positions missing
+    /// acc.insert_chunk(0, 2..4, &[0.5, 0.6, /* head 1 */ 0.7, 0.8])?;
+    /// let scores = acc.finish()?;
+    /// assert_eq!(scores.head(0, 1), Some(&[0.3, 0.4, 0.7, 0.8][..]));
+    /// # Ok::<(), kvzip_score::ScoreError>(())
+    /// ```
     pub fn insert_chunk(
         &mut self,
         layer: usize,
@@ -244,8 +279,46 @@ impl ScoreAccumulator {
     /// keeps the max with the stored scores. Host accumulators only.
     ///
     /// `q` is `[shape.q_len, n_kv_heads * group, head_dim]` (rotated queries of the scoring
-    /// input); `head_keys(h)` returns every key row of KV head `h` of the unpruned cache after
-    /// appending the scoring input (row r = position r).
+    /// input, query head `kv_head * group + g`); `head_keys(h)` returns every key row of KV
+    /// head `h` of the unpruned cache after appending the scoring input (row r = position r,
+    /// `head_dim` f32 each; the last `q_len` rows are the input's own keys); `chunk` is the
+    /// scored range of context positions (relative to the context start, key rows
+    /// `n_sys + chunk.start .. n_sys + chunk.end`). Scores are f32 probabilities; scale
+    /// `1 / sqrt(head_dim)`.
+    ///
+    /// Errors: [`ScoreError::Shape`] if the layer is not scored, the head count differs from
+    /// `shape.n_kv_heads`, the chunk is outside the context or a length does not fit.
+    ///
+    /// ```
+    /// use kvzip_cache::KvCache;
+    /// use kvzip_score::{ScoreAccumulator, ScoreShape};
+    ///
+    /// // One layer, 2 KV heads, group 1, head_dim 2; 1 system token + 3 context tokens.
+    /// let (n_kv, d, n_sys, n_ctx) = (2, 2, 1, 3);
+    /// let mut cache = KvCache::uniform(1, n_kv, d)?;
+    /// let pos = cache.next_positions(n_sys + n_ctx);
+    /// let keys = [0.0, 0.0, 0.0, 0.0, /* ctx */ 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, -1.0, 0.0, 0.0, -1.0];
+    /// cache.append(0, &keys, &keys, &pos)?;
+    ///
+    /// // A 2-token scoring input: its K/V go into the cache for the call only.
+    /// let mark = cache.mark();
+    /// let q_len = 2;
+    /// let input_kv = [0.0; 2 * 2 * 2];
+    /// cache.append(0, &input_kv, &input_kv, &cache.next_positions(q_len))?;
+    /// // Queries [q_len, n_kv_heads * group, head_dim]: both rows look for direction (4, 0).
+    /// let q = [4.0, 0.0, 4.0, 0.0, 4.0, 0.0, 4.0, 0.0];
+    /// let shape = ScoreShape { q_len, n_kv_heads: n_kv, group: 1, head_dim: d, n_sys };
+    /// let mut acc = ScoreAccumulator::new(n_ctx, &[Some(n_kv)]);
+    /// let head_keys: Vec<&[f32]> = vec![cache.head_keys(0, 0)?, cache.head_keys(0, 1)?];
+    /// acc.score_layer_chunk(0, &shape, &q, |h| head_keys[h], 0..n_ctx)?;
+    /// cache.rollback(&mark)?;
+    ///
+    /// let scores = acc.finish()?;
+    /// let h0 = scores.head(0, 0).unwrap();
+    /// assert!(h0[0] > h0[1] && h0[1] > h0[2]); // key (1, 0) matches best, (-1, 0) worst
+    /// assert!(h0.iter().all(|p| (0.0..=1.0).contains(p)));
+    /// # Ok::<(), kvzip_score::ScoreError>(())
+    /// ```
     pub fn score_layer_chunk<'k, F>(
         &mut self,
         layer: usize,
@@ -322,8 +395,8 @@ impl ScoreAccumulator {
         Ok(())
     }
 
-    /// Returns the scores (downloaded to the host); fails if some scored layer has unfilled
-    /// positions.
+    /// Returns the scores (downloaded to the host); fails with [`ScoreError::Incomplete`] if
+    /// some scored layer has positions no chunk covered.
     pub fn finish(self) -> Result<ContextScores> {
         for (l, filled) in self.filled.iter().enumerate() {
             if let Some(filled) = filled {

@@ -65,7 +65,10 @@ impl FromStr for Level {
     }
 }
 
-/// The outcome of a selection.
+/// The outcome of a selection: the keep mask to apply with
+/// [`kvzip_cache::KvCache::compact`] or [`kvzip_cache::KvCache::compacted_view`], and the
+/// counts to report. Counts are context pairs (layer, KV head, position) over the scored
+/// layers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {
     /// Keep bits per scored layer; unscored layers are `None` (kept whole).
@@ -134,12 +137,42 @@ fn finish(
     })
 }
 
-/// Selects the context pairs to keep at `ratio` (fraction kept, in `(0, 1]`).
+/// Selects the context pairs to keep at `ratio` (fraction of context pairs kept, in
+/// `(0, 1]`; 0.3 = evict 70%).
 ///
 /// Exact counts: `Pair` keeps `round(ratio * N)` pairs, `PairUniform`
 /// `round(ratio * n_ctx)` per (layer, head), `Head` `round(ratio * n_heads_total)` whole heads,
-/// `Pyramid` `round(ratio * N)` split by [`pyramid_layer_budgets`]. Ties: see the module docs.
-/// Errors: ratio outside `(0, 1]`, NaN scores.
+/// `Pyramid` `round(ratio * N)` split by [`pyramid_layer_budgets`]. Ties: higher score first,
+/// then the lower `(layer, head, position)`. Unscored layers (`None`) stay `None` in the mask
+/// (kept whole). Errors: ratio outside `(0, 1]` ([`ScoreError::InvalidRatio`]), NaN scores
+/// ([`ScoreError::InvalidScore`]).
+///
+/// ```
+/// use kvzip_score::{select, ContextScores, Level, LayerScores};
+///
+/// // 2 layers x 1 KV head x 4 context positions.
+/// let layer = |v: [f32; 4]| Some(LayerScores { n_heads: 1, values: v.to_vec() });
+/// let scores = ContextScores::from_layers(4, vec![layer([0.9, 0.1, 0.7, 0.1]), layer([0.2, 0.8, 0.1, 0.1])])?;
+///
+/// // Pair: one global budget of round(0.5 * 8) = 4 pairs, uneven over layers.
+/// let sel = select(&scores, 0.5, Level::Pair)?;
+/// assert_eq!((sel.kept, sel.total, sel.ratio_real), (4, 8, 0.5));
+/// assert_eq!(sel.threshold, 0.2);
+/// assert_eq!(sel.mask.layer(0).unwrap().bits, [true, false, true, false]);
+/// assert_eq!(sel.mask.layer(1).unwrap().bits, [true, true, false, false]);
+///
+/// // PairUniform: round(0.25 * 4) = 1 position per (layer, head).
+/// let sel = select(&scores, 0.25, Level::PairUniform)?;
+/// assert!(sel.mask.is_kept(0, 0, 0) && sel.mask.is_kept(1, 0, 1));
+/// assert_eq!(sel.kept, 2);
+///
+/// // 6 of 8: four 0.1s tie for the last 2 places; the lower (layer, head, position) wins.
+/// let sel = select(&scores, 0.75, Level::Pair)?;
+/// assert_eq!(sel.mask.layer(0).unwrap().bits, [true; 4]);
+/// assert_eq!(sel.mask.layer(1).unwrap().bits, [true, true, false, false]);
+/// assert!(select(&scores, 0.0, Level::Pair).is_err());
+/// # Ok::<(), kvzip_score::ScoreError>(())
+/// ```
 pub fn select(scores: &ContextScores, ratio: f64, level: Level) -> Result<Selection> {
     check_ratio(ratio)?;
     scores.check_no_nan()?;
@@ -244,7 +277,20 @@ fn select_whole_heads(scores: &ContextScores, ratio: f64) -> Result<Selection> {
 
 /// Head-level selection from stored head scores (`--head-scores FILE`): expands them to the
 /// model's layers (`n_heads[l]`, `None` = not scored) over `n_ctx` positions and keeps
-/// `round(ratio * n_heads_total)` whole heads. Errors on a shape mismatch with the model.
+/// `round(ratio * n_heads_total)` whole heads (each keeps its whole context span or none of
+/// it). No scoring pass over the context is needed. Errors on a shape mismatch with the model.
+///
+/// ```
+/// use kvzip_score::{select_heads, HeadScores};
+///
+/// // 2 layers x 2 KV heads, both layers scored.
+/// let hs = HeadScores::new(2, vec![0.9, 0.1, 0.3, 0.7], vec![true, true], "toy", vec![])?;
+/// let sel = select_heads(&hs, 0.5, 100, &[Some(2), Some(2)])?;
+/// assert_eq!((sel.kept, sel.total), (200, 400)); // 2 of 4 heads, 100 positions each
+/// assert!(sel.mask.is_kept(0, 0, 42) && sel.mask.is_kept(1, 1, 42));
+/// assert!(!sel.mask.is_kept(0, 1, 0));
+/// # Ok::<(), kvzip_score::ScoreError>(())
+/// ```
 pub fn select_heads(
     head_scores: &HeadScores,
     ratio: f64,
@@ -256,8 +302,9 @@ pub fn select_heads(
     select(&expanded, ratio, Level::Head)
 }
 
-/// PyramidKV selection with an explicit `beta` (>= 1): per-layer budgets from
-/// [`pyramid_layer_budgets`], then the top pairs of each layer over heads x positions.
+/// PyramidKV selection with an explicit `beta` (>= 1, the ratio between the first and the
+/// last layer's budget): per-layer budgets from [`pyramid_layer_budgets`], then the top pairs
+/// of each layer over heads x positions. `select(.., Level::Pyramid)` uses [`PYRAMID_BETA`].
 pub fn select_pyramid(scores: &ContextScores, ratio: f64, beta: f64) -> Result<Selection> {
     check_ratio(ratio)?;
     scores.check_no_nan()?;
@@ -275,7 +322,18 @@ pub fn select_pyramid(scores: &ContextScores, ratio: f64, beta: f64) -> Result<S
 /// with `b = ratio * n_ctx`, `min = b / beta`, `max = 2b - min`; if `max > n_ctx` then
 /// `max = n_ctx`, `min = 2b - n_ctx` (as PyramidKV). Layer budgets are these times `n_heads`,
 /// rescaled to sum to exactly `round(ratio * N)`, rounded by largest remainder (ties: lower
-/// layer first) and clamped to each layer's size.
+/// layer first) and clamped to each layer's size. Returns one pair budget per entry of
+/// `sizes`.
+///
+/// ```
+/// use kvzip_score::pyramid_layer_budgets;
+///
+/// // 3 layers of 2 heads x 100 positions, keep 30%: 180 pairs, most in the first layer.
+/// let b = pyramid_layer_budgets(&[(2, 100); 3], 0.3, 20.0)?;
+/// assert_eq!(b.iter().sum::<usize>(), 180);
+/// assert!(b[0] > b[1] && b[1] > b[2]);
+/// # Ok::<(), kvzip_score::ScoreError>(())
+/// ```
 pub fn pyramid_layer_budgets(
     sizes: &[(usize, usize)],
     ratio: f64,

@@ -42,13 +42,18 @@ fi
 if [[ " $parts " == *" bench "* ]]; then
   shapes="${KVZIP_BENCH_SHAPES:-llama-3.1-8b,qwen2.5-7b-1m}"
   tmp=$(mktemp -d)
+  # KVZIP_BENCH_ORDER repeats builds per shape (e.g. "new old old new": ABBA, so drift over
+  # the call cancels out); every repetition is kept in the JSON with its `rep` index.
+  order="${KVZIP_BENCH_ORDER:-old new}"
   for shape in ${shapes//,/ }; do
-    for build in old new; do
+    rep=0
+    for build in $order; do
+      rep=$((rep + 1))
       bin="$bundle/kvzip-bench"; [ "$build" = old ] && bin="$bundle/old/kvzip-bench"
       [ -x "$bin" ] || continue
-      echo "=== $build $shape" >> "$OUT/bench.log"
-      timeout "${KVZIP_BENCH_TIMEOUT:-400}" "$bin" --shapes "$shape" --out "$tmp/$build-$shape.json" ${KVZIP_BENCH_ARGS:-} > /dev/null 2>> "$OUT/bench.log"
-      echo "kvzip-bench $build $shape rc=$?" >> "$OUT/summary.txt"
+      echo "=== $build $shape (rep $rep)" >> "$OUT/bench.log"
+      timeout "${KVZIP_BENCH_TIMEOUT:-400}" "$bin" --shapes "$shape" --out "$tmp/$build-$shape-$rep.json" ${KVZIP_BENCH_ARGS:-} > /dev/null 2>> "$OUT/bench.log"
+      echo "kvzip-bench $build $shape rep $rep rc=$?" >> "$OUT/summary.txt"
     done
   done
   python3 - "$tmp" "$OUT" <<'PY'
@@ -58,8 +63,14 @@ for build, name in [("new", "kvzip_bench.json"), ("old", "kvzip_bench_old.json")
     parts = sorted(glob.glob(os.path.join(tmp, f"{build}-*.json")))
     if not parts:
         continue
-    docs = [json.load(open(p)) for p in parts]
-    merged = {"ceilings": docs[0]["ceilings"], "ceilings_per_shape": [d["ceilings"] for d in docs],
+    docs = []
+    for p in parts:
+        d = json.load(open(p))
+        rep = int(os.path.basename(p).rsplit("-", 1)[1].split(".")[0])
+        for s in d["shapes"]:
+            s["rep"] = rep
+        docs.append(d)
+    merged = {"ceilings": docs[0]["ceilings"], "ceilings_per_run": [d["ceilings"] for d in docs],
               "shapes": [s for d in docs for s in d["shapes"]]}
     json.dump(merged, open(os.path.join(out, name), "w"), indent=1)
 PY

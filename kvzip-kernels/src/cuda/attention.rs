@@ -51,6 +51,24 @@ fn shape_err(e: crate::KernelError) -> CudaError {
     CudaError::Shape(e.to_string())
 }
 
+/// The device-independent checks plus what the CUDA kernels support: head dims 64 / 128 / 256
+/// and sizes within i32.
+fn validate_for_cuda(shape: &AttentionShape) -> CudaResult<()> {
+    shape.validate().map_err(shape_err)?;
+    if !matches!(shape.head_dim, 64 | 128 | 256) {
+        return Err(CudaError::Shape(format!(
+            "attention head_dim {} is not supported on CUDA (64, 128 or 256)",
+            shape.head_dim
+        )));
+    }
+    to_i32(
+        "q_len * n_kv_heads * group",
+        shape.q_len * shape.n_kv_heads * shape.group,
+    )?;
+    to_i32("window", shape.window.unwrap_or(0))?;
+    Ok(())
+}
+
 fn to_i32(what: &str, v: usize) -> CudaResult<i32> {
     i32::try_from(v).map_err(|_| CudaError::Shape(format!("attention {what} = {v} exceeds i32")))
 }
@@ -73,7 +91,7 @@ impl CudaBackend {
         shape: &AttentionShape,
         out: &mut impl DevicePtrMut<bf16>,
     ) -> CudaResult<KvzAttentionParams> {
-        shape.validate().map_err(shape_err)?;
+        validate_for_cuda(shape)?;
         let n = shape.q_elems();
         check_len("attention q", q.len(), n)?;
         check_len("attention out", out.len(), n)?;

@@ -50,6 +50,21 @@ impl CudaBackend {
         shape
             .validate()
             .map_err(|e| CudaError::Shape(e.to_string()))?;
+        if !matches!(shape.head_dim, 64 | 128 | 256) {
+            return Err(CudaError::Shape(format!(
+                "score: head_dim {} unsupported on CUDA (64, 128 or 256)",
+                shape.head_dim
+            )));
+        }
+        let too_big = [
+            shape.rows_per_head(),
+            shape.chunk_start + shape.chunk_len + shape.n_in,
+        ]
+        .iter()
+        .any(|&v| v > i32::MAX as usize / 2);
+        if too_big {
+            return Err(CudaError::Shape("score: row counts exceed i32".into()));
+        }
         let s = shape;
         let d = s.head_dim;
         check_len("score q", q.len(), s.n_in * s.n_kv_heads * s.group * d)?;
