@@ -189,6 +189,11 @@ impl<S: KvStorage + Clone> KvCache<S> {
         for l in &self.layers {
             layers.push(self.copied_layer(l, |_, _| true, MIN_HEAD_SLACK)?);
         }
+        self.sibling(layers)
+    }
+
+    /// A new cache in the same storage with `layers` and this cache's spans and length.
+    fn sibling(&self, layers: Vec<LayerCache<S::Layer>>) -> Result<Self, CacheError> {
         Self::from_parts(
             self.storage.clone(),
             layers,
@@ -315,7 +320,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
     /// Moves layer `l` into fresh buffers with capacities `caps` (each >= its length).
     fn relayout(&mut self, l: usize, caps: &[usize]) -> Result<(), CacheError> {
         let layer = &self.layers[l];
-        let (plan, offsets) = layer.relayout_plan(caps);
+        let (plan, offsets) = layer.relayout_plan(caps)?;
         let total: usize = caps.iter().sum();
         let mut data = self.storage.alloc_layer(total, layer.head_dim)?;
         self.storage
@@ -609,7 +614,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
         keep: impl Fn(usize, u32) -> bool,
         slack: usize,
     ) -> Result<LayerCache<S::Layer>, CacheError> {
-        let (plan, lens, caps) = layer.filter_plan(keep, slack);
+        let (plan, lens, caps) = layer.filter_plan(keep, slack)?;
         let offsets = packed_offsets(&caps);
         let total: usize = caps.iter().sum();
         let mut data = self.storage.alloc_layer(total, layer.head_dim)?;
@@ -793,13 +798,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
                 None => self.copied_layer(&self.layers[l], |_, _| true, MIN_HEAD_SLACK)?,
             });
         }
-        Self::from_parts(
-            self.storage.clone(),
-            layers,
-            self.n_sys,
-            self.n_ctx,
-            self.seen_tokens,
-        )
+        self.sibling(layers)
     }
 
     /// Allocated K+V bytes over all layers (free capacity included), at the storage's element

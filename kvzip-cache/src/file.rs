@@ -18,7 +18,7 @@ use kvzip_kernels::HostData;
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
-use crate::layer::{packed_offsets, plan_from_rows, LayerCache, MIN_HEAD_SLACK};
+use crate::layer::{packed_offsets, LayerCache, MIN_HEAD_SLACK};
 use crate::storage::{DeviceKv, KvStorage};
 use crate::{CacheError, KvCache};
 
@@ -120,7 +120,7 @@ enum LazyTensor<'a, S: KvStorage> {
 }
 
 /// All live rows of a layer, packed head after head.
-fn live_plan<L>(layer: &LayerCache<L>) -> kvzip_kernels::GatherPlan {
+fn live_plan<L>(layer: &LayerCache<L>) -> Result<kvzip_kernels::GatherPlan, CacheError> {
     let rows: Vec<Vec<usize>> = (0..layer.n_kv_heads())
         .map(|h| {
             let (a, b) = layer.head_range(h);
@@ -128,7 +128,10 @@ fn live_plan<L>(layer: &LayerCache<L>) -> kvzip_kernels::GatherPlan {
         })
         .collect();
     let counts: Vec<usize> = rows.iter().map(Vec::len).collect();
-    plan_from_rows(&rows, &packed_offsets(&counts))
+    Ok(kvzip_kernels::GatherPlan::from_rows(
+        &rows,
+        &packed_offsets(&counts),
+    )?)
 }
 
 impl<S: KvStorage> LazyTensor<'_, S> {
@@ -150,7 +153,9 @@ impl<S: KvStorage> LazyTensor<'_, S> {
                 error,
                 ..
             } => {
-                match storage.read_packed(&layer.data, &live_plan(layer), layer.head_dim()) {
+                let read = live_plan(layer)
+                    .and_then(|plan| storage.read_packed(&layer.data, &plan, layer.head_dim()));
+                match read {
                     Ok((k, v)) => match if *is_k { k } else { v } {
                         HostData::F32(x) => x
                             .iter()

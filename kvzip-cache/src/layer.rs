@@ -126,7 +126,7 @@ impl<L> LayerCache<L> {
         &self,
         keep: impl Fn(usize, u32) -> bool,
         slack: usize,
-    ) -> (GatherPlan, Vec<usize>, Vec<usize>) {
+    ) -> Result<(GatherPlan, Vec<usize>, Vec<usize>), CacheError> {
         let rows: Vec<Vec<usize>> = (0..self.n_kv_heads)
             .map(|h| {
                 let base = self.offsets[h];
@@ -141,17 +141,20 @@ impl<L> LayerCache<L> {
         let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
         let caps: Vec<usize> = lens.iter().map(|&l| l + slack).collect();
         let offsets = packed_offsets(&caps);
-        let plan = plan_from_rows(&rows, &offsets);
-        (plan, lens, caps)
+        let plan = GatherPlan::from_rows(&rows, &offsets)?;
+        Ok((plan, lens, caps))
     }
 
     /// Every live row, packed into segments of capacities `caps` (each >= its length).
-    pub(crate) fn relayout_plan(&self, caps: &[usize]) -> (GatherPlan, Vec<usize>) {
+    pub(crate) fn relayout_plan(
+        &self,
+        caps: &[usize],
+    ) -> Result<(GatherPlan, Vec<usize>), CacheError> {
         let rows: Vec<Vec<usize>> = (0..self.n_kv_heads)
             .map(|h| (self.offsets[h]..self.offsets[h] + self.lens[h]).collect())
             .collect();
         let offsets = packed_offsets(caps);
-        (plan_from_rows(&rows, &offsets), offsets)
+        Ok((GatherPlan::from_rows(&rows, &offsets)?, offsets))
     }
 
     /// The positions a gather `plan` moves, laid out for a destination of `caps`.
@@ -190,21 +193,5 @@ impl<L> LayerCache<L> {
         }
         self.lens.copy_from_slice(lens);
         Ok(())
-    }
-}
-
-/// A gather plan from per-head source rows and destination offsets (infallible: same lengths).
-pub(crate) fn plan_from_rows(rows: &[Vec<usize>], dst_offsets: &[usize]) -> GatherPlan {
-    let mut src_rows = Vec::with_capacity(rows.iter().map(Vec::len).sum());
-    let mut row_starts = Vec::with_capacity(rows.len() + 1);
-    row_starts.push(0);
-    for r in rows {
-        src_rows.extend(r.iter().map(|&x| x as i64));
-        row_starts.push(src_rows.len() as i64);
-    }
-    GatherPlan {
-        src_rows,
-        row_starts,
-        dst_offsets: dst_offsets.iter().map(|&o| o as i64).collect(),
     }
 }

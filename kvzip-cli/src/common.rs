@@ -12,15 +12,18 @@ use kvzip_models::Device;
 use kvzip_templates::{ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
 use sha2::{Digest, Sha256};
 
-/// `--device`: where the model runs.
+/// `--model` and `--device`: which model, and where it runs.
 #[derive(clap::Args, Debug, Clone)]
-pub struct DeviceArgs {
+pub struct ModelArgs {
+    /// Model directory or short name (fetched when it is the default and missing).
+    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
+    pub model: String,
     /// Where to run: cpu, cuda (GPU 0) or cuda:N. CUDA needs a build with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
-impl DeviceArgs {
+impl ModelArgs {
     /// Opens the device (a clear error for CUDA in a build without the feature or without a GPU).
     pub fn open(&self) -> Result<Device> {
         Device::parse(&self.device).with_context(|| format!("--device {}", self.device))
@@ -49,8 +52,9 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
 
 /// Loads model and tokenizer from `--model` onto `--device` (weights go straight from the
 /// mapped checkpoint into the device's memory, converted per tensor).
-pub fn load_model(model: &str, device: &DeviceArgs) -> Result<LoadedModel> {
-    let device = device.open()?;
+pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
+    let device = args.open()?;
+    let model = args.model.as_str();
     let dir = resolve(model)?;
     let engine = Engine::load_on(&dir, &device)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
@@ -172,4 +176,13 @@ pub fn read_text(path: &Path) -> Result<String> {
 pub fn print_json(value: &serde_json::Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Peak resident memory of this process in bytes (`VmHWM` of `/proc/self/status`; `None` where
+/// the OS has no such file).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -113,25 +113,22 @@ impl<'a> WeightLoader<'a> {
                 let mut at = 0;
                 for (name, shape) in parts {
                     let n = numel(shape);
-                    let data = w.host_data(name, shape)?;
-                    let data = match (self.device.float_dtype(), data) {
-                        // Convert on the host in the compute type (halves the upload for f32
-                        // checkpoints on a bf16 device).
-                        (DType::Bf16, HostData::F32(v)) => HostData::Bf16(
-                            v.iter()
-                                .map(|&x| kvzip_kernels::bf16::from_f32(x))
-                                .collect(),
-                        ),
-                        (_, d) => d,
-                    };
-                    self.device
-                        .write_host(&mut out.slice_mut(at..at + n)?, &data)
-                        .map_err(|e| ModelError::Weights {
-                            path: Default::default(),
-                            tensor: name.clone(),
-                            msg: e.to_string(),
-                        })?;
-                    drop(data);
+                    let mut dst = out.slice_mut(at..at + n)?;
+                    if !self.device.is_cuda() {
+                        // Host f32: converted from the mapped bytes straight into place.
+                        w.read_f32_into(name, shape, dst.host_f32("weights")?)?;
+                    } else {
+                        // Device: one bf16 staging copy of this tensor, uploaded.
+                        let mut staging = vec![kvzip_kernels::bf16::ZERO; n];
+                        w.read_bf16_into(name, shape, &mut staging)?;
+                        self.device
+                            .write_host(&mut dst, &HostData::Bf16(staging))
+                            .map_err(|e| ModelError::Weights {
+                                path: Default::default(),
+                                tensor: name.clone(),
+                                msg: e.to_string(),
+                            })?;
+                    }
                     w.release(name);
                     at += n;
                 }

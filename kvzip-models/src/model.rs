@@ -185,6 +185,21 @@ fn project_qkv<'a>(
     Ok((q, kv))
 }
 
+/// Gemma's norm after a sub-block: `delta = norm(delta)` (through `normed`, then swapped).
+fn post_norm(dev: &Device, norm: Option<&Norm>, b: &mut Buffers, rows: usize) -> Result<()> {
+    if let Some(n) = norm {
+        n.apply(
+            dev,
+            &mut b.delta.view_mut(),
+            None,
+            &mut b.normed.view_mut(),
+            rows,
+        )?;
+        std::mem::swap(&mut b.delta, &mut b.normed);
+    }
+    Ok(())
+}
+
 /// Per-head norm in place (q/k-norm) through a scratch buffer.
 fn head_norm(
     dev: &Device,
@@ -407,16 +422,7 @@ impl DecoderStack {
             layer
                 .o
                 .forward(dev, &b.attn.view(), &mut b.delta.view_mut(), t)?;
-            if let Some(n) = &layer.post_attention_norm {
-                n.apply(
-                    dev,
-                    &mut b.delta.view_mut(),
-                    None,
-                    &mut b.normed.view_mut(),
-                    t,
-                )?;
-                std::mem::swap(&mut b.delta, &mut b.normed);
-            }
+            post_norm(dev, layer.post_attention_norm.as_ref(), b, t)?;
             // x += attention output; normed = pre_mlp_norm(x).
             layer.pre_mlp_norm.apply(
                 dev,
@@ -438,16 +444,7 @@ impl DecoderStack {
             layer
                 .down
                 .forward(dev, &b.act.view(), &mut b.delta.view_mut(), t)?;
-            if let Some(n) = &layer.post_mlp_norm {
-                n.apply(
-                    dev,
-                    &mut b.delta.view_mut(),
-                    None,
-                    &mut b.normed.view_mut(),
-                    t,
-                )?;
-                std::mem::swap(&mut b.delta, &mut b.normed);
-            }
+            post_norm(dev, layer.post_mlp_norm.as_ref(), b, t)?;
             pending_delta = true;
         }
         let (first, rows) = match opts.logits {

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use kvzip_kernels::HostData;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 
@@ -181,22 +180,60 @@ impl Weights {
 
     /// Loads tensor `name` as f32, checking it has exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let n = self.entry(name, shape)?.shape.iter().product();
+        let mut out = vec![0.0f32; n];
+        self.read_f32_into(name, shape, &mut out)?;
+        Ok(out)
+    }
+
+    /// Converts tensor `name` (checking `shape`) straight from the mapped file into `out`
+    /// (`[numel]` f32): no intermediate copy.
+    pub fn read_f32_into(&self, name: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
+        self.convert_into(name, shape, out, |x| x)
+    }
+
+    /// Converts tensor `name` (checking `shape`) straight from the mapped file into `out`
+    /// (`[numel]` bf16, rounded to nearest even): no intermediate f32 copy.
+    pub fn read_bf16_into(
+        &self,
+        name: &str,
+        shape: &[usize],
+        out: &mut [half::bf16],
+    ) -> Result<()> {
+        self.convert_into(name, shape, out, half::bf16::from_f32)
+    }
+
+    /// Decodes every element of tensor `name` (F32, BF16 or F16) into `out` through `conv`;
+    /// BF16 into a bf16 `out` stays bit for bit (the f32 detour is exact).
+    fn convert_into<T>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        out: &mut [T],
+        conv: impl Fn(f32) -> T,
+    ) -> Result<()> {
         let entry = self.entry(name, shape)?;
         let path = &self.files[entry.file].0;
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
-        let out = match entry.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        let n = bytes.len() / entry.dtype.size().max(1);
+        if out.len() != n {
+            return Err(weights_err(
+                path,
+                name,
+                format!("{n} values for a destination of {}", out.len()),
+            ));
+        }
+        let pairs = out.iter_mut();
+        match entry.dtype {
+            Dtype::F32 => pairs
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(o, c)| *o = conv(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            Dtype::BF16 => pairs
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(o, c)| *o = conv(half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+            Dtype::F16 => pairs
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(o, c)| *o = conv(half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
             other => {
                 return Err(weights_err(
                     path,
@@ -204,25 +241,8 @@ impl Weights {
                     format!("dtype {other:?} is not supported; store weights as F32, BF16 or F16"),
                 ))
             }
-        };
-        Ok(out)
-    }
-
-    /// Loads tensor `name` (checking `shape`) as host data in a compute type without widening
-    /// what need not be widened: BF16 stays bf16 (so a bf16 device takes it as is), F32 stays
-    /// f32, F16 becomes f32.
-    pub fn host_data(&self, name: &str, shape: &[usize]) -> Result<HostData> {
-        let entry = self.entry(name, shape)?;
-        if entry.dtype == Dtype::BF16 {
-            let bytes = &self.files[entry.file].1[entry.start..entry.end];
-            return Ok(HostData::Bf16(
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ));
         }
-        Ok(HostData::F32(self.get(name, shape)?))
+        Ok(())
     }
 
     /// Tells the OS that the file pages of tensor `name` are no longer needed, so a loader that

@@ -120,6 +120,19 @@ fn gpu_bundle() -> Result<()> {
         bundle.join("kvzip-bench"),
     )?;
     strip(&bundle.join("kvzip-bench"));
+    // The CLI too, for end-to-end runs on the GPU machine (`kvzip run --device cuda`).
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--features",
+            "cuda",
+            "-p",
+            "kvzip-cli",
+        ])
+        .current_dir(&root))?;
+    std::fs::copy(root.join("target/release/kvzip"), bundle.join("kvzip"))?;
+    strip(&bundle.join("kvzip"));
     if let Some(old) = std::env::var_os("KVZIP_OLD_BENCH") {
         std::fs::create_dir_all(bundle.join("old"))?;
         std::fs::copy(&old, bundle.join("old/kvzip-bench"))

@@ -18,16 +18,13 @@ use kvzip_models::engine::GenerateOptions;
 use kvzip_score::HeadScores;
 use kvzip_templates::{Task, Tokenizer};
 
-use crate::common::{load_model, print_json, DeviceArgs, LoadedModel};
+use crate::common::{load_model, print_json, LoadedModel, ModelArgs};
 
 /// Arguments of `kvzip eval`.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// Model directory or short name.
-    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
-    pub model: String,
     #[command(flatten)]
-    pub device: DeviceArgs,
+    pub model: ModelArgs,
     /// Dataset: squad, gsm8k, needle, needle-multikey, kv-retrieval, passkey.
     #[arg(long)]
     pub data: String,
@@ -159,7 +156,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let data: DatasetName = args.data.parse()?;
     let methods = parse_methods(&args.methods)?;
     let ratios = parse_ratios(&args.ratios)?;
-    let model = load_model(&args.model, &args.device)?;
+    let model = load_model(&args.model)?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("results")
             .join(&model.name)

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use kvzip_models::LogitsMode;
 
-use crate::common::{load_model, print_json, progress_bar, DeviceArgs, LoadedModel};
+use crate::common::{load_model, print_json, progress_bar, LoadedModel, ModelArgs};
 
 /// Prompts longer than this many tokens get a prefill progress bar.
 const LONG_PROMPT_TOKENS: usize = 512;
@@ -55,9 +55,8 @@ impl SamplingArgs {
 /// Arguments of `kvzip generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory or short name.
-    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The user message.
     #[arg(long)]
     pub prompt: String,
@@ -69,8 +68,6 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub device: DeviceArgs,
 }
 
 /// Renders a conversation with the model's chat template (or plain text when it has none).
@@ -140,7 +137,7 @@ fn stream_generate(
 
 /// `kvzip generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let model = load_model(&args.model, &args.device)?;
+    let model = load_model(&args.model)?;
     let text = if args.raw {
         args.prompt.clone()
     } else {
@@ -173,22 +170,19 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 /// Arguments of `kvzip chat`.
 #[derive(clap::Args, Debug)]
 pub struct ChatArgs {
-    /// Model directory or short name.
-    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Optional system message.
     #[arg(long)]
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    #[command(flatten)]
-    pub device: DeviceArgs,
 }
 
 /// `kvzip chat`: multi-turn; the KV cache is kept between turns and only the new part of the
 /// rendered conversation is fed each turn.
 pub fn chat(args: &ChatArgs) -> Result<()> {
-    let model = load_model(&args.model, &args.device)?;
+    let model = load_model(&args.model)?;
     let opts = args.sampling.options(&model);
     let mut messages = Vec::new();
     if let Some(s) = &args.system {

@@ -8,16 +8,13 @@ use kvzip_models::engine::kvzip::{KvType, Scoring, DEFAULT_SCORING_CHUNK};
 use kvzip_score::HeadScores;
 use kvzip_templates::Task;
 
-use crate::common::{load_model, read_text, DeviceArgs};
+use crate::common::{load_model, read_text, ModelArgs};
 
 /// Arguments of `kvzip head-scores`.
 #[derive(clap::Args, Debug)]
 pub struct HeadScoresArgs {
-    /// Model directory or short name.
-    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
-    pub model: String,
     #[command(flatten)]
-    pub device: DeviceArgs,
+    pub model: ModelArgs,
     /// Sample context files (one or more).
     #[arg(long = "context", required = true)]
     pub contexts: Vec<PathBuf>,
@@ -31,7 +28,7 @@ pub struct HeadScoresArgs {
 
 /// `kvzip head-scores`.
 pub fn head_scores(args: &HeadScoresArgs) -> Result<()> {
-    let model = load_model(&args.model, &args.device)?;
+    let model = load_model(&args.model)?;
     let prompt = model.prompt_ids(Task::Qa)?;
     let mut merged: Option<HeadScores> = None;
     for path in &args.merge {

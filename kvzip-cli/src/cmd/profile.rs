@@ -14,16 +14,13 @@ use serde_json::json;
 
 use super::generate::SamplingArgs;
 use super::run::parse_task;
-use crate::common::{load_model, print_json, read_text, DeviceArgs, LoadedModel};
+use crate::common::{load_model, print_json, read_text, LoadedModel, ModelArgs};
 
 /// Arguments of `kvzip profile`.
 #[derive(clap::Args, Debug)]
 pub struct ProfileArgs {
-    /// Model directory or short name.
-    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
-    pub model: String,
     #[command(flatten)]
-    pub device: DeviceArgs,
+    pub model: ModelArgs,
     /// Dataset: `squad` (SQuAD v1.1 JSON); ignored when --context is given.
     #[arg(long, default_value = "squad")]
     pub data: String,
@@ -150,7 +147,7 @@ fn stats(x: &[f32]) -> [f32; 3] {
 
 /// `kvzip profile`.
 pub fn profile(args: &ProfileArgs) -> Result<()> {
-    let model = load_model(&args.model, &args.device)?;
+    let model = load_model(&args.model)?;
     let task: Task = parse_task(&args.task)?;
     let (context, questions) = match &args.context {
         Some(p) => (read_text(p)?, args.queries.clone()),

@@ -11,14 +11,13 @@ use kvzip_templates::{format_query, PromptIds, Task};
 use serde_json::json;
 
 use super::generate::SamplingArgs;
-use crate::common::{load_model, print_json, read_text, DeviceArgs, LoadedModel};
+use crate::common::{load_model, peak_rss_bytes, print_json, read_text, LoadedModel, ModelArgs};
 
 /// Arguments of `kvzip run`.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Model directory or short name.
-    #[arg(long, default_value = kvzip_hub::fetch::DEFAULT_MODEL)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Text file holding the context (not needed with --load-cache).
     #[arg(long)]
     pub context: Option<PathBuf>,
@@ -54,8 +53,6 @@ pub struct RunArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub device: DeviceArgs,
 }
 
 /// Parses a `--kv-type` value.
@@ -169,6 +166,7 @@ impl RunSummary<'_> {
             "kv_type": args.kv_type,
             "kv_bytes_full": kv_full,
             "kv_bytes_kept": kv_kept,
+            "peak_rss_bytes": peak_rss_bytes(),
             "timings_ms": {
                 "prefill": self.timings.prefill_ms,
                 "scoring": self.timings.scoring_ms,
@@ -182,7 +180,7 @@ impl RunSummary<'_> {
 
 /// `kvzip run`: the same flow on every device.
 pub fn run(args: &RunArgs) -> Result<()> {
-    let model = load_model(&args.model, &args.device)?;
+    let model = load_model(&args.model)?;
     let task = parse_task(&args.task)?;
     let kv_type = parse_kv_type(&args.kv_type)?;
     let prompt = model.prompt_ids(task)?;

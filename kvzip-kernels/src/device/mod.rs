@@ -164,37 +164,40 @@ impl Device {
     /// A tensor of `n` elements of `dtype` whose contents are unspecified until written (zeros
     /// on the host).
     pub fn alloc(&self, dtype: DType, n: usize) -> Result<Tensor> {
+        self.new_tensor(dtype, n, false)
+    }
+
+    /// A zero-filled tensor of `n` elements of `dtype`.
+    pub fn zeros(&self, dtype: DType, n: usize) -> Result<Tensor> {
+        self.new_tensor(dtype, n, true)
+    }
+
+    fn new_tensor(&self, dtype: DType, n: usize, zeroed: bool) -> Result<Tensor> {
         match self {
-            Device::Cpu => Ok(host_zeros(dtype, n)),
+            Device::Cpu => {
+                let _ = zeroed;
+                Ok(host_zeros(dtype, n))
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(g) => {
                 use tensor::Repr;
                 // cudarc rejects zero-length allocations; keep one element.
                 let m = n.max(1);
+                macro_rules! buf {
+                    ($t:ty) => {
+                        if zeroed {
+                            g.zeros::<$t>(m)
+                        } else {
+                            g.alloc::<$t>(m)
+                        }
+                        .map_err(cuda_err)?
+                    };
+                }
                 let repr = match dtype {
-                    DType::F32 => Repr::CudaF32(g.alloc::<f32>(m).map_err(cuda_err)?),
-                    DType::Bf16 => Repr::CudaBf16(g.alloc::<bf16>(m).map_err(cuda_err)?),
-                    DType::U32 => Repr::CudaU32(g.alloc::<u32>(m).map_err(cuda_err)?),
-                    DType::I32 => Repr::CudaI32(g.alloc::<i32>(m).map_err(cuda_err)?),
-                };
-                Ok(Tensor { repr, len: n })
-            }
-        }
-    }
-
-    /// A zero-filled tensor of `n` elements of `dtype`.
-    pub fn zeros(&self, dtype: DType, n: usize) -> Result<Tensor> {
-        match self {
-            Device::Cpu => Ok(host_zeros(dtype, n)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => {
-                use tensor::Repr;
-                let m = n.max(1);
-                let repr = match dtype {
-                    DType::F32 => Repr::CudaF32(g.zeros::<f32>(m).map_err(cuda_err)?),
-                    DType::Bf16 => Repr::CudaBf16(g.zeros::<bf16>(m).map_err(cuda_err)?),
-                    DType::U32 => Repr::CudaU32(g.zeros::<u32>(m).map_err(cuda_err)?),
-                    DType::I32 => Repr::CudaI32(g.zeros::<i32>(m).map_err(cuda_err)?),
+                    DType::F32 => Repr::CudaF32(buf!(f32)),
+                    DType::Bf16 => Repr::CudaBf16(buf!(bf16)),
+                    DType::U32 => Repr::CudaU32(buf!(u32)),
+                    DType::I32 => Repr::CudaI32(buf!(i32)),
                 };
                 Ok(Tensor { repr, len: n })
             }

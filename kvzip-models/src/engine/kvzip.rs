@@ -245,22 +245,8 @@ impl Engine {
         drop(hook);
         self.commit_windows(&mut cache)?;
         self.device().synchronize()?;
-        let mut ctx = ContextCache {
-            cache,
-            full: None,
-            scores: None,
-            head_scores: None,
-            n_sys,
-            n_ctx,
-            prefill_ids,
-            kv_type,
-            timings: ContextTimings {
-                prefill_ms: t0.elapsed().as_secs_f64() * 1e3,
-                scoring_ms: 0.0,
-            },
-            pruned: false,
-            layer_heads: layer_heads.clone(),
-        };
+        let mut ctx = ContextCache::unpruned(cache, prefill_ids, kv_type, layer_heads.clone());
+        ctx.timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let mut out = Vec::with_capacity(scorings.len());
         for (scoring, baseline) in scorings.iter().zip(baselines) {
@@ -372,19 +358,31 @@ impl ContextCache {
             .iter()
             .map(|l| Some(l.n_kv_heads()))
             .collect();
-        Ok(Self {
+        let mut ctx = Self::unpruned(cache, prefill_ids, KvType::Evict, layer_heads);
+        ctx.pruned = true;
+        Ok(ctx)
+    }
+
+    /// A context over `cache` (spans taken from it) with no scores and zero timings.
+    fn unpruned(
+        cache: KvCache,
+        prefill_ids: Vec<u32>,
+        kv_type: KvType,
+        layer_heads: Vec<Option<usize>>,
+    ) -> Self {
+        Self {
+            n_sys: cache.n_sys(),
+            n_ctx: cache.n_ctx(),
             cache,
             full: None,
             scores: None,
             head_scores: None,
-            n_sys,
-            n_ctx,
             prefill_ids,
-            kv_type: KvType::Evict,
+            kv_type,
             timings: ContextTimings::default(),
-            pruned: true,
+            pruned: false,
             layer_heads,
-        })
+        }
     }
 
     /// Context KV bytes currently held in the evictable (scored) layers; the system prompt,
