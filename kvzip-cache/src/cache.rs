@@ -4,6 +4,8 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use kvzip_kernels::GatherPlan;
+
 use crate::layer::{packed_offsets, LayerCache, MIN_HEAD_SLACK};
 use crate::storage::{AppendAt, DeviceKv, KvStorage};
 use crate::{CacheError, KeepMask};
@@ -52,6 +54,9 @@ pub struct KvCache<S: KvStorage = DeviceKv> {
     generation: u64,
     /// Tokens of the step begun by [`KvCache::begin_step`] (0 when none).
     step: usize,
+    /// Head groups `(first head, heads)` of a step begun by [`KvCache::begin_step_heads`], in
+    /// input order, and its tokens per group.
+    partial: Option<(Vec<(usize, usize)>, usize)>,
 }
 
 impl<S: KvStorage> std::fmt::Debug for KvCache<S> {
@@ -178,6 +183,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
             seen_tokens,
             generation: fresh_generation(),
             step: 0,
+            partial: None,
         };
         cache.sync(0, true)?;
         Ok(cache)
@@ -455,6 +461,117 @@ impl<S: KvStorage + Clone> KvCache<S> {
         self.storage
             .write_step(&self.meta, l, &mut layer.data, at, k, v)
             .map_err(layer_err(l))
+    }
+
+    /// Starts a step that appends `t` tokens to some heads only: for each group `(first head,
+    /// heads, first position)`, heads `first .. first + heads` of every layer get `t` rows at
+    /// positions `first position ..`. The step's input rows are ordered group by group, `t`
+    /// rows each, `heads` K/V rows per token (`[groups * t, heads, head_dim]`, all groups of
+    /// the same width); write them per layer with [`write_step_heads`](Self::write_step_heads).
+    /// Used to keep many sequences (each a group of heads, e.g. the private suffixes of
+    /// requests decoding together) in one cache. `seen_tokens` is not changed.
+    pub fn begin_step_heads(
+        &mut self,
+        groups: &[(usize, usize, u32)],
+        t: usize,
+    ) -> Result<(), CacheError> {
+        let width = groups.first().map_or(0, |g| g.1);
+        for (l, layer) in self.layers.iter().enumerate() {
+            for &(first, n, _) in groups {
+                if n != width || first + n > layer.n_kv_heads {
+                    return Err(CacheError::Shape(format!(
+                        "layer {l}: head group {first}..{} (width {n}, others {width}) is outside \
+                         its {} heads",
+                        first + n,
+                        layer.n_kv_heads
+                    )));
+                }
+            }
+        }
+        let mut relaid = false;
+        for l in 0..self.layers.len() {
+            let layer = &self.layers[l];
+            let short = groups.iter().any(|&(first, n, _)| {
+                (first..first + n).any(|h| layer.lens[h] + t > layer.caps[h])
+            });
+            if short {
+                let rows: usize = layer.rows() + groups.len() * width * t;
+                let slack = rows.div_ceil(layer.n_kv_heads).max(MIN_HEAD_SLACK);
+                let mut caps = layer.caps.clone();
+                for &(first, n, _) in groups {
+                    for (cap, len) in caps[first..first + n].iter_mut().zip(&layer.lens[first..]) {
+                        *cap = (*cap).max(len + t + slack);
+                    }
+                }
+                self.relayout(l, &caps)?;
+                self.layers[l].relayouts += 1;
+                relaid = true;
+            }
+        }
+        for layer in &mut self.layers {
+            for &(first, n, pos0) in groups {
+                for h in first..first + n {
+                    let base = layer.offsets[h] + layer.lens[h];
+                    for i in 0..t {
+                        layer.pos[base + i] = pos0 + i as u32;
+                    }
+                    layer.lens[h] += t;
+                }
+            }
+        }
+        self.step = 0;
+        self.partial = Some((groups.iter().map(|g| (g.0, g.1)).collect(), t));
+        self.sync(0, relaid)
+    }
+
+    /// Writes layer `l`'s rows of the step begun by [`begin_step_heads`](Self::begin_step_heads)
+    /// (`k`, `v`: `[groups * t, heads, head_dim]`).
+    pub fn write_step_heads(
+        &mut self,
+        l: usize,
+        k: S::Rows<'_>,
+        v: S::Rows<'_>,
+    ) -> Result<(), CacheError> {
+        let Some((groups, t)) = self.partial.as_ref() else {
+            return Err(CacheError::Shape(
+                "write_step_heads without begin_step_heads".into(),
+            ));
+        };
+        let t = *t;
+        let layer = self
+            .layers
+            .get_mut(l)
+            .ok_or_else(|| CacheError::Shape(format!("layer {l} out of range")))?;
+        let mut rows = Vec::new();
+        let mut dst = Vec::new();
+        for (gi, &(first, n)) in groups.iter().enumerate() {
+            for j in 0..n {
+                let h = first + j;
+                rows.push((0..t).map(|i| (gi * t + i) * n + j).collect::<Vec<_>>());
+                dst.push(layer.offsets[h] + layer.lens[h] - t);
+            }
+        }
+        let plan = GatherPlan::from_rows(&rows, &dst)?;
+        self.storage
+            .scatter_step(&mut layer.data, &plan, k, v, layer.head_dim)
+            .map_err(layer_err(l))
+    }
+
+    /// Empties heads `first .. first + n` of every layer (their capacity stays): a finished
+    /// sequence hands its heads to the next one.
+    pub fn clear_heads(&mut self, first: usize, n: usize) -> Result<(), CacheError> {
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            if first + n > layer.n_kv_heads {
+                return Err(CacheError::Shape(format!(
+                    "layer {l}: heads {first}..{} outside its {} heads",
+                    first + n,
+                    layer.n_kv_heads
+                )));
+            }
+            layer.lens[first..first + n].iter_mut().for_each(|x| *x = 0);
+        }
+        self.partial = None;
+        self.sync(0, false)
     }
 
     /// Appends `t = positions.len()` tokens to every head of `layer` alone (`k_new` /

@@ -166,6 +166,19 @@ impl KvCache<DeviceKv> {
         lc.head_values(h)
     }
 
+    /// The live K and V rows of (`layer`, head `h`) as views (`[len, head_dim]` each), on any
+    /// device: a piece for [`kvzip_kernels::Device::attention_pieces`].
+    pub fn head_rows(&self, layer: usize, h: usize) -> Result<(View<'_>, View<'_>), CacheError> {
+        let lc = self.layer_checked(layer)?;
+        check_head(lc.n_kv_heads, layer, h)?;
+        let (a, b) = lc.head_range(h);
+        let d = lc.head_dim;
+        Ok((
+            lc.data.k.slice(a * d..b * d)?,
+            lc.data.v.slice(a * d..b * d)?,
+        ))
+    }
+
     /// Live K rows of (`layer`, head `h`) as host f32, borrowed from host f32 storage and
     /// downloaded (widened) otherwise.
     pub fn head_keys_host(&self, layer: usize, h: usize) -> Result<Cow<'_, [f32]>, CacheError> {

@@ -65,6 +65,17 @@ pub trait KvStorage {
         v: Self::Rows<'_>,
     ) -> Result<(), CacheError>;
 
+    /// Copies rows of a step's input (`k` / `v`: `[rows, head_dim]`, any row count) into the
+    /// layer as `plan` says (source rows index the input): appends to some heads only.
+    fn scatter_step(
+        &self,
+        layer: &mut Self::Layer,
+        plan: &GatherPlan,
+        k: Self::Rows<'_>,
+        v: Self::Rows<'_>,
+        head_dim: usize,
+    ) -> Result<(), CacheError>;
+
     /// Host copies of the rows `plan` selects (packed head after head, destination offsets
     /// ignored), in the storage's element type: what a cache file stores.
     fn read_packed(
@@ -197,6 +208,23 @@ impl KvStorage for DeviceKv {
             Some((meta, index)),
             at.t,
             at.head_dim,
+        )?;
+        Ok(())
+    }
+
+    fn scatter_step(
+        &self,
+        layer: &mut KvBuffers,
+        plan: &GatherPlan,
+        k: View<'_>,
+        v: View<'_>,
+        head_dim: usize,
+    ) -> Result<(), CacheError> {
+        self.device.gather_rows(
+            (&k, &v),
+            (&mut layer.k.view_mut(), &mut layer.v.view_mut()),
+            plan,
+            head_dim,
         )?;
         Ok(())
     }

@@ -111,9 +111,11 @@ __device__ __forceinline__ void load_rows(uint32_t s_base, const bf16* g_rows, i
 
 // Flash attention of packed rows [mb * BM, mb * BM + BM) of KV head h over keys
 // [key_lo, key_hi) of its segment (bottom-right causal, window, softcap as in KvzAttentionParams).
+// Key index `key` of head h lives at kh / vh + key * D (the caller resolves where).
 template <class C>
 __device__ __forceinline__ void attend(const KvzAttentionParams& p, int h, int mb, int key_lo,
-                                       int key_hi_in, const Dest& dst) {
+                                       int key_hi_in, const Dest& dst, const bf16* kh,
+                                       const bf16* vh) {
     constexpr int D = C::D, BN = C::BN, BM = C::BM, KW = C::KW, NT = C::NT;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -126,9 +128,6 @@ __device__ __forceinline__ void attend(const KvzAttentionParams& p, int h, int m
     const int row0 = mb * BM;
     if (row0 >= rows_total) return;
     const int L = p.lens[h];
-    const int64_t seg = p.offsets[h];
-    const bf16* kh = reinterpret_cast<const bf16*>(p.k) + seg * D;
-    const bf16* vh = reinterpret_cast<const bf16*>(p.v) + seg * D;
     const int last_row = min(row0 + BM, rows_total) - 1;
     const int i_min = L - p.q_len + row0 / group;
     const int i_max = L - p.q_len + last_row / group;

@@ -1,4 +1,6 @@
-// Varlen split-K decode over per-KV-head segments (semantics: KvzDecodeParams).
+// Varlen split-K decode over per-KV-head segments (semantics: KvzDecodeParams), or over
+// per-item pieces in any buffers (KvzDecodeParams.segments: batched decode of many sequences
+// whose keys are a shared context cache plus a private suffix).
 // Run kernels kvz_attn_decode_d{D}_r{R}: grid (n_items, ceil(q_len * group / R)), 128 threads;
 // R = 16 (1 warp of rows x 4 warps splitting each 64-key tile), 32 (2 x 2) or 64 (4 x 1).
 // Dynamic shared memory: kvzattn::Cfg<D, 64, R / 16, 64 / R>::SMEM bytes (mirrored by the host).
@@ -11,7 +13,18 @@ __device__ __forceinline__ void decode_body(const KvzDecodeParams& p) {
     using C = kvzattn::Cfg<D, 64, WM, 4 / WM>;
     const KvzDecodeWorkItem it = p.items[blockIdx.x];
     const kvzattn::Dest dst{it.partial, p.partial_out, p.partial_lse};
-    kvzattn::attend<C>(p.attn, it.head, blockIdx.y, it.key_start, it.key_end, dst);
+    const bf16 *kh, *vh;
+    if (p.segments != nullptr) {
+        // The item's piece: key index `key` is row key - key_base of its own buffers.
+        const KvzDecodeSegment sg = p.segments[blockIdx.x];
+        kh = reinterpret_cast<const bf16*>(sg.k) - sg.key_base * (int64_t)D;
+        vh = reinterpret_cast<const bf16*>(sg.v) - sg.key_base * (int64_t)D;
+    } else {
+        const int64_t seg = p.attn.offsets[it.head];
+        kh = reinterpret_cast<const bf16*>(p.attn.k) + seg * D;
+        vh = reinterpret_cast<const bf16*>(p.attn.v) + seg * D;
+    }
+    kvzattn::attend<C>(p.attn, it.head, blockIdx.y, it.key_start, it.key_end, dst, kh, vh);
 }
 }  // namespace
 

@@ -162,6 +162,16 @@ typedef struct KvzDecodeWorkItem {
     int32_t partial;
 } KvzDecodeWorkItem;
 
+/* Where the keys of one decode work item live when they are not rows offsets[head] .. of the
+ * shared k / v buffers (KvzDecodeParams.segments != NULL): key index `key` of the item's head is
+ * row `key - key_base` of k / v (bf16 [rows, head_dim] each). Lets one launch attend over
+ * pieces in different buffers: shared context caches plus per-request suffixes. */
+typedef struct KvzDecodeSegment {
+    const void *k;
+    const void *v;
+    int64_t key_base;
+} KvzDecodeSegment;
+
 /* Varlen decode (run phase). Same semantics as KvzAttentionParams (q_len >= 1 small). Each CTA
  * runs one work item for the whole GQA group and writes un-normalised partial outputs
  * partial_out [n_partials, q_len * group, head_dim] f32 and partial_lse [n_partials, q_len * group]
@@ -170,6 +180,8 @@ typedef struct KvzDecodeWorkItem {
 typedef struct KvzDecodeParams {
     KvzAttentionParams attn;
     const KvzDecodeWorkItem *items;
+    /* NULL, or one segment per item (attn.k / attn.v / attn.offsets are then unused). */
+    const KvzDecodeSegment *segments;
     int32_t n_items;
     const int32_t *head_partials;
     float *partial_out;

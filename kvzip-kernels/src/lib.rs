@@ -28,6 +28,7 @@ pub mod cuda;
 pub mod device;
 pub mod error;
 mod kv;
+pub mod pieces;
 pub mod recon;
 pub mod reference;
 pub mod rope;
@@ -36,7 +37,7 @@ mod validate;
 
 pub use device::{
     Activation, AttentionPlan, AttentionShape, DType, Device, GatherPlan, HostData, KvLayoutMirror,
-    KvView, ScoreChunkShape, Tensor, TokenSampler, View, ViewMut,
+    KvPiece, KvPieces, KvView, ScoreChunkShape, Tensor, TokenSampler, View, ViewMut,
 };
 pub use error::KernelError;
 pub use half::bf16;
@@ -54,8 +55,8 @@ pub mod host {
     use crate::reference as imp;
 
     pub use imp::{
-        act_mul_rows, add_assign, attention, column_stats, embedding, gelu_tanh_mul, linear,
-        matmul, max_value, rms_norm, rope_inplace, silu_mul, softcap_inplace, softmax_rows,
-        sum_exp_shifted,
+        act_mul_rows, add_assign, attention, attention_pieces, column_stats, embedding,
+        gelu_tanh_mul, linear, matmul, max_value, rms_norm, rope_inplace, silu_mul,
+        softcap_inplace, softmax_rows, sum_exp_shifted,
     };
 }

@@ -358,3 +358,125 @@ fn bad_shapes_and_plans_are_errors() {
         "{e:?}"
     );
 }
+
+/// Attention over pieces in separate device buffers (a shared context cache + a private suffix
+/// per sequence, in one launch) against the host reference, on bf16-rounded inputs.
+#[test]
+fn pieces_match_cpu_across_head_dims() {
+    use kvzip_kernels::pieces::{attention_pieces_reference, HostPiece, PiecesArgs};
+    use kvzip_kernels::{AttentionShape, Device, KvPiece, KvPieces};
+    let dev = Device::cuda(0).expect("a CUDA GPU");
+    let mut rng = kvzip_kernels::sampling::Rng::new(77);
+    let exact = |rng: &mut kvzip_kernels::sampling::Rng, n: usize, a: f32| -> Vec<f32> {
+        rng.uniform_vec(n, -a, a)
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    for (d, group, q_len, splits, window) in [
+        (
+            64usize,
+            4usize,
+            1usize,
+            vec![vec![3000usize, 9], vec![17, 1], vec![5000, 130]],
+            None,
+        ),
+        (128, 7, 1, vec![vec![9000, 2]; 4], None),
+        (256, 2, 3, vec![vec![700, 40], vec![33, 64]], Some(100usize)),
+        (128, 4, 20, vec![vec![2048, 20], vec![100, 30]], None),
+    ] {
+        let lens: Vec<usize> = splits.iter().map(|s| s.iter().sum()).collect();
+        let host: Vec<Vec<(Vec<f32>, Vec<f32>)>> = splits
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|&n| (exact(&mut rng, n * d, 1.0), exact(&mut rng, n * d, 1.0)))
+                    .collect()
+            })
+            .collect();
+        let dev_bufs: Vec<Vec<(kvzip_kernels::Tensor, kvzip_kernels::Tensor)>> = host
+            .iter()
+            .map(|hb| {
+                hb.iter()
+                    .map(|(k, v)| (dev.upload_f32(k).unwrap(), dev.upload_f32(v).unwrap()))
+                    .collect()
+            })
+            .collect();
+        let mut hp = Vec::new();
+        let mut dp = Vec::new();
+        for h in 0..lens.len() {
+            let mut at = 0;
+            for ((k, v), (kd, vd)) in host[h].iter().zip(&dev_bufs[h]) {
+                hp.push(HostPiece {
+                    head: h,
+                    k,
+                    v,
+                    key_start: at,
+                });
+                dp.push(KvPiece {
+                    head: h,
+                    k: kd.view(),
+                    v: vd.view(),
+                    key_start: at,
+                });
+                at += k.len() / d;
+            }
+        }
+        let n_q = lens.len() * group;
+        let q = exact(&mut rng, q_len * n_q * d, 2.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let args = PiecesArgs {
+            q_len,
+            group,
+            head_dim: d,
+            scale,
+            window,
+            softcap: None,
+        };
+        let mut want = vec![0.0; q.len()];
+        attention_pieces_reference(&q, &hp, &lens, &args, &mut want).unwrap();
+        let shape = AttentionShape {
+            q_len,
+            n_kv_heads: lens.len(),
+            group,
+            head_dim: d,
+            scale,
+            window,
+            softcap: None,
+        };
+        let qd = dev.upload_f32(&q).unwrap();
+        let mut out = dev.alloc(kvzip_kernels::DType::Bf16, q.len()).unwrap();
+        for chunk in [None, Some(256)] {
+            let kv = KvPieces {
+                head_dim: d,
+                lens: lens.clone(),
+                pieces: dp
+                    .iter()
+                    .map(|p| KvPiece {
+                        head: p.head,
+                        k: p.k.clone(),
+                        v: p.v.clone(),
+                        key_start: p.key_start,
+                    })
+                    .collect(),
+            };
+            dev.attention_pieces(&qd.view(), &kv, &shape, chunk, &mut out.view_mut())
+                .unwrap();
+            let got = dev.to_host_f32(&out.view()).unwrap();
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let scale_w = want
+                .iter()
+                .map(|x| x.abs())
+                .fold(0.0f32, f32::max)
+                .max(1e-3);
+            assert!(
+                err / scale_w < 2e-2,
+                "d {d} group {group} q_len {q_len} chunk {chunk:?}: max err {err} vs {scale_w}"
+            );
+        }
+    }
+}

@@ -11,6 +11,7 @@
 //!
 //! Model acquisition (fetching, GGUF import) lives in `kvzip-hub`.
 
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -23,5 +24,5 @@ pub mod weights;
 pub use config::{ModelSpec, RawConfig};
 pub use error::{ModelError, Result};
 pub use kvzip_kernels::Device;
-pub use model::{AttentionHook, CausalLm, ForwardOptions, LogitsMode, Scratch};
+pub use model::{AttentionHook, CacheStep, CausalLm, ForwardOptions, LogitsMode, Scratch, StepKv};
 pub use models::{load_model_dir, load_model_dir_on};

@@ -82,9 +82,134 @@ pub trait CausalLm: Send + Sync {
         opts: ForwardOptions<'_>,
     ) -> Result<Option<Tensor>>;
 
+    /// [`CausalLm::forward`] over any [`StepKv`] (e.g. a batch of sequences on shared
+    /// contexts); `opts.hook` needs a step with a single cache.
+    fn forward_step(
+        &self,
+        ids: &[u32],
+        step: &mut dyn StepKv,
+        scratch: &mut Scratch,
+        opts: ForwardOptions<'_>,
+    ) -> Result<Option<Tensor>>;
+
     /// Bytes of weights one decode step reads (every layer, the final norm and the LM head):
     /// the weight term of the decode bandwidth floor.
     fn weight_bytes(&self) -> usize;
+}
+
+/// What one forward step reads and writes of the KV cache: the positions of the step's input
+/// rows, where their keys and values go, and what their queries attend to. One sequence on one
+/// [`KvCache`] is [`CacheStep`]; a batch of sequences on shared compressed contexts plus
+/// private suffixes is [`crate::batch::BatchStep`]. The forward graph is the same for both.
+pub trait StepKv {
+    /// Starts a step of `rows` input rows (checking the cache fits the model on `device`);
+    /// returns each row's absolute position (for RoPE).
+    fn begin(&mut self, device: &Device, spec: &ModelSpec, rows: usize) -> Result<Vec<i32>>;
+
+    /// Stores layer `layer`'s keys and values of the step rows (`[rows, n_kv_heads, head_dim]`,
+    /// after RoPE).
+    fn write(&mut self, layer: usize, k: View<'_>, v: View<'_>) -> Result<()>;
+
+    /// Attention of the step's queries (`[rows, n_heads, head_dim]`) in layer `layer`: `shape`
+    /// holds the layer's scale, window and softcap with `q_len = rows` and the model's KV heads.
+    fn attend(
+        &mut self,
+        device: &Device,
+        layer: usize,
+        q: &View<'_>,
+        shape: &AttentionShape,
+        out: &mut ViewMut<'_>,
+    ) -> Result<()>;
+
+    /// Input rows per sequence (rows of one sequence are consecutive): all of them for one
+    /// sequence, 1 in a decode step of a batch.
+    fn rows_per_sequence(&self) -> usize;
+
+    /// The single cache the step runs on, for attention hooks (`None` for batches).
+    fn cache(&self) -> Option<&KvCache> {
+        None
+    }
+}
+
+/// One sequence continuing one [`KvCache`]: the step's rows are appended to every head and
+/// attend to the whole cache (decode plans built once per step on CUDA).
+pub struct CacheStep<'a> {
+    cache: &'a mut KvCache,
+    chunk_keys: Option<usize>,
+    plans: Vec<Option<kvzip_kernels::AttentionPlan>>,
+}
+
+impl<'a> CacheStep<'a> {
+    /// A step on `cache`; `chunk_keys`: keys per CUDA decode work item (`None`: default).
+    pub fn new(cache: &'a mut KvCache, chunk_keys: Option<usize>) -> Self {
+        Self {
+            cache,
+            chunk_keys,
+            plans: Vec::new(),
+        }
+    }
+}
+
+impl StepKv for CacheStep<'_> {
+    fn begin(&mut self, device: &Device, s: &ModelSpec, rows: usize) -> Result<Vec<i32>> {
+        let cache = &mut *self.cache;
+        if cache.device() != device {
+            return Err(ModelError::Input(format!(
+                "the KV cache lives on {}, the model on {}; create the cache with the engine",
+                cache.device().name(),
+                device.name()
+            )));
+        }
+        if cache.n_layers() != s.n_layers()
+            || cache
+                .layers()
+                .iter()
+                .any(|l| l.n_kv_heads() != s.n_kv_heads || l.head_dim() != s.head_dim)
+        {
+            return Err(ModelError::Input(format!(
+                "the KV cache's layers do not fit this model ({} layers of {} KV heads x {}); \
+                 create the cache with the engine",
+                s.n_layers(),
+                s.n_kv_heads,
+                s.head_dim
+            )));
+        }
+        let start = cache.seen_tokens();
+        cache.begin_step(rows)?;
+        // Decode plans of every layer, built before the first launch of the step so that no
+        // host-to-device upload sits between this step's kernels (none on the host).
+        self.plans = cache
+            .layers()
+            .iter()
+            .map(|lc| device.attention_plan(lc.lens(), rows, self.chunk_keys))
+            .collect::<kvzip_kernels::Result<Vec<_>>>()?;
+        Ok((start..start + rows).map(|p| p as i32).collect())
+    }
+
+    fn write(&mut self, layer: usize, k: View<'_>, v: View<'_>) -> Result<()> {
+        Ok(self.cache.write_step(layer, k, v)?)
+    }
+
+    fn attend(
+        &mut self,
+        device: &Device,
+        layer: usize,
+        q: &View<'_>,
+        shape: &AttentionShape,
+        out: &mut ViewMut<'_>,
+    ) -> Result<()> {
+        let kv = self.cache.kv_view(layer)?;
+        let plan = self.plans.get(layer).and_then(Option::as_ref);
+        Ok(device.attention(q, &kv, shape, plan, out)?)
+    }
+
+    fn rows_per_sequence(&self) -> usize {
+        usize::MAX
+    }
+
+    fn cache(&self) -> Option<&KvCache> {
+        Some(self.cache)
+    }
 }
 
 /// Activation buffers of one forward step, grown on demand (no allocation per step once warm).
@@ -183,6 +308,30 @@ fn project_qkv<'a>(
         qkv.forward_part(dev, x, &mut v, t, qd + kvd, kvd)?;
     }
     Ok((q, kv))
+}
+
+/// Seq-len-dependent RoPE (longrope, dynamic NTK): HF picks the frequencies per forward from
+/// the largest position of the sequence. Input rows come `per_seq` per sequence; returns runs
+/// `(first row, end row, inv_freq)` of consecutive sequences that share frequencies.
+fn rope_runs(
+    dev: &Device,
+    params: &kvzip_kernels::rope::RopeParams,
+    positions: &[i32],
+    per_seq: usize,
+) -> Result<Vec<(usize, usize, Tensor)>> {
+    let mut runs: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+    for (s, rows) in positions.chunks(per_seq.max(1)).enumerate() {
+        let seq_len = rows.iter().copied().max().unwrap_or(0).max(0) as usize + 1;
+        let freq = params.inv_freq_for_seq_len(seq_len);
+        let (r0, r1) = (s * per_seq, s * per_seq + rows.len());
+        match runs.last_mut() {
+            Some(last) if last.2 == freq && last.1 == r0 => last.1 = r1,
+            _ => runs.push((r0, r1, freq)),
+        }
+    }
+    runs.into_iter()
+        .map(|(a, b, f)| Ok((a, b, crate::loader::f32_tensor(dev, &f)?)))
+        .collect()
 }
 
 /// Gemma's norm after a sub-block: `delta = norm(delta)` (through `normed`, then swapped).
@@ -286,6 +435,18 @@ impl DecoderStack {
         ids: &[u32],
         cache: &mut KvCache,
         scratch: &mut Scratch,
+        opts: ForwardOptions<'_>,
+    ) -> Result<Option<Tensor>> {
+        let chunk = opts.decode_chunk_keys;
+        self.forward_step(ids, &mut CacheStep::new(cache, chunk), scratch, opts)
+    }
+
+    /// See [`CausalLm::forward_step`].
+    pub fn forward_step(
+        &self,
+        ids: &[u32],
+        step: &mut dyn StepKv,
+        scratch: &mut Scratch,
         mut opts: ForwardOptions<'_>,
     ) -> Result<Option<Tensor>> {
         let t = ids.len();
@@ -293,28 +454,7 @@ impl DecoderStack {
             return Err(ModelError::Input("forward called with no tokens".into()));
         }
         let dev = &self.device;
-        if cache.device() != dev {
-            return Err(ModelError::Input(format!(
-                "the KV cache lives on {}, the model on {}; create the cache with the engine",
-                cache.device().name(),
-                dev.name()
-            )));
-        }
         let s = &self.spec;
-        if cache.n_layers() != self.layers.len()
-            || cache
-                .layers()
-                .iter()
-                .any(|l| l.n_kv_heads() != s.n_kv_heads || l.head_dim() != s.head_dim)
-        {
-            return Err(ModelError::Input(format!(
-                "the KV cache's layers do not fit this model ({} layers of {} KV heads x {}); \
-                 create the cache with the engine",
-                self.layers.len(),
-                s.n_kv_heads,
-                s.head_dim
-            )));
-        }
         if let Some((i, &bad)) = ids
             .iter()
             .enumerate()
@@ -328,12 +468,10 @@ impl DecoderStack {
         }
         let (h, d, inter) = (s.hidden_size, s.head_dim, s.intermediate_size);
         let (nq, nkv) = (s.n_heads, s.n_kv_heads);
-        let start = cache.seen_tokens();
-        let positions: Vec<i32> = (start..start + t).map(|p| p as i32).collect();
+        let positions = step.begin(dev, s, t)?;
         let b = scratch.ensure(dev, s, t)?;
         dev.write_u32(&mut b.ids.slice_mut(0..t)?, ids)?;
         dev.write_i32(&mut b.positions.slice_mut(0..t)?, &positions)?;
-        cache.begin_step(t)?;
 
         dev.embedding(
             &b.ids.slice(0..t)?,
@@ -351,26 +489,21 @@ impl DecoderStack {
             window,
             softcap: s.attn_softcap,
         };
-        // Decode plans of every layer, built before the first launch of the step so that no
-        // host-to-device upload sits between this step's kernels (none on the host).
-        let plans = cache
-            .layers()
-            .iter()
-            .map(|lc| dev.attention_plan(lc.lens(), t, opts.decode_chunk_keys))
-            .collect::<kvzip_kernels::Result<Vec<_>>>()?;
-        // Seq-len-dependent RoPE (longrope, dynamic NTK) picks its frequencies per forward.
-        let seq_len = start + t;
         let mut pending_delta = false;
         for (l, layer) in self.layers.iter().enumerate() {
-            let dynamic_freq = if layer.rope.params.depends_on_seq_len() {
-                Some(crate::loader::f32_tensor(
+            // Rows `start..end` with their frequencies: one run for the usual RoPE; for the
+            // seq-len-dependent kinds, runs of sequences whose largest position selects the
+            // same frequencies (each sequence of a batch on its own, as it would run alone).
+            let dynamic: Vec<(usize, usize, Tensor)> = if layer.rope.params.depends_on_seq_len() {
+                rope_runs(
                     dev,
-                    &layer.rope.params.inv_freq_for_seq_len(seq_len),
-                )?)
+                    &layer.rope.params,
+                    &positions,
+                    step.rows_per_sequence(),
+                )?
             } else {
-                None
+                Vec::new()
             };
-            let inv_freq = dynamic_freq.as_ref().unwrap_or(&layer.rope.inv_freq);
             // x += delta (previous MLP output); normed = input_norm(x).
             {
                 let res = pending_delta.then(|| b.delta.view());
@@ -400,25 +533,41 @@ impl DecoderStack {
             if let Some(n) = &layer.k_norm {
                 head_norm(dev, n, &mut k, &mut b.head_tmp, t * nkv)?;
             }
-            dev.rope(
-                &mut q,
-                Some(&mut k),
-                &b.positions.slice(0..t)?,
-                &inv_freq.view(),
-                t,
-                nq,
-                nkv,
-                d,
-                layer.rope.factor,
-            )?;
-            cache.write_step(l, k.as_view(), v.as_view())?;
+            if dynamic.is_empty() {
+                dev.rope(
+                    &mut q,
+                    Some(&mut k),
+                    &b.positions.slice(0..t)?,
+                    &layer.rope.inv_freq.view(),
+                    t,
+                    nq,
+                    nkv,
+                    d,
+                    layer.rope.factor,
+                )?;
+            }
+            for (r0, r1, freq) in &dynamic {
+                dev.rope(
+                    &mut q.slice_mut(r0 * nq * d..r1 * nq * d)?,
+                    Some(&mut k.slice_mut(r0 * nkv * d..r1 * nkv * d)?),
+                    &b.positions.slice(*r0..*r1)?,
+                    &freq.view(),
+                    r1 - r0,
+                    nq,
+                    nkv,
+                    d,
+                    layer.rope.factor,
+                )?;
+            }
+            step.write(l, k.as_view(), v.as_view())?;
             let q = q.as_view();
             if let Some(hk) = opts.hook.as_deref_mut() {
+                let cache = step.cache().ok_or_else(|| {
+                    ModelError::Input("attention hooks need a single-cache step".into())
+                })?;
                 hk.after_append(dev, l, &q, t, cache)?;
             }
-            let shape = shape_for(layer.window);
-            let kv = cache.kv_view(l)?;
-            dev.attention(&q, &kv, &shape, plans[l].as_ref(), &mut b.attn.view_mut())?;
+            step.attend(dev, l, &q, &shape_for(layer.window), &mut b.attn.view_mut())?;
             layer
                 .o
                 .forward(dev, &b.attn.view(), &mut b.delta.view_mut(), t)?;

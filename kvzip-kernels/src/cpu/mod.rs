@@ -10,6 +10,7 @@ mod colstats;
 mod gemm;
 pub(crate) mod math;
 mod norm;
+mod pieces;
 mod rope;
 
 pub use act::{act_mul_rows, add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
@@ -18,6 +19,7 @@ pub use colstats::column_stats;
 pub use gemm::{linear, matmul};
 pub use math::{max_value, sum_exp_shifted};
 pub use norm::{rms_norm, softmax_rows};
+pub use pieces::attention_pieces;
 pub use rope::rope_inplace;
 
 /// Element count below which element-wise ops stay on the calling thread.

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use super::params::{KvzAttentionParams, KvzDecodeParams};
+use super::params::{KvzAttentionParams, KvzDecodeParams, KvzDecodeSegment};
 use super::{bf16, check_len, dptr, dptr_mut, CudaBackend, CudaError, CudaResult};
 use super::{DevicePtr, DevicePtrMut};
 
@@ -194,32 +194,55 @@ impl CudaBackend {
         if plan.n_items == 0 {
             return Ok(());
         }
-        let rows = shape.rows_per_head();
-        let d = shape.head_dim;
-        let mut ws = plan.workspace.lock().unwrap_or_else(|e| e.into_inner());
-        let (po, pl) = if plan.n_partials > 0 {
-            let need = plan.n_partials * rows;
-            let fits = ws
-                .as_ref()
-                .is_some_and(|(o, l)| o.len() >= need * d && l.len() >= need);
-            if !fits {
-                *ws = Some((self.alloc::<f32>(need * d)?, self.alloc::<f32>(need)?));
-            }
-            let (o, l) = ws.as_mut().expect("workspace allocated above");
-            let s = self.stream();
-            (dptr_mut(o, s), dptr_mut(l, s))
-        } else {
-            (0, 0)
-        };
+        let (po, pl) = self.partial_workspace(plan, shape)?;
         let s = self.stream();
         let p = KvzDecodeParams {
             attn,
             items: dptr(&plan.items, s) as _,
+            segments: std::ptr::null(),
             n_items: plan.n_items as i32,
             head_partials: dptr(&plan.head_partials, s) as _,
             partial_out: po as _,
             partial_lse: pl as _,
         };
+        self.launch_decode(plan, &p, shape)
+    }
+
+    /// Device addresses of the plan's partial outputs and LSEs (allocated on first use, grown
+    /// when a call needs more); zeros when no head is split.
+    fn partial_workspace(
+        &self,
+        plan: &DecodePlan,
+        shape: &AttentionShape,
+    ) -> CudaResult<(u64, u64)> {
+        if plan.n_partials == 0 {
+            return Ok((0, 0));
+        }
+        let (rows, d) = (shape.rows_per_head(), shape.head_dim);
+        let mut ws = plan.workspace.lock().unwrap_or_else(|e| e.into_inner());
+        let need = plan.n_partials * rows;
+        let fits = ws
+            .as_ref()
+            .is_some_and(|(o, l)| o.len() >= need * d && l.len() >= need);
+        if !fits {
+            *ws = Some((self.alloc::<f32>(need * d)?, self.alloc::<f32>(need)?));
+        }
+        let s = self.stream();
+        match ws.as_mut() {
+            Some((o, l)) => Ok((dptr_mut(o, s), dptr_mut(l, s))),
+            None => Err(CudaError::Shape("decode workspace missing".into())),
+        }
+    }
+
+    /// Run kernel (+ combine when heads were split) of a decode plan with its parameters.
+    fn launch_decode(
+        &self,
+        plan: &DecodePlan,
+        p: &KvzDecodeParams,
+        shape: &AttentionShape,
+    ) -> CudaResult<()> {
+        let rows = shape.rows_per_head();
+        let d = shape.head_dim;
         let row_block = match rows {
             0..=16 => 16,
             17..=32 => 32,
@@ -233,7 +256,7 @@ impl CudaBackend {
         };
         // SAFETY: item key ranges lie within the plan's lengths (>= q_len, checked by the plan);
         // partial buffers hold n_partials * rows (* d) floats; other lengths checked above.
-        unsafe { self.launch(&name, cfg, &p)? };
+        unsafe { self.launch(&name, cfg, p)? };
         if plan.n_partials > 0 {
             let cfg = LaunchConfig {
                 grid_dim: (shape.n_kv_heads as u32, rows as u32, 1),
@@ -241,9 +264,72 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
             };
             // SAFETY: as above; the combine reads the slots the run kernel wrote.
-            unsafe { self.launch("kvz_attn_decode_combine", cfg, &p)? };
+            unsafe { self.launch("kvz_attn_decode_combine", cfg, p)? };
         }
         Ok(())
+    }
+
+    /// Decode attention of `shape.q_len` query tokens over keys that live in pieces of any
+    /// buffers (a plan from [`DecodePlan::for_pieces`]): one launch for a whole batch of
+    /// sequences, each a virtual KV head per (sequence, KV head) whose keys are, e.g., a shared
+    /// context cache followed by a private suffix. `q`, `out`: `[q_len, n_virtual_heads *
+    /// group, head_dim]` bf16; `shape.n_kv_heads` is the number of virtual heads.
+    pub fn attention_pieces(
+        &self,
+        plan: &DecodePlan,
+        q: &impl DevicePtr<bf16>,
+        shape: &AttentionShape,
+        out: &mut impl DevicePtrMut<bf16>,
+    ) -> CudaResult<()> {
+        validate_for_cuda(shape)?;
+        let (Some(segments), Some(lens)) = (&plan.segments, &plan.lens_dev) else {
+            return Err(CudaError::Shape(
+                "attention_pieces needs a plan built by DecodePlan::for_pieces".into(),
+            ));
+        };
+        if shape.q_len != plan.q_len || shape.n_kv_heads != plan.lens.len() {
+            return Err(CudaError::Shape(format!(
+                "attention_pieces: shape has q_len {} and {} heads, the plan {} and {}",
+                shape.q_len,
+                shape.n_kv_heads,
+                plan.q_len,
+                plan.lens.len()
+            )));
+        }
+        let n = shape.q_elems();
+        check_len("attention q", q.len(), n)?;
+        check_len("attention out", out.len(), n)?;
+        if plan.n_items == 0 {
+            return Ok(());
+        }
+        let (po, pl) = self.partial_workspace(plan, shape)?;
+        let s = self.stream();
+        let attn = KvzAttentionParams {
+            q: dptr(q, s) as _,
+            // Unused with segments: every item reads its own piece.
+            k: std::ptr::null(),
+            v: std::ptr::null(),
+            out: dptr_mut(out, s) as _,
+            offsets: std::ptr::null(),
+            lens: dptr(lens, s) as _,
+            q_len: to_i32("q_len", shape.q_len)?,
+            n_kv_heads: to_i32("n_kv_heads", shape.n_kv_heads)?,
+            group: to_i32("group", shape.group)?,
+            head_dim: shape.head_dim as i32,
+            scale: shape.scale,
+            softcap: shape.softcap.unwrap_or(0.0),
+            window: shape.window.unwrap_or(0) as i32,
+        };
+        let p = KvzDecodeParams {
+            attn,
+            items: dptr(&plan.items, s) as _,
+            segments: dptr(segments, s) as _,
+            n_items: plan.n_items as i32,
+            head_partials: dptr(&plan.head_partials, s) as _,
+            partial_out: po as _,
+            partial_lse: pl as _,
+        };
+        self.launch_decode(plan, &p, shape)
     }
 
     /// Attention of `shape.q_len` tokens choosing the kernel: decode (a fresh [`DecodePlan`]
@@ -293,6 +379,26 @@ pub struct DecodePlan {
     /// Partial outputs `[n_partials, rows, head_dim]` f32 and LSEs `[n_partials, rows]` f32,
     /// allocated on first use (grown when a call needs more).
     workspace: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+    /// Plans over pieces: one segment per item, and the virtual heads' lengths on the device.
+    segments: Option<CudaSlice<KvzDecodeSegment>>,
+    lens_dev: Option<CudaSlice<i32>>,
+}
+
+/// One piece of a virtual head's keys for [`DecodePlan::for_pieces`]: `n_keys` rows of
+/// `[n_keys, head_dim]` bf16 K and V at device addresses `k` / `v`, holding key indices
+/// `key_start .. key_start + n_keys` of virtual head `head`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPiece {
+    /// Virtual head (e.g. `sequence * n_kv_heads + kv_head`).
+    pub head: usize,
+    /// Device address of the piece's first K row.
+    pub k: u64,
+    /// Device address of the piece's first V row.
+    pub v: u64,
+    /// Key index of the first row within the head's sequence of keys.
+    pub key_start: usize,
+    /// Rows of the piece.
+    pub n_keys: usize,
 }
 
 impl DecodePlan {
@@ -366,6 +472,126 @@ impl DecodePlan {
             items: backend.upload(&items)?,
             head_partials: backend.upload(&head_partials)?,
             workspace: Mutex::new(None),
+            segments: None,
+            lens_dev: None,
+        })
+    }
+
+    /// Plans a decode of `q_len >= 1` tokens per virtual head over keys in pieces of any
+    /// buffers. `lens[h]` is virtual head `h`'s total key count (each `>= q_len`); its pieces
+    /// (sorted by head, then key) must tile `0..lens[h]` exactly. Pieces are cut into items of
+    /// at most `chunk_keys` keys (default as in [`DecodePlan::new`]), never across pieces.
+    pub fn for_pieces(
+        backend: &CudaBackend,
+        pieces: &[KeyPiece],
+        lens: &[usize],
+        q_len: usize,
+        chunk_keys: Option<usize>,
+    ) -> CudaResult<Self> {
+        if q_len == 0 {
+            return Err(CudaError::Shape("DecodePlan: q_len must be >= 1".into()));
+        }
+        if let Some((h, &l)) = lens.iter().enumerate().find(|(_, &l)| l < q_len) {
+            return Err(CudaError::Shape(format!(
+                "DecodePlan: virtual head {h} has {l} keys, fewer than q_len {q_len}"
+            )));
+        }
+        to_i32("max head length", lens.iter().copied().max().unwrap_or(0))?;
+        let total: usize = lens.iter().sum();
+        let chunk = match chunk_keys {
+            Some(0) => {
+                return Err(CudaError::Shape(
+                    "DecodePlan: chunk_keys must be > 0".into(),
+                ))
+            }
+            Some(c) => c,
+            None => auto_chunk(total, backend.n_sms).next_multiple_of(DECODE_TILE_KEYS),
+        };
+        // Pieces must tile every head's keys in order.
+        let mut next = vec![0usize; lens.len()];
+        let mut last_head = 0;
+        for (i, p) in pieces.iter().enumerate() {
+            if p.head >= lens.len() || p.head < last_head || p.key_start != next[p.head] {
+                return Err(CudaError::Shape(format!(
+                    "DecodePlan: piece {i} (head {}, keys {}..{}) does not continue its head's \
+                     keys in order",
+                    p.head,
+                    p.key_start,
+                    p.key_start + p.n_keys
+                )));
+            }
+            next[p.head] += p.n_keys;
+            last_head = p.head;
+        }
+        if let Some(h) = (0..lens.len()).find(|&h| next[h] != lens[h]) {
+            return Err(CudaError::Shape(format!(
+                "DecodePlan: the pieces of virtual head {h} hold {} keys, its length is {}",
+                next[h], lens[h]
+            )));
+        }
+        let mut items: Vec<i32> = Vec::new();
+        let mut segments: Vec<KvzDecodeSegment> = Vec::new();
+        let mut item_heads: Vec<usize> = Vec::new();
+        for p in pieces {
+            let mut k0 = p.key_start;
+            let end = p.key_start + p.n_keys;
+            while k0 < end {
+                let k1 = (k0 + chunk).min(end);
+                items.extend_from_slice(&[p.head as i32, k0 as i32, k1 as i32, -1]);
+                segments.push(KvzDecodeSegment {
+                    k: p.k as _,
+                    v: p.v as _,
+                    key_base: p.key_start as i64,
+                });
+                item_heads.push(p.head);
+                k0 = k1;
+            }
+        }
+        // Partial slots for heads with several items; direct writes otherwise.
+        let mut head_partials = Vec::with_capacity(lens.len() + 1);
+        let mut n_partials = 0usize;
+        let mut first = 0usize;
+        for h in 0..lens.len() {
+            head_partials.push(n_partials as i32);
+            let mut last = first;
+            while last < item_heads.len() && item_heads[last] == h {
+                last += 1;
+            }
+            if last - first > 1 {
+                for (slot, it) in (first..last).enumerate() {
+                    items[it * 4 + 3] = (n_partials + slot) as i32;
+                }
+                n_partials += last - first;
+            }
+            first = last;
+        }
+        head_partials.push(n_partials as i32);
+        let n_items = items.len() / 4;
+        if n_items > i32::MAX as usize {
+            return Err(CudaError::Shape(format!(
+                "DecodePlan: {n_items} work items exceed i32; use a larger chunk_keys"
+            )));
+        }
+        if items.is_empty() {
+            items.extend_from_slice(&[0, 0, 0, -1]);
+            segments.push(KvzDecodeSegment {
+                k: std::ptr::null(),
+                v: std::ptr::null(),
+                key_base: 0,
+            });
+        }
+        let lens_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        Ok(Self {
+            lens: lens.to_vec(),
+            q_len,
+            chunk_keys: chunk,
+            n_items,
+            n_partials,
+            items: backend.upload(&items)?,
+            head_partials: backend.upload(&head_partials)?,
+            workspace: Mutex::new(None),
+            segments: Some(backend.upload(&segments)?),
+            lens_dev: Some(backend.upload(if lens_i32.is_empty() { &[0] } else { &lens_i32 })?),
         })
     }
 

@@ -66,6 +66,7 @@ device_repr!(
     params::KvzCompactParams,
     params::KvzAttentionParams,
     params::KvzDecodeParams,
+    params::KvzDecodeSegment,
     params::KvzScoreParams,
 );
 

@@ -759,3 +759,135 @@ impl Device {
         }
     }
 }
+
+/// One piece of a virtual head's keys: `k`, `v` are exactly the piece's `[n, head_dim]` rows,
+/// holding key indices `key_start .. key_start + n` of virtual head `head`.
+pub struct KvPiece<'a> {
+    /// Virtual head (e.g. `sequence * n_kv_heads + kv_head`).
+    pub head: usize,
+    /// Key rows.
+    pub k: View<'a>,
+    /// Value rows.
+    pub v: View<'a>,
+    /// Key index of the first row in the head's sequence of keys.
+    pub key_start: usize,
+}
+
+/// The keys of a batch of virtual heads, in pieces of any buffers of one device: what a
+/// decode step of many sequences attends to when each sequence's keys are a shared context
+/// cache followed by its own suffix (see [`Device::attention_pieces`]).
+pub struct KvPieces<'a> {
+    /// Elements per row.
+    pub head_dim: usize,
+    /// Total keys of each virtual head (`>= q_len`).
+    pub lens: Vec<usize>,
+    /// Pieces sorted by head, then key; each head's pieces tile `0..lens[head]`.
+    pub pieces: Vec<KvPiece<'a>>,
+}
+
+impl Device {
+    /// Attention of `shape.q_len` query tokens of every virtual head over its key pieces, in one
+    /// launch on CUDA (a decode plan over the pieces: items never cross a piece) and in parallel
+    /// over heads on the host. `q`, `out`: `[q_len, n_virtual_heads * group, head_dim]`;
+    /// `shape.n_kv_heads` = number of virtual heads; bottom-right causal alignment, window and
+    /// softcap as in [`Device::attention`]. `chunk_keys`: keys per CUDA work item (`None`: the
+    /// planner's default).
+    pub fn attention_pieces(
+        &self,
+        q: &View<'_>,
+        kv: &KvPieces<'_>,
+        shape: &AttentionShape,
+        chunk_keys: Option<usize>,
+        out: &mut ViewMut<'_>,
+    ) -> Result<()> {
+        shape.validate()?;
+        if kv.lens.len() != shape.n_kv_heads || kv.head_dim != shape.head_dim {
+            return Err(KernelError::Shape(format!(
+                "attention_pieces: {} virtual heads of dim {}, the shape says {} of {}",
+                kv.lens.len(),
+                kv.head_dim,
+                shape.n_kv_heads,
+                shape.head_dim
+            )));
+        }
+        let n = shape.q_elems();
+        if q.len() < n || out.len() < n {
+            return Err(KernelError::Shape(format!(
+                "attention_pieces: q ({}) and out ({}) need {n} elements",
+                q.len(),
+                out.len()
+            )));
+        }
+        match self {
+            Device::Cpu => {
+                let _ = chunk_keys;
+                let pieces = kv
+                    .pieces
+                    .iter()
+                    .map(|p| {
+                        Ok(crate::pieces::HostPiece {
+                            head: p.head,
+                            k: p.k.host_f32("piece k")?,
+                            v: p.v.host_f32("piece v")?,
+                            key_start: p.key_start,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let args = crate::pieces::PiecesArgs {
+                    q_len: shape.q_len,
+                    group: shape.group,
+                    head_dim: shape.head_dim,
+                    scale: shape.scale,
+                    window: shape.window,
+                    softcap: shape.softcap,
+                };
+                host::attention_pieces(
+                    &q.host_f32("attention q")?[..n],
+                    &pieces,
+                    &kv.lens,
+                    &args,
+                    &mut out.host_f32("attention out")?[..n],
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => {
+                let d = shape.head_dim;
+                let st = g.stream();
+                let mut pieces = Vec::with_capacity(kv.pieces.len());
+                for p in &kv.pieces {
+                    let (k, v) = (p.k.cuda_bf16("piece k")?, p.v.cuda_bf16("piece v")?);
+                    if k.len() % d != 0 || v.len() != k.len() {
+                        return Err(KernelError::Shape(format!(
+                            "piece of head {}: {} / {} elements are not the same whole rows",
+                            p.head,
+                            k.len(),
+                            v.len()
+                        )));
+                    }
+                    pieces.push(crate::cuda::attention::KeyPiece {
+                        head: p.head,
+                        k: crate::cuda::dptr(&k, st),
+                        v: crate::cuda::dptr(&v, st),
+                        key_start: p.key_start,
+                        n_keys: k.len() / d,
+                    });
+                }
+                let plan = crate::cuda::attention::DecodePlan::for_pieces(
+                    g,
+                    &pieces,
+                    &kv.lens,
+                    shape.q_len,
+                    chunk_keys,
+                )
+                .map_err(cuda_err)?;
+                g.attention_pieces(
+                    &plan,
+                    &q.cuda_bf16("attention q")?,
+                    shape,
+                    out.cuda_bf16("attention out")?,
+                )
+                .map_err(cuda_err)
+            }
+        }
+    }
+}

@@ -15,7 +15,7 @@ mod ops;
 mod sampler;
 mod tensor;
 
-pub use kv::{AttentionPlan, GatherPlan, KvLayoutMirror, KvView};
+pub use kv::{AttentionPlan, GatherPlan, KvLayoutMirror, KvPiece, KvPieces, KvView};
 pub use ops::{Activation, AttentionShape, ScoreChunkShape};
 pub use sampler::TokenSampler;
 pub use tensor::{DType, Tensor, View, ViewMut};

@@ -7,6 +7,7 @@
 mod attention;
 mod colstats;
 
+pub use crate::pieces::attention_pieces_reference as attention_pieces;
 pub use attention::attention;
 pub use colstats::column_stats;
 

@@ -13,7 +13,7 @@ use kvzip_kernels::{Device, Tensor, TokenSampler};
 
 use crate::config::ModelSpec;
 use crate::error::{ModelError, Result};
-use crate::model::{AttentionHook, CausalLm, ForwardOptions, LogitsMode, Scratch};
+use crate::model::{AttentionHook, CausalLm, ForwardOptions, LogitsMode, Scratch, StepKv};
 
 /// Default prefill chunk in tokens (the reference uses 16000 on GPU; smaller chunks bound the
 /// activation memory without changing results).
@@ -146,6 +146,27 @@ impl Engine {
             ForwardOptions {
                 logits,
                 hook,
+                decode_chunk_keys: self.decode_chunk_keys,
+            },
+        )
+    }
+
+    /// One forward call of `ids` over any [`StepKv`] (e.g. a [`crate::batch::BatchStep`] of
+    /// many sequences on shared contexts); logits stay on the device.
+    pub fn forward_step(
+        &self,
+        ids: &[u32],
+        step: &mut dyn StepKv,
+        logits: LogitsMode,
+    ) -> Result<Option<Tensor>> {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        self.model.forward_step(
+            ids,
+            step,
+            &mut scratch,
+            ForwardOptions {
+                logits,
+                hook: None,
                 decode_chunk_keys: self.decode_chunk_keys,
             },
         )

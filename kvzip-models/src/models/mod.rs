@@ -118,6 +118,15 @@ macro_rules! impl_causal_lm_for_stack {
             ) -> $crate::error::Result<Option<kvzip_kernels::Tensor>> {
                 self.0.forward(ids, cache, scratch, opts)
             }
+            fn forward_step(
+                &self,
+                ids: &[u32],
+                step: &mut dyn $crate::model::StepKv,
+                scratch: &mut $crate::model::Scratch,
+                opts: $crate::model::ForwardOptions<'_>,
+            ) -> $crate::error::Result<Option<kvzip_kernels::Tensor>> {
+                self.0.forward_step(ids, step, scratch, opts)
+            }
             fn weight_bytes(&self) -> usize {
                 self.0.weight_bytes()
             }
