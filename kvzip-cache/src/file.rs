@@ -268,6 +268,42 @@ impl<S: KvStorage + Clone> KvCache<S> {
     /// ```
     pub fn save(&self, path: impl AsRef<Path>, meta: &CacheFileMeta) -> Result<(), CacheError> {
         let path = path.as_ref();
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
+        self.serialize_with(path, meta, |tensors, info| {
+            safetensors::serialize_to_file(tensors, info, tmp.path())
+        })?;
+        tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
+        tmp.persist(path).map_err(|e| CacheError::Io {
+            path: path.to_path_buf(),
+            source: e.error,
+        })?;
+        Ok(())
+    }
+
+    /// The bytes [`save`](Self::save) would write (the same format), for stores that keep
+    /// caches elsewhere than in a file (a key-value store, memory). `origin` names the cache
+    /// in error messages.
+    pub fn to_bytes(&self, origin: &str, meta: &CacheFileMeta) -> Result<Vec<u8>, CacheError> {
+        self.serialize_with(Path::new(origin), meta, |tensors, info| {
+            safetensors::serialize(tensors, info)
+        })
+    }
+
+    /// Builds the tensor table of the file format and hands it to `write` (to a file or to
+    /// memory); errors name `path`.
+    fn serialize_with<R>(
+        &self,
+        path: &Path,
+        meta: &CacheFileMeta,
+        write: impl FnOnce(
+            Vec<(String, Shaped<'_, S>)>,
+            &Option<HashMap<String, String>>,
+        ) -> Result<R, SafeTensorError>,
+    ) -> Result<R, CacheError> {
         let header = FileHeader {
             n_sys: self.n_sys(),
             n_ctx: self.n_ctx(),
@@ -313,12 +349,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
                 tensors.push((format!("layer.{l}.{name}"), Shaped { tensor, shape }));
             }
         }
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
-        safetensors::serialize_to_file(tensors, &Some(info), tmp.path()).map_err(|e| match e {
+        let out = write(tensors, &Some(info)).map_err(|e| match e {
             SafeTensorError::IoError(source) => CacheError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -328,12 +359,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
         if let Some(e) = error.into_inner() {
             return Err(e);
         }
-        tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
-        tmp.persist(path).map_err(|e| CacheError::Io {
-            path: path.to_path_buf(),
-            source: e.error,
-        })?;
-        Ok(())
+        Ok(out)
     }
 
     /// Reads a file written by [`save`](Self::save) into `storage`, validating its format,
@@ -350,8 +376,20 @@ impl<S: KvStorage + Clone> KvCache<S> {
     ) -> Result<(KvCache<S>, CacheFileMeta), CacheError> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(io_err(path))?;
-        let st = parse_safetensors(path, &bytes)?;
-        let header = read_header(path, &bytes)?;
+        Self::from_bytes_in(storage, path.to_string_lossy().as_ref(), &bytes)
+    }
+
+    /// Reads bytes made by [`to_bytes`](Self::to_bytes) (or a whole file written by
+    /// [`save`](Self::save)) into `storage`, with the checks of [`load_in`](Self::load_in);
+    /// `origin` names the bytes in error messages.
+    pub fn from_bytes_in(
+        storage: S,
+        origin: &str,
+        bytes: &[u8],
+    ) -> Result<(KvCache<S>, CacheFileMeta), CacheError> {
+        let path = Path::new(origin);
+        let st = parse_safetensors(path, bytes)?;
+        let header = read_header(path, bytes)?;
         let mut layers = Vec::with_capacity(header.layers.len());
         for (l, &(n_heads, head_dim)) in header.layers.iter().enumerate() {
             layers.push(read_layer(

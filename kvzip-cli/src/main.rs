@@ -25,6 +25,8 @@ enum Command {
     Chat(cmd::generate::ChatArgs),
     /// Compress a context with KVzip and answer queries from the compressed cache.
     Run(cmd::run::RunArgs),
+    /// OpenAI-compatible server: compress contexts once, answer many requests (batched).
+    Serve(cmd::serve::ServeArgs),
     /// Profile one example: timings, KV bytes, full vs pruned answers and distributions.
     Profile(cmd::profile::ProfileArgs),
     /// Compute context-independent head scores from sample contexts.
@@ -43,6 +45,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::generate(a),
         Command::Chat(a) => cmd::generate::chat(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Serve(a) => cmd::serve::serve(a),
         Command::Profile(a) => cmd::profile::profile(a),
         Command::HeadScores(a) => cmd::head_scores::head_scores(a),
         Command::Eval(a) => cmd::eval::eval(a),

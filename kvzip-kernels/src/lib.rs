@@ -37,7 +37,7 @@ mod validate;
 
 pub use device::{
     Activation, AttentionPlan, AttentionShape, DType, Device, GatherPlan, HostData, KvLayoutMirror,
-    KvPiece, KvPieces, KvView, ScoreChunkShape, Tensor, TokenSampler, View, ViewMut,
+    KvPiece, KvPieces, KvView, ScoreChunkShape, Tensor, TokenSampler, greedy_rows, View, ViewMut,
 };
 pub use error::KernelError;
 pub use half::bf16;

@@ -91,15 +91,20 @@ impl SuffixPool {
         self.cache.bytes()
     }
 
-    /// Live K+V bytes of `slot`.
-    pub fn slot_bytes(&self, slot: usize) -> usize {
-        let per_row: usize = self
+    /// K+V bytes one token of one sequence takes, over all layers and kv heads.
+    pub fn token_bytes(&self) -> usize {
+        let per_head: usize = self
             .cache
             .layers()
             .iter()
             .map(|l| l.head_dim() * 2 * self.cache.storage().elem_bytes())
             .sum();
-        self.len(slot) * self.n_kv * per_row
+        per_head * self.n_kv
+    }
+
+    /// Live K+V bytes of `slot`.
+    pub fn slot_bytes(&self, slot: usize) -> usize {
+        self.len(slot) * self.token_bytes()
     }
 }
 

@@ -1,5 +1,7 @@
 //! Incremental detokenization for streaming generation.
 
+use std::borrow::Borrow;
+
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
 
@@ -10,9 +12,13 @@ use crate::tokenizer::Tokenizer;
 /// character split over several byte-level (or byte-fallback) tokens comes out whole. One token of
 /// already-emitted context is kept and decoded again, so decoders that treat the first token
 /// specially (leading-space stripping) see the same neighbourhood as a full decode.
+///
+/// `T` is how the stream holds the tokenizer: `&Tokenizer` ([`Tokenizer::decode_stream`]) or
+/// an owning handle such as `Arc<Tokenizer>` for streams that outlive a borrow (a server's
+/// per-request task).
 #[derive(Debug, Clone)]
-pub struct DecodeStream<'a> {
-    tokenizer: &'a Tokenizer,
+pub struct DecodeStream<T: Borrow<Tokenizer>> {
+    tokenizer: T,
     skip_special_tokens: bool,
     /// Ids not yet dropped; `ids[..prefix_offset]` are no longer needed.
     ids: Vec<u32>,
@@ -22,9 +28,9 @@ pub struct DecodeStream<'a> {
     read_offset: usize,
 }
 
-impl<'a> DecodeStream<'a> {
+impl<T: Borrow<Tokenizer>> DecodeStream<T> {
     /// A fresh stream over `tokenizer`.
-    pub fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
+    pub fn new(tokenizer: T, skip_special_tokens: bool) -> Self {
         Self {
             tokenizer,
             skip_special_tokens,
@@ -71,6 +77,7 @@ impl<'a> DecodeStream<'a> {
             return Ok(String::new());
         }
         self.tokenizer
+            .borrow()
             .decode(&self.ids[start..end], self.skip_special_tokens)
     }
 }

@@ -285,7 +285,7 @@ impl Tokenizer {
     }
 
     /// A streaming detokenizer that turns ids, pushed one at a time, into text deltas.
-    pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
+    pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<&Tokenizer> {
         DecodeStream::new(self, skip_special_tokens)
     }
 

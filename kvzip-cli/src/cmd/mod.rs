@@ -7,3 +7,4 @@ pub mod head_scores;
 pub mod profile;
 pub mod report;
 pub mod run;
+pub mod serve;

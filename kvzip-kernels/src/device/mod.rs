@@ -17,7 +17,7 @@ mod tensor;
 
 pub use kv::{AttentionPlan, GatherPlan, KvLayoutMirror, KvPiece, KvPieces, KvView};
 pub use ops::{Activation, AttentionShape, ScoreChunkShape};
-pub use sampler::TokenSampler;
+pub use sampler::{greedy_rows, TokenSampler};
 pub use tensor::{DType, Tensor, View, ViewMut};
 
 use std::sync::Arc;
