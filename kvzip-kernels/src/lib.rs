@@ -36,8 +36,9 @@ pub mod sampling;
 mod validate;
 
 pub use device::{
-    Activation, AttentionPlan, AttentionShape, DType, Device, GatherPlan, HostData, KvLayoutMirror,
-    KvPiece, KvPieces, KvView, ScoreChunkShape, Tensor, TokenSampler, greedy_rows, View, ViewMut,
+    greedy_rows, Activation, AttentionPlan, AttentionShape, DType, Device, GatherPlan, HostData,
+    KvLayoutMirror, KvPiece, KvPieces, KvView, ScoreChunkShape, Tensor, TokenSampler, View,
+    ViewMut,
 };
 pub use error::KernelError;
 pub use half::bf16;

@@ -69,8 +69,8 @@ impl ApiError {
 
     /// `429`: too many requests (queue full or per-key concurrency), retry later.
     pub fn too_many(message: impl Into<String>, code: &'static str, retry_after_s: u64) -> Self {
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
-            .with_code(code);
+        let mut e =
+            Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_code(code);
         e.retry_after_s = Some(retry_after_s);
         e
     }
@@ -257,12 +257,10 @@ pub fn message_text(m: &RequestMessage, index: usize, field: &str) -> Result<Str
                     p.get("text").and_then(Value::as_str),
                 ) {
                     (Some("text"), Some(t)) => out.push_str(t),
-                    _ => {
-                        return Err(ApiError::invalid_param(
-                            &format!("{param}[{j}]"),
-                            "only text content parts ({\"type\": \"text\", \"text\": ...}) are served",
-                        ))
-                    }
+                    _ => return Err(ApiError::invalid_param(
+                        &format!("{param}[{j}]"),
+                        "only text content parts ({\"type\": \"text\", \"text\": ...}) are served",
+                    )),
                 }
             }
             Ok(out)

@@ -73,10 +73,7 @@ impl Server {
             stop_tokens,
         } = model;
         let metrics = Arc::new(Metrics::default());
-        let host = Arc::new(HostTier::new(
-            cfg.budgets.host_cache_bytes,
-            metrics.clone(),
-        ));
+        let host = Arc::new(HostTier::new(cfg.budgets.host_cache_bytes, metrics.clone()));
         let device = engine.device().name();
         let sched = SchedulerConfig {
             max_batch: cfg.max_batch,
@@ -86,15 +83,23 @@ impl Server {
             scoring_chunk: cfg.scoring_chunk,
             prefill_tokens_per_step: 2048,
         };
-        let worker = WorkerHandle::spawn(engine, prompt.clone(), sched, metrics.clone(), host.clone())?;
-        let contexts = Contexts::new(Arc::from(store), host, cfg.model_id.clone(), metrics.clone());
+        let worker =
+            WorkerHandle::spawn(engine, prompt.clone(), sched, metrics.clone(), host.clone())?;
+        let contexts = Contexts::new(
+            Arc::from(store),
+            host,
+            cfg.model_id.clone(),
+            metrics.clone(),
+        );
         let prompter = Prompter {
             tokenizer: Arc::new(tokenizer),
             prompt,
             stop_tokens,
         };
         Ok(Self {
-            state: Arc::new(AppState::new(cfg, worker, contexts, prompter, metrics, device)),
+            state: Arc::new(AppState::new(
+                cfg, worker, contexts, prompter, metrics, device,
+            )),
         })
     }
 

@@ -95,37 +95,127 @@ impl Metrics {
             }
         };
         let secs = |micros: u64| micros as f64 / 1e6;
-        metric("kvzip_queue_depth", "gauge", "Requests waiting for a batch slot.", &[("", g(&self.queue_depth) as f64)]);
-        metric("kvzip_batch_size", "gauge", "Requests decoding together now.", &[("", g(&self.batch_size) as f64)]);
-        metric("kvzip_requests_total", "counter", "Chat completion requests received.", &[("", g(&self.requests_total) as f64)]);
-        metric("kvzip_requests_rejected_total", "counter", "Requests refused with 429.", &[("", g(&self.rejected_total) as f64)]);
-        metric("kvzip_requests_failed_total", "counter", "Accepted requests that ended in an error.", &[("", g(&self.failed_total) as f64)]);
-        metric("kvzip_prompt_tokens_total", "counter", "Query tokens fed.", &[("", g(&self.prompt_tokens_total) as f64)]);
-        metric("kvzip_generated_tokens_total", "counter", "Tokens generated.", &[("", g(&self.generated_tokens_total) as f64)]);
-        metric("kvzip_tokens_per_second", "gauge", "Generated tokens per second over the last second of decoding.", &[("", g(&self.tokens_per_second_milli) as f64 / 1e3)]);
-        metric("kvzip_decode_steps_total", "counter", "Batched decode steps.", &[("", g(&self.decode_steps_total) as f64)]);
-        metric("kvzip_decode_seconds_total", "counter", "Time spent in batched decode steps.", &[("", secs(g(&self.decode_micros_total)))]);
-        metric("kvzip_contexts_created_total", "counter", "Contexts compressed by this server.", &[("", g(&self.contexts_created_total) as f64)]);
-        metric("kvzip_context_prefill_seconds_total", "counter", "Prefill time of compressed contexts.", &[("", secs(g(&self.prefill_micros_total)))]);
-        metric("kvzip_context_scoring_seconds_total", "counter", "Reconstruction scoring time of compressed contexts.", &[("", secs(g(&self.scoring_micros_total)))]);
-        metric("kvzip_context_store_loads_total", "counter", "Contexts loaded from the store (compressed elsewhere or earlier).", &[("", g(&self.store_loads_total) as f64)]);
+        metric(
+            "kvzip_queue_depth",
+            "gauge",
+            "Requests waiting for a batch slot.",
+            &[("", g(&self.queue_depth) as f64)],
+        );
+        metric(
+            "kvzip_batch_size",
+            "gauge",
+            "Requests decoding together now.",
+            &[("", g(&self.batch_size) as f64)],
+        );
+        metric(
+            "kvzip_requests_total",
+            "counter",
+            "Chat completion requests received.",
+            &[("", g(&self.requests_total) as f64)],
+        );
+        metric(
+            "kvzip_requests_rejected_total",
+            "counter",
+            "Requests refused with 429.",
+            &[("", g(&self.rejected_total) as f64)],
+        );
+        metric(
+            "kvzip_requests_failed_total",
+            "counter",
+            "Accepted requests that ended in an error.",
+            &[("", g(&self.failed_total) as f64)],
+        );
+        metric(
+            "kvzip_prompt_tokens_total",
+            "counter",
+            "Query tokens fed.",
+            &[("", g(&self.prompt_tokens_total) as f64)],
+        );
+        metric(
+            "kvzip_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            &[("", g(&self.generated_tokens_total) as f64)],
+        );
+        metric(
+            "kvzip_tokens_per_second",
+            "gauge",
+            "Generated tokens per second over the last second of decoding.",
+            &[("", g(&self.tokens_per_second_milli) as f64 / 1e3)],
+        );
+        metric(
+            "kvzip_decode_steps_total",
+            "counter",
+            "Batched decode steps.",
+            &[("", g(&self.decode_steps_total) as f64)],
+        );
+        metric(
+            "kvzip_decode_seconds_total",
+            "counter",
+            "Time spent in batched decode steps.",
+            &[("", secs(g(&self.decode_micros_total)))],
+        );
+        metric(
+            "kvzip_contexts_created_total",
+            "counter",
+            "Contexts compressed by this server.",
+            &[("", g(&self.contexts_created_total) as f64)],
+        );
+        metric(
+            "kvzip_context_prefill_seconds_total",
+            "counter",
+            "Prefill time of compressed contexts.",
+            &[("", secs(g(&self.prefill_micros_total)))],
+        );
+        metric(
+            "kvzip_context_scoring_seconds_total",
+            "counter",
+            "Reconstruction scoring time of compressed contexts.",
+            &[("", secs(g(&self.scoring_micros_total)))],
+        );
+        metric(
+            "kvzip_context_store_loads_total",
+            "counter",
+            "Contexts loaded from the store (compressed elsewhere or earlier).",
+            &[("", g(&self.store_loads_total) as f64)],
+        );
         let (sc, sb) = store.map_or((f64::NAN, f64::NAN), |(c, b)| (c as f64, b as f64));
-        metric("kvzip_contexts", "gauge", "Compressed contexts per tier.", &[
-            ("{tier=\"device\"}", g(&self.device_contexts) as f64),
-            ("{tier=\"host\"}", g(&self.host_contexts) as f64),
-            ("{tier=\"store\"}", sc),
-        ]);
+        metric(
+            "kvzip_contexts",
+            "gauge",
+            "Compressed contexts per tier.",
+            &[
+                ("{tier=\"device\"}", g(&self.device_contexts) as f64),
+                ("{tier=\"host\"}", g(&self.host_contexts) as f64),
+                ("{tier=\"store\"}", sc),
+            ],
+        );
         metric("kvzip_kv_bytes", "gauge", "KV bytes per tier (device: contexts plus the suffix pool; host and store: serialized caches).", &[
             ("{tier=\"device\"}", g(&self.device_kv_bytes) as f64),
             ("{tier=\"host\"}", g(&self.host_bytes) as f64),
             ("{tier=\"store\"}", sb),
         ]);
-        metric("kvzip_kv_bytes_peak", "gauge", "Highest device KV bytes since start.", &[("{tier=\"device\"}", g(&self.device_kv_bytes_peak) as f64)]);
-        metric("kvzip_kv_budget_bytes", "gauge", "Configured budgets.", &[
-            ("{tier=\"device\"}", g(&self.device_kv_budget) as f64),
-            ("{tier=\"host\"}", g(&self.host_budget) as f64),
-        ]);
-        metric("kvzip_suffix_pool_bytes", "gauge", "Device KV bytes of the batch's private suffixes (reserved).", &[("", g(&self.pool_bytes) as f64)]);
+        metric(
+            "kvzip_kv_bytes_peak",
+            "gauge",
+            "Highest device KV bytes since start.",
+            &[("{tier=\"device\"}", g(&self.device_kv_bytes_peak) as f64)],
+        );
+        metric(
+            "kvzip_kv_budget_bytes",
+            "gauge",
+            "Configured budgets.",
+            &[
+                ("{tier=\"device\"}", g(&self.device_kv_budget) as f64),
+                ("{tier=\"host\"}", g(&self.host_budget) as f64),
+            ],
+        );
+        metric(
+            "kvzip_suffix_pool_bytes",
+            "gauge",
+            "Device KV bytes of the batch's private suffixes (reserved).",
+            &[("", g(&self.pool_bytes) as f64)],
+        );
         let _ = writeln!(
             out,
             "# HELP kvzip_time_to_first_token_seconds Arrival to first generated token.\n# TYPE kvzip_time_to_first_token_seconds histogram"

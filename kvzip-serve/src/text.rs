@@ -208,8 +208,14 @@ mod tests {
 
     #[test]
     fn stop_strings_cut_across_deltas() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
-        assert_eq!(run(&["END"], &["hello E", "nd"]), ("hello End".into(), false));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".into(), true)
+        );
+        assert_eq!(
+            run(&["END"], &["hello E", "nd"]),
+            ("hello End".into(), false)
+        );
         assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
         assert_eq!(run(&["\n\n", "x"], &["ab\n", "\ncd"]), ("ab".into(), true));
         assert_eq!(run(&["é!"], &["café", "!"]), ("caf".into(), true));

@@ -92,8 +92,12 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     let mut cfg = ServeConfig::new(model.name.clone(), model.model_id.clone());
     cfg.api_keys = args.api_keys.clone();
     if let Ok(env) = std::env::var("KVZIP_API_KEYS") {
-        cfg.api_keys
-            .extend(env.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from));
+        cfg.api_keys.extend(
+            env.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(String::from),
+        );
     }
     if args.max_batch == 0 || args.max_queue == 0 || args.max_suffix_tokens < 2 {
         return Err(anyhow!(

@@ -63,7 +63,10 @@ impl Drop for CancelOnDrop {
     }
 }
 
-fn validate(st: &AppState, req: &ChatRequest) -> Result<(usize, SamplingParams, Vec<String>), ApiError> {
+fn validate(
+    st: &AppState,
+    req: &ChatRequest,
+) -> Result<(usize, SamplingParams, Vec<String>), ApiError> {
     if req.model != st.cfg.model_name {
         return Err(ApiError::not_found(
             format!(
@@ -78,9 +81,16 @@ fn validate(st: &AppState, req: &ChatRequest) -> Result<(usize, SamplingParams, 
         return Err(ApiError::invalid_param("n", "only n = 1 is served"));
     }
     if req.logprobs == Some(true) {
-        return Err(ApiError::invalid_param("logprobs", "logprobs are not served"));
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "logprobs are not served",
+        ));
     }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
+    if req
+        .tools
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    {
         return Err(ApiError::invalid_param("tools", "tools are not served"));
     }
     let limit = st.cfg.limits.max_tokens;
@@ -229,7 +239,10 @@ async fn submit_until_admitted(
             st.metrics.queue_depth.fetch_sub(1, Relaxed);
             st.metrics.rejected_total.fetch_add(1, Relaxed);
             return Err(ApiError::too_many(
-                format!("the request queue is full ({} waiting, --max-queue); retry shortly", depth),
+                format!(
+                    "the request queue is full ({} waiting, --max-queue); retry shortly",
+                    depth
+                ),
                 "queue_full",
                 1,
             ));
@@ -370,7 +383,11 @@ impl Generation {
                             tail += &self.stop.finish();
                         }
                     }
-                    let reason = if self.stop.stopped() { FinishReason::Stop } else { reason };
+                    let reason = if self.stop.stopped() {
+                        FinishReason::Stop
+                    } else {
+                        reason
+                    };
                     if !tail.is_empty() {
                         // Decoder and matcher are drained: the replayed event only ends.
                         self.first = Some(GenEvent::Done(reason));
@@ -468,14 +485,21 @@ fn stream_response(
                 }
                 Some(Piece::End(r)) => {
                     let ev = chunk(&meta, json!({}), Some(r.as_str()));
-                    let next = if include_usage { Phase::Usage } else { Phase::Done };
+                    let next = if include_usage {
+                        Phase::Usage
+                    } else {
+                        Phase::Done
+                    };
                     Some((Ok(ev), (gen, meta, next)))
                 }
                 Some(Piece::Error(e)) => {
                     let ev = Event::default().data(e.body().to_string());
                     Some((Ok(ev), (gen, meta, Phase::Done)))
                 }
-                None => Some((Ok(Event::default().data("[DONE]")), (gen, meta, Phase::Closed))),
+                None => Some((
+                    Ok(Event::default().data("[DONE]")),
+                    (gen, meta, Phase::Closed),
+                )),
             },
             Phase::Usage => {
                 let body = json!({
@@ -489,7 +513,10 @@ fn stream_response(
                 let ev = Event::default().data(body.to_string());
                 Some((Ok(ev), (gen, meta, Phase::Done)))
             }
-            Phase::Done => Some((Ok(Event::default().data("[DONE]")), (gen, meta, Phase::Closed))),
+            Phase::Done => Some((
+                Ok(Event::default().data("[DONE]")),
+                (gen, meta, Phase::Closed),
+            )),
             Phase::Closed => None,
         }
     });

@@ -127,7 +127,9 @@ pub async fn create(
         size_bytes: created.bytes.len(),
         sha256: sha256_hex(&created.bytes),
     };
-    st.contexts.put(info.clone(), Arc::new(created.bytes)).await?;
+    st.contexts
+        .put(info.clone(), Arc::new(created.bytes))
+        .await?;
     Ok(Json(context_json(&info)).into_response())
 }
 
@@ -161,7 +163,9 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     st.contexts.delete(&id, &owner.0).await?;
     st.worker.send(Command::Forget(id.clone()))?;
-    Ok(Json(json!({"id": id, "object": "context.deleted", "deleted": true})))
+    Ok(Json(
+        json!({"id": id, "object": "context.deleted", "deleted": true}),
+    ))
 }
 
 /// `GET /v1/models`: the one served model.

@@ -112,7 +112,11 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut m = self.state.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self
+            .state
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get_mut(&self.owner) {
             *n -= 1;
             if *n == 0 {
@@ -175,10 +179,9 @@ async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> 
         };
         let h: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         // Compare digests without early exit.
-        let known = st
-            .key_hashes
-            .iter()
-            .fold(false, |acc, k| acc | (k.iter().zip(&h).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0));
+        let known = st.key_hashes.iter().fold(false, |acc, k| {
+            acc | (k.iter().zip(&h).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0)
+        });
         if !known {
             return ApiError::unauthorized("invalid API key").into_response();
         }

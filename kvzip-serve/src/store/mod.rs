@@ -125,7 +125,9 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// names and keys only after this check.
 pub fn valid_context_id(id: &str) -> bool {
     id.strip_prefix("ctx-").is_some_and(|h| {
-        h.len() == 32 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 

@@ -60,7 +60,10 @@ impl RedisStore {
         let password = auth.map(|a| a.rsplit_once(':').map_or(a, |(_, p)| p).to_owned());
         let (hostport, db) = match hostpart.split_once('/') {
             Some((h, "")) => (h, None),
-            Some((h, d)) => (h, Some(d.parse::<u32>().map_err(|_| bad("bad database number"))?)),
+            Some((h, d)) => (
+                h,
+                Some(d.parse::<u32>().map_err(|_| bad("bad database number"))?),
+            ),
             None => (hostpart, None),
         };
         if hostport.is_empty() {
@@ -271,7 +274,12 @@ mod tests {
         super::super::tests::exercise(&store, |id| {
             let mut c = store.take().unwrap();
             let k = chunk_key(id, 0);
-            let mut v = c.call(&[b"GET", k.as_bytes()]).unwrap().bulk().unwrap().unwrap();
+            let mut v = c
+                .call(&[b"GET", k.as_bytes()])
+                .unwrap()
+                .bulk()
+                .unwrap()
+                .unwrap();
             v[10] ^= 1;
             c.call(&[b"SET", k.as_bytes(), &v]).unwrap().ok().unwrap();
         });

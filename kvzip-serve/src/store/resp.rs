@@ -39,7 +39,9 @@ impl Reply {
     pub fn int(self) -> Result<i64, StoreError> {
         match self.ok()? {
             Reply::Int(n) => Ok(n),
-            other => Err(StoreError::Redis(format!("expected an integer, got {other:?}"))),
+            other => Err(StoreError::Redis(format!(
+                "expected an integer, got {other:?}"
+            ))),
         }
     }
 
@@ -57,7 +59,9 @@ impl Reply {
     pub fn array(self) -> Result<Vec<Reply>, StoreError> {
         match self.ok()? {
             Reply::Array(a) => Ok(a.unwrap_or_default()),
-            other => Err(StoreError::Redis(format!("expected an array, got {other:?}"))),
+            other => Err(StoreError::Redis(format!(
+                "expected an array, got {other:?}"
+            ))),
         }
     }
 }
@@ -80,7 +84,9 @@ impl Connection {
             .to_socket_addrs()
             .map_err(what)?
             .next()
-            .ok_or_else(|| StoreError::Config(format!("redis address {addr} resolves to nothing")))?;
+            .ok_or_else(|| {
+                StoreError::Config(format!("redis address {addr} resolves to nothing"))
+            })?;
         let stream = TcpStream::connect_timeout(&sock, timeout).map_err(what)?;
         stream.set_read_timeout(Some(timeout)).map_err(what)?;
         stream.set_write_timeout(Some(timeout)).map_err(what)?;
@@ -167,7 +173,9 @@ impl Connection {
                 }
                 let n = n as usize;
                 if n > MAX_BULK {
-                    return Err(StoreError::Redis(format!("bulk reply of {n} bytes is too large")));
+                    return Err(StoreError::Redis(format!(
+                        "bulk reply of {n} bytes is too large"
+                    )));
                 }
                 let mut buf = vec![0u8; n + 2];
                 self.reader.read_exact(&mut buf).map_err(|e| self.io(e))?;

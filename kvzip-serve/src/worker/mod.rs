@@ -157,8 +157,8 @@ impl WorkerHandle {
         let (ready_tx, ready_rx) = mpsc::channel();
         let join = std::thread::Builder::new()
             .name("kvzip-engine".into())
-            .spawn(move || {
-                match sched::Scheduler::new(engine, prompt, config, metrics, host, rx) {
+            .spawn(
+                move || match sched::Scheduler::new(engine, prompt, config, metrics, host, rx) {
                     Ok(mut s) => {
                         let _ = ready_tx.send(Ok(()));
                         s.run();
@@ -166,8 +166,8 @@ impl WorkerHandle {
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
-                }
-            })
+                },
+            )
             .map_err(|e| ApiError::internal(format!("cannot start the engine thread: {e}")))?;
         ready_rx
             .recv()

@@ -265,15 +265,18 @@ impl Scheduler {
                 scoring: (ctx.timings.scoring_ms - ms(stolen[1])).max(0.0),
                 prune: prune_ms,
             };
-            Ok((ctx.cache, Created {
-                bytes,
-                n_sys: ctx.n_sys,
-                n_ctx: ctx.n_ctx,
-                ratio_real,
-                kv_bytes_full: full,
-                kv_bytes_kept: kept,
-                timings,
-            }))
+            Ok((
+                ctx.cache,
+                Created {
+                    bytes,
+                    n_sys: ctx.n_sys,
+                    n_ctx: ctx.n_ctx,
+                    ratio_real,
+                    kv_bytes_full: full,
+                    kv_bytes_kept: kept,
+                    timings,
+                },
+            ))
         });
         state.creating_bytes = 0;
         let reply = match out {
@@ -383,11 +386,8 @@ impl State {
 
     /// Publishes the memory gauges.
     fn publish(&self) {
-        self.metrics.set_device_kv(
-            self.device_bytes(),
-            self.pool.bytes(),
-            self.contexts.len(),
-        );
+        self.metrics
+            .set_device_kv(self.device_bytes(), self.pool.bytes(), self.contexts.len());
         self.metrics
             .batch_size
             .store(self.running.len() as u64, Relaxed);
@@ -395,7 +395,11 @@ impl State {
 
     /// Makes `ctx` resident (loading it from the bytes the handler sent or from the host
     /// tier). `Ok(false)`: not enough memory now.
-    fn ensure_resident(&mut self, dev: &kvzip_kernels::Device, ctx: &ContextRef) -> Result<bool, GenEvent> {
+    fn ensure_resident(
+        &mut self,
+        dev: &kvzip_kernels::Device,
+        ctx: &ContextRef,
+    ) -> Result<bool, GenEvent> {
         self.tick += 1;
         if let Some(r) = self.contexts.get_mut(&ctx.id) {
             r.last_used = self.tick;
@@ -525,11 +529,7 @@ impl State {
             .forward_step(&job.prompt, &mut step, LogitsMode::Last)
             .and_then(|l| l.ok_or_else(|| ModelError::Input("no logits".into())))
             .map_err(model_err)
-            .and_then(|mut logits| {
-                sampler
-                    .next(&dev, &mut logits, 0)
-                    .map_err(engine_err)
-            });
+            .and_then(|mut logits| sampler.next(&dev, &mut logits, 0).map_err(engine_err));
         let first = match first {
             Ok(t) => t,
             Err(e) => return Err((job, e)),
