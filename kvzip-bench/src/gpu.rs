@@ -17,7 +17,7 @@ use crate::Args;
 const PEAK_BF16: f64 = 989e12;
 
 /// Timing with CUDA events: median of `reps` runs of `f` after `warm` warm-ups, milliseconds.
-fn time_ms(
+pub(crate) fn time_ms(
     gpu: &CudaBackend,
     warm: usize,
     reps: usize,
@@ -39,7 +39,7 @@ fn time_ms(
 }
 
 /// Copy bandwidth (bytes read + written per second) and the bf16 GEMM rate of our cuBLAS path.
-fn ceilings(gpu: &std::sync::Arc<CudaBackend>, quick: bool) -> Result<Value> {
+pub(crate) fn ceilings(gpu: &std::sync::Arc<CudaBackend>, quick: bool) -> Result<Value> {
     let n: usize = if quick { 1 << 26 } else { 1 << 31 };
     let src = gpu.upload(&vec![bf16::from_f32(0.5); 1 << 20])?;
     let mut a = gpu.alloc::<bf16>(n)?;
@@ -124,7 +124,13 @@ fn prefill_flops(s: &ModelSpec, t: usize) -> f64 {
 
 /// Per-(layer, head) lengths with mean `ratio * ctx`, skewed (log-normal-like factors from a
 /// seeded hash), clamped to `[1, ctx]`.
-fn skewed_lens(n_layers: usize, n_kv: usize, ctx: usize, ratio: f64, seed: u64) -> Vec<Vec<usize>> {
+pub(crate) fn skewed_lens(
+    n_layers: usize,
+    n_kv: usize,
+    ctx: usize,
+    ratio: f64,
+    seed: u64,
+) -> Vec<Vec<usize>> {
     let mut rng = kvzip_kernels::sampling::Rng::new(seed);
     let raw: Vec<f64> = (0..n_layers * n_kv)
         .map(|_| {
@@ -165,7 +171,7 @@ fn head_level_lens(
 }
 
 /// The CUDA device a backend belongs to (the bench keeps one backend per shape).
-fn device_of(gpu: &std::sync::Arc<CudaBackend>) -> Device {
+pub(crate) fn device_of(gpu: &std::sync::Arc<CudaBackend>) -> Device {
     Device::Cuda(gpu.clone())
 }
 
@@ -404,7 +410,7 @@ fn shape_bench(
 
 /// Fills every K/V buffer of the cache with seeded random values in [-1, 1) (decode speed does
 /// not depend on values, but zeros can run faster than real data).
-fn fill_random(cache: &mut KvCache, seed: u64) -> Result<()> {
+pub(crate) fn fill_random(cache: &mut KvCache, seed: u64) -> Result<()> {
     let dev = cache.device().clone();
     for l in 0..cache.n_layers() {
         let layer = cache.layer_mut_data(l).context("layer")?;

@@ -6,11 +6,16 @@
 //! 0.6 at each context, against the bandwidth floor (weight + KV bytes over copy bandwidth); and
 //! the decode attention's achieved bandwidth over the copy bandwidth. Writes one JSON file.
 //!
+//! `--serve-batch` instead measures batched decode of many requests on distinct contexts at
+//! one KV memory budget, ratio 1.0 vs 0.3 (what `kvzip serve` does), see `batch.rs`.
+//!
 //! ```text
 //! kvzip-bench --out bench/gpu/kvzip.json [--shapes llama-3.1-8b,qwen2.5-7b-1m]
 //!             [--contexts 32768,131072] [--prefill-tokens 32768] [--decode-steps 16] [--quick]
 //! ```
 
+#[cfg(feature = "cuda")]
+mod batch;
 #[cfg(feature = "cuda")]
 mod gpu;
 
@@ -29,6 +34,21 @@ pub struct Args {
     decode_steps: usize,
     skip_scoring: bool,
     quick: bool,
+    /// `--serve-batch`: run only the batched-decode bench at a fixed KV budget.
+    serve_batch: bool,
+    /// Batch sizes of `--serve-batch`.
+    batches: Vec<usize>,
+    /// KV memory budget of `--serve-batch`, bytes.
+    kv_budget_bytes: usize,
+}
+
+fn list(flag: &str, v: String) -> Result<Vec<usize>> {
+    v.split(',')
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("{flag}: {s:?} is not a number"))
+        })
+        .collect()
 }
 
 fn parse_args() -> Result<Args> {
@@ -41,6 +61,9 @@ fn parse_args() -> Result<Args> {
         decode_steps: 16,
         skip_scoring: false,
         quick: false,
+        serve_batch: false,
+        batches: vec![1, 8, 32, 64],
+        kv_budget_bytes: 48 << 30,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,15 +71,13 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--out" => a.out = PathBuf::from(value()?),
             "--shapes" => a.shapes = value()?.split(',').map(str::to_owned).collect(),
-            "--contexts" => {
-                a.contexts = value()?
-                    .split(',')
-                    .map(|s| {
-                        s.parse()
-                            .with_context(|| format!("--contexts: {s:?} is not a number"))
-                    })
-                    .collect::<Result<_>>()?
+            "--contexts" => a.contexts = list("--contexts", value()?)?,
+            "--batches" => a.batches = list("--batches", value()?)?,
+            "--kv-budget-gib" => {
+                let gib: f64 = value()?.parse().context("--kv-budget-gib")?;
+                a.kv_budget_bytes = (gib * (1u64 << 30) as f64) as usize;
             }
+            "--serve-batch" => a.serve_batch = true,
             "--prefill-tokens" => {
                 a.prefill_tokens = value()?.parse().context("--prefill-tokens")?
             }
@@ -71,7 +92,7 @@ fn parse_args() -> Result<Args> {
                 a.decode_steps = 4;
             }
             "-h" | "--help" => {
-                println!("kvzip-bench --out FILE [--shapes a,b] [--contexts 32768,131072] [--prefill-tokens N] [--prefill-chunk N] [--decode-steps N] [--skip-scoring] [--quick]");
+                println!("kvzip-bench --out FILE [--shapes a,b] [--contexts 32768,131072] [--prefill-tokens N] [--prefill-chunk N] [--decode-steps N] [--skip-scoring] [--quick]\n            [--serve-batch [--batches 1,8,32,64] [--kv-budget-gib 48]]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}; see --help"),
@@ -92,7 +113,11 @@ fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn run(args: &Args) -> Result<serde_json::Value> {
-    gpu::run(args)
+    if args.serve_batch {
+        batch::run(args)
+    } else {
+        gpu::run(args)
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

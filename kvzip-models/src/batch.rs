@@ -49,6 +49,11 @@ impl SuffixPool {
         })
     }
 
+    /// The cache holding every slot's suffix (heads are `(slot, kv head)` pairs).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
     /// Number of slots.
     pub fn n_slots(&self) -> usize {
         self.n_slots

@@ -6,7 +6,7 @@
 #   device.txt, tests.log, summary.txt, memcheck.log, kvzip_bench.json, hf_peer.json, bench.log
 #   (+ kvzip_bench_old.json when the bundle holds an earlier build in old/: both run per shape,
 #   old then new, in the same call)
-# Usage: bash scripts/gpu/run-all.sh [tests|memcheck|bench|peer ...]   (default: all four).
+# Usage: bash scripts/gpu/run-all.sh [tests|memcheck|bench|serve|peer ...]   (default: all but serve).
 # KVZIP_BENCH_SHAPES limits the bench to some shapes (comma-separated).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -74,6 +74,17 @@ for build, name in [("new", "kvzip_bench.json"), ("old", "kvzip_bench_old.json")
               "shapes": [s for d in docs for s in d["shapes"]]}
     json.dump(merged, open(os.path.join(out, name), "w"), indent=1)
 PY
+fi
+if [[ " $parts " == *" serve "* ]]; then
+  # Batched decode at one KV budget (ratio 1.0 vs 0.3), then kvzip serve on CUDA vs kvzip run.
+  timeout "${KVZIP_SERVE_BENCH_TIMEOUT:-300}" "$bundle/kvzip-bench" --serve-batch --shapes llama-3.1-8b \
+    --contexts 32768 --out "$OUT/serve_batch.json" ${KVZIP_SERVE_BENCH_ARGS:-} > /dev/null 2>> "$OUT/bench.log"
+  echo "serve-batch rc=$?" >> "$OUT/summary.txt"
+  if [ -d .gpu/smollm2-config ]; then
+    python3 scripts/gpu/make_shape_model.py .gpu/smollm2-config /tmp/smollm2-shape --dtype bfloat16 >> "$OUT/bench.log" 2>&1
+    timeout 300 python3 scripts/gpu/serve_check.py "$bundle/kvzip" /tmp/smollm2-shape "$OUT/serve_check.json" >> "$OUT/bench.log" 2>&1
+    echo "serve_check rc=$?" >> "$OUT/summary.txt"
+  fi
 fi
 if [[ " $parts " == *" peer "* ]]; then
   PYTHONUNBUFFERED=1 timeout "${KVZIP_PEER_TIMEOUT:-240}" python3 scripts/gpu/hf_peer.py --out "$OUT/hf_peer.json" ${KVZIP_PEER_ARGS:-} >> "$OUT/bench.log" 2>&1

@@ -1,5 +1,8 @@
 //! `cargo xtask <task>`: developer tasks that are not plain cargo commands.
 //!
+//! - `test`: the README test command: installs what the tests need (redis-server), starts a
+//!   private Redis for the server tests, runs `cargo test --workspace`, stops Redis.
+//! - `load`: load test of `kvzip serve` on loopback (see `load.rs`), JSON to `bench/serve/`.
 //! - `ci`: run `.ci/run` (fmt, clippy, cuda build check, tests) exactly as CI does.
 //! - `fixtures [parity|scores|templates|real]`: regenerate committed fixtures with the Python
 //!   scripts in `scripts/` (needs a Python with torch + transformers; set `KVZIP_PYTHON`).
@@ -17,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+mod load;
+mod testing;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -95,7 +101,11 @@ fn gpu_bundle() -> Result<()> {
         else {
             continue;
         };
-        if name.starts_with("cuda_") || name.starts_with("gpu_") || name == "kvzip_flow" {
+        if name.starts_with("cuda_")
+            || name.starts_with("gpu_")
+            || name == "kvzip_flow"
+            || name == "batch"
+        {
             let dest = bundle.join("tests").join(name);
             std::fs::copy(exe, &dest).with_context(|| format!("copy {exe}"))?;
             strip(&dest);
@@ -212,13 +222,15 @@ fn bench(extra: &[String]) -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("test") => testing::test(&args[1..]),
+        Some("load") => load::load(&args[1..]),
         Some("ci") => run(Command::new("bash").arg(".ci/run").current_dir(repo_root())),
         Some("fixtures") => fixtures(&args[1..]),
         Some("gpu") => gpu_bundle(),
         Some("bench") => bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | gpu | bench [kvzip-bench args] | fixtures [parity|scores|templates|real]"
+                "usage: cargo xtask test [cargo test args] | load [flags] | ci | gpu | bench [kvzip-bench args] | fixtures [parity|scores|templates|real]"
             );
             bail!("no task given")
         }

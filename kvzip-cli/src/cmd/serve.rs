@@ -1,7 +1,6 @@
 //! `kvzip serve`: the OpenAI-compatible server (see the `kvzip-serve` crate).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
@@ -85,7 +84,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         None => {
             let home = kvzip_hub::fetch::default_cache_dir()
                 .context("cannot determine the kvzip cache directory; pass --store")?;
-            PathBuf::from(home).join("contexts").display().to_string()
+            home.join("contexts").display().to_string()
         }
     };
     let store = open_store(&store_spec).with_context(|| format!("--store {store_spec}"))?;

@@ -269,7 +269,7 @@ mod tests {
     /// starts a private `redis-server` if one is installed.
     #[test]
     fn redis_store_round_trip_and_checksum() {
-        let server = crate::test_redis::TestRedis::start();
+        let server = crate::testing::TestRedis::start();
         let store = RedisStore::open(server.url()).expect("redis store");
         super::super::tests::exercise(&store, |id| {
             let mut c = store.take().unwrap();

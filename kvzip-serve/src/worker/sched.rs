@@ -455,7 +455,7 @@ impl State {
                         if self.running.is_empty() && self.creating_bytes == 0 {
                             let job = self.pop_front();
                             let need = c.bytes.as_ref().map_or(0, |b| b.len());
-                            self.finish_unadmitted(job, GenEvent::Failed(ApiError::too_large(format!(
+                            self.finish_unadmitted(&job, GenEvent::Failed(ApiError::too_large(format!(
                                 "context {} needs {need} bytes of device KV memory, more than --kv-budget allows next to the suffix pool",
                                 c.id
                             ))));
@@ -465,7 +465,7 @@ impl State {
                     }
                     Err(ev) => {
                         let job = self.pop_front();
-                        self.finish_unadmitted(job, ev);
+                        self.finish_unadmitted(&job, ev);
                         continue;
                     }
                 }
@@ -481,7 +481,7 @@ impl State {
                 Ok(()) => {}
                 Err((job, e)) => {
                     let _ = self.pool.release(slot);
-                    self.finish_unadmitted(job, GenEvent::Failed(e));
+                    self.finish_unadmitted(&job, GenEvent::Failed(e));
                 }
             }
         }
@@ -493,7 +493,7 @@ impl State {
         self.queue.pop_front().expect("queue checked non-empty")
     }
 
-    fn finish_unadmitted(&self, job: Box<GenJob>, ev: GenEvent) {
+    fn finish_unadmitted(&self, job: &GenJob, ev: GenEvent) {
         if matches!(ev, GenEvent::Failed(_)) {
             self.metrics.failed_total.fetch_add(1, Relaxed);
         }
