@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-cuda-toolchain.sh
-cargo clippy -p kvzip-kernels -p kvzip-cache -p kvzip-models -p kvzip-cli -p kvzip-bench -p kvzip-tests \
-  --features kvzip-kernels/cuda,kvzip-cache/cuda,kvzip-models/cuda,kvzip-cli/cuda,kvzip-bench/cuda,kvzip-tests/cuda \
+cargo clippy -p kvzip-kernels -p kvzip-cache -p kvzip-models -p kvzip-serve -p kvzip-cli -p kvzip-bench -p kvzip-tests \
+  --features kvzip-kernels/cuda,kvzip-cache/cuda,kvzip-models/cuda,kvzip-serve/cuda,kvzip-cli/cuda,kvzip-bench/cuda,kvzip-tests/cuda \
   --all-targets -- -D warnings

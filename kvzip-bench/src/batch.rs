@@ -28,7 +28,7 @@ fn attention_only(
     contexts: &[KvCache],
     pool: &SuffixPool,
     slots: &[usize],
-) -> Result<(f64, usize)> {
+) -> Result<(f64, usize, f64)> {
     let s = engine.spec();
     let gpu = dev.cuda_backend().context("CUDA device")?.clone();
     let b = contexts.len();
@@ -84,7 +84,17 @@ fn attention_only(
         }
         Ok(())
     })?;
-    Ok((ms, bytes))
+    // Host wall clock of the same launches, pieces prebuilt (plan building and launch cost).
+    dev.synchronize()?;
+    let t0 = Instant::now();
+    for _ in 0..5 {
+        for kv in &per_layer {
+            dev.attention_pieces(&q.view(), kv, &shape, None, &mut out.view_mut())?;
+        }
+    }
+    dev.synchronize()?;
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3 / 5.0;
+    Ok((ms, bytes, wall_ms))
 }
 
 /// Decode steps of `contexts.len()` requests together; median ms per step.
@@ -119,6 +129,45 @@ fn decode_steps(
     Ok(times[times.len() / 2])
 }
 
+/// cuBLAS linears of one forward (every layer's qkv, o, gate_up, down and the LM head) at
+/// `m` rows: GPU ms per `m` (isolates the GEMMs from the rest of a decode step).
+fn linears_by_rows(dev: &Device, spec: &kvzip_models::ModelSpec, rows: &[usize]) -> Result<Value> {
+    let gpu = dev.cuda_backend().context("CUDA device")?.clone();
+    let (h, d, i) = (spec.hidden_size, spec.head_dim, spec.intermediate_size);
+    let shapes = [
+        (h, (spec.n_heads + 2 * spec.n_kv_heads) * d),
+        (spec.n_heads * d, h),
+        (h, 2 * i),
+        (i, h),
+    ];
+    let max_m = rows.iter().copied().max().unwrap_or(1);
+    let mut x = dev.alloc(DType::Bf16, max_m * h.max(i))?;
+    dev.fill_uniform(&mut x.view_mut(), 1, -1.0, 1.0)?;
+    let mut ws = Vec::new();
+    for (k, n) in shapes {
+        let mut w = dev.alloc(DType::Bf16, k * n)?;
+        dev.fill_uniform(&mut w.view_mut(), 2, -0.1, 0.1)?;
+        ws.push((k, n, w));
+    }
+    let mut out = dev.alloc(DType::Bf16, max_m * 2 * i.max(h))?;
+    let mut res = Vec::new();
+    for &m in rows {
+        let ms = time_ms(&gpu, 2, 5, || {
+            for _ in 0..spec.n_layers() {
+                for (k, n, w) in &ws {
+                    let xv = x.slice(0..m * k)?;
+                    let mut ov = out.slice_mut(0..m * n)?;
+                    dev.linear(&xv, &w.view(), None, &mut ov, m, *n, *k)?;
+                }
+            }
+            Ok(())
+        })?;
+        res.push(json!({"m": m, "all_layers_ms": ms}));
+        eprintln!("[batch] linears of {} layers at m = {m}: {ms:.2} ms", spec.n_layers());
+    }
+    Ok(json!(res))
+}
+
 /// The whole batch bench for `args.shapes[0]` at `args.contexts[0]` tokens per context.
 pub fn run(args: &Args) -> Result<Value> {
     let name = args.shapes.first().context("--shapes")?;
@@ -131,6 +180,7 @@ pub fn run(args: &Args) -> Result<Value> {
     let spec = shape_spec(name)?;
     let engine = Engine::random(spec.clone(), &dev, 42)?;
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let linears = linears_by_rows(&dev, &spec, &[1, 2, 8, 16, 32, 64])?;
     let mut pool = SuffixPool::new(&dev, &spec, max_batch, SUFFIX_ROWS)?;
     let budget = args.kv_budget_bytes;
     let (nl, nkv) = (spec.n_layers(), spec.n_kv_heads);
@@ -167,14 +217,23 @@ pub fn run(args: &Args) -> Result<Value> {
                 .map(|_| pool.acquire().context("slot"))
                 .collect::<Result<_>>()?;
             let step_ms = decode_steps(&engine, ctxs, &mut pool, &slots, args.decode_steps)?;
-            let (attn_ms, attn_bytes) = attention_only(&dev, &engine, ctxs, &pool, &slots)?;
+            let (attn_ms, attn_bytes, attn_wall_ms) =
+                attention_only(&dev, &engine, ctxs, &pool, &slots)?;
+            for &s in &slots {
+                pool.release(s)?;
+                pool.acquire().context("slot")?;
+            }
+            let empties: Vec<KvCache> = (0..concurrent)
+                .map(|_| engine.new_cache())
+                .collect::<std::result::Result<_, _>>()?;
+            let empty_ms = decode_steps(&engine, &empties, &mut pool, &slots, args.decode_steps)?;
             for s in slots {
                 pool.release(s)?;
             }
             let attn_bps = attn_bytes as f64 / (attn_ms * 1e-3);
             let tps = concurrent as f64 / (step_ms * 1e-3);
             eprintln!(
-                "[batch] ratio {ratio} batch {batch} (running {concurrent}): {step_ms:.2} ms/step, {tps:.0} tok/s, attention {:.2} TB/s ({:.2} of copy)",
+                "[batch] ratio {ratio} batch {batch} (running {concurrent}): {step_ms:.2} ms/step ({empty_ms:.2} without contexts), {tps:.0} tok/s, attention {:.2} TB/s ({:.2} of copy; {attn_ms:.2} ms GPU, {attn_wall_ms:.2} ms wall)",
                 attn_bps / 1e12,
                 attn_bps / copy_bps
             );
@@ -187,6 +246,8 @@ pub fn run(args: &Args) -> Result<Value> {
                 "attention_bytes": attn_bytes,
                 "attention_bytes_per_s": attn_bps,
                 "attention_over_copy": attn_bps / copy_bps,
+                "attention_host_wall_ms": attn_wall_ms,
+                "step_ms_without_contexts": empty_ms,
             }));
         }
         fits.push(n_fit);
@@ -215,6 +276,7 @@ pub fn run(args: &Args) -> Result<Value> {
         "suffix_pool_bytes": pool.bytes(),
         "weight_bytes": engine.model().weight_bytes(),
         "copy_bytes_per_s": copy_bps,
+        "linears_by_rows": linears,
         "by_ratio": by_ratio,
         "contexts_0.3_over_1.0": fits[1] as f64 / fits[0].max(1) as f64,
         "throughput_gain": gains,

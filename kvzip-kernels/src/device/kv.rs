@@ -735,9 +735,10 @@ impl Device {
                 let (a, b) = (sk.cuda_bf16("gather k")?, sv.cuda_bf16("gather v")?);
                 let (x, y) = (dk.cuda_bf16("gather k")?, dv.cuda_bf16("gather v")?);
                 let runs = plan.runs();
-                // Few long runs (growth, trims): one copy per run; many short ones
-                // (compaction): the gather kernel.
-                if runs.len() <= 4 * plan.n_heads().max(8) {
+                // A handful of runs (growth or trims of one sequence's heads): one copy per
+                // run; more (compaction, a batch step writing one row per (sequence, head)):
+                // the gather kernel, one launch whatever the count.
+                if runs.len() <= 16 {
                     let st = g.stream();
                     for (s, t, n) in runs {
                         st.memcpy_dtod(
