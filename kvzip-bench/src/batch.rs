@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use kvzip_cache::KvCache;
-use kvzip_kernels::{AttentionShape, DType, Device, KvPiece, KvPieces};
-use kvzip_models::batch::{BatchSeq, BatchStep, SuffixPool};
+use kvzip_kernels::{AttentionShape, DType, Device};
+use kvzip_models::batch::{batch_pieces, BatchSeq, BatchStep, SuffixPool};
 use kvzip_models::engine::Engine;
 use kvzip_models::LogitsMode;
 use serde_json::{json, Value};
@@ -45,39 +45,18 @@ fn attention_only(
         window: None,
         softcap: None,
     };
-    let mut bytes = 0usize;
-    let mut per_layer = Vec::with_capacity(s.n_layers());
-    for l in 0..s.n_layers() {
-        let mut lens = Vec::new();
-        let mut pieces = Vec::new();
-        for (i, (ctx, &slot)) in contexts.iter().zip(slots).enumerate() {
-            for h in 0..s.n_kv_heads {
-                let vh = i * s.n_kv_heads + h;
-                let (ck, cv) = ctx.head_rows(l, h)?;
-                let (sk, sv) = pool.cache().head_rows(l, slot * s.n_kv_heads + h)?;
-                let (nc, ns) = (ck.len() / d, sk.len() / d);
-                pieces.push(KvPiece {
-                    head: vh,
-                    k: ck,
-                    v: cv,
-                    key_start: 0,
-                });
-                pieces.push(KvPiece {
-                    head: vh,
-                    k: sk,
-                    v: sv,
-                    key_start: nc,
-                });
-                lens.push(nc + ns);
-                bytes += (nc + ns) * d * 2 * 2;
-            }
-        }
-        per_layer.push(KvPieces {
-            head_dim: d,
-            lens,
-            pieces,
-        });
-    }
+    let seqs: Vec<BatchSeq<'_>> = contexts
+        .iter()
+        .zip(slots)
+        .map(|(c, &slot)| BatchSeq { context: c, slot })
+        .collect();
+    let per_layer = (0..s.n_layers())
+        .map(|l| batch_pieces(pool, &seqs, l, d))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let bytes: usize = per_layer
+        .iter()
+        .map(|kv| kv.lens.iter().sum::<usize>() * d * 2 * 2)
+        .sum();
     let ms = time_ms(&gpu, 3, 10, || {
         for kv in &per_layer {
             dev.attention_pieces(&q.view(), kv, &shape, None, &mut out.view_mut())?;
@@ -163,7 +142,10 @@ fn linears_by_rows(dev: &Device, spec: &kvzip_models::ModelSpec, rows: &[usize])
             Ok(())
         })?;
         res.push(json!({"m": m, "all_layers_ms": ms}));
-        eprintln!("[batch] linears of {} layers at m = {m}: {ms:.2} ms", spec.n_layers());
+        eprintln!(
+            "[batch] linears of {} layers at m = {m}: {ms:.2} ms",
+            spec.n_layers()
+        );
     }
     Ok(json!(res))
 }

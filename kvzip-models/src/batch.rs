@@ -210,43 +210,55 @@ impl StepKv for BatchStep<'_> {
         shape: &AttentionShape,
         out: &mut ViewMut<'_>,
     ) -> Result<()> {
-        let n_kv = self.pool.n_kv;
-        let mut lens = Vec::with_capacity(self.seqs.len() * n_kv);
-        let mut pieces = Vec::with_capacity(2 * self.seqs.len() * n_kv);
-        for (b, seq) in self.seqs.iter().enumerate() {
-            for h in 0..n_kv {
-                let vh = b * n_kv + h;
-                let (ck, cv) = seq.context.head_rows(layer, h)?;
-                let (sk, sv) = self.pool.cache.head_rows(layer, seq.slot * n_kv + h)?;
-                let n_ctx = ck.len() / shape.head_dim;
-                let n_suf = sk.len() / shape.head_dim;
-                if n_ctx > 0 {
-                    pieces.push(KvPiece {
-                        head: vh,
-                        k: ck,
-                        v: cv,
-                        key_start: 0,
-                    });
-                }
-                pieces.push(KvPiece {
-                    head: vh,
-                    k: sk,
-                    v: sv,
-                    key_start: n_ctx,
-                });
-                lens.push(n_ctx + n_suf);
-            }
-        }
-        let kv = KvPieces {
-            head_dim: shape.head_dim,
-            lens,
-            pieces,
-        };
+        let kv = batch_pieces(self.pool, &self.seqs, layer, shape.head_dim)?;
         let batch_shape = AttentionShape {
             q_len: self.t,
-            n_kv_heads: self.seqs.len() * n_kv,
+            n_kv_heads: self.seqs.len() * self.pool.n_kv,
             ..*shape
         };
         Ok(device.attention_pieces(q, &kv, &batch_shape, self.chunk_keys, out)?)
     }
+}
+
+/// The keys of `layer` for a batch: per (sequence, kv head), virtual head
+/// `sequence * n_kv_heads + kv_head`, the sequence's context rows then its suffix rows in
+/// `pool` (what [`BatchStep`] attends over; benches time it alone).
+pub fn batch_pieces<'a>(
+    pool: &'a SuffixPool,
+    seqs: &[BatchSeq<'a>],
+    layer: usize,
+    head_dim: usize,
+) -> Result<KvPieces<'a>> {
+    let n_kv = pool.n_kv;
+    let mut lens = Vec::with_capacity(seqs.len() * n_kv);
+    let mut pieces = Vec::with_capacity(2 * seqs.len() * n_kv);
+    for (b, seq) in seqs.iter().enumerate() {
+        for h in 0..n_kv {
+            let vh = b * n_kv + h;
+            let (ck, cv) = seq.context.head_rows(layer, h)?;
+            let (sk, sv) = pool.cache.head_rows(layer, seq.slot * n_kv + h)?;
+            let n_ctx = ck.len() / head_dim;
+            let n_suf = sk.len() / head_dim;
+            if n_ctx > 0 {
+                pieces.push(KvPiece {
+                    head: vh,
+                    k: ck,
+                    v: cv,
+                    key_start: 0,
+                });
+            }
+            pieces.push(KvPiece {
+                head: vh,
+                k: sk,
+                v: sv,
+                key_start: n_ctx,
+            });
+            lens.push(n_ctx + n_suf);
+        }
+    }
+    Ok(KvPieces {
+        head_dim,
+        lens,
+        pieces,
+    })
 }

@@ -401,6 +401,34 @@ pub struct KeyPiece {
     pub n_keys: usize,
 }
 
+/// Checks decode lengths (`q_len >= 1`, every head at least `q_len` keys, lengths within
+/// i32) and picks the keys per work item: `chunk_keys`, or the automatic size for the total.
+fn plan_chunk(
+    backend: &CudaBackend,
+    lens: &[usize],
+    q_len: usize,
+    chunk_keys: Option<usize>,
+    what: &str,
+) -> CudaResult<usize> {
+    if q_len == 0 {
+        return Err(CudaError::Shape("DecodePlan: q_len must be >= 1".into()));
+    }
+    if let Some((h, &l)) = lens.iter().enumerate().find(|(_, &l)| l < q_len) {
+        return Err(CudaError::Shape(format!(
+            "DecodePlan: {what} {h} has {l} keys, fewer than q_len {q_len} (the new tokens' \
+             keys must be appended first)"
+        )));
+    }
+    to_i32("max head length", lens.iter().copied().max().unwrap_or(0))?;
+    match chunk_keys {
+        Some(0) => Err(CudaError::Shape(
+            "DecodePlan: chunk_keys must be > 0".into(),
+        )),
+        Some(c) => Ok(c),
+        None => Ok(auto_chunk(lens.iter().sum(), backend.n_sms).next_multiple_of(DECODE_TILE_KEYS)),
+    }
+}
+
 impl DecodePlan {
     /// Plans a decode of `q_len >= 1` tokens over heads of lengths `lens` (host copy of the
     /// device lengths, keys per KV head, each `>= q_len`). `chunk_keys`: keys per work item;
@@ -412,27 +440,7 @@ impl DecodePlan {
         q_len: usize,
         chunk_keys: Option<usize>,
     ) -> CudaResult<Self> {
-        if q_len == 0 {
-            return Err(CudaError::Shape("DecodePlan: q_len must be >= 1".into()));
-        }
-        if let Some((h, &l)) = lens.iter().enumerate().find(|(_, &l)| l < q_len) {
-            return Err(CudaError::Shape(format!(
-                "DecodePlan: KV head {h} has {l} keys, fewer than q_len {q_len} (the new tokens' \
-                 keys must be appended first)"
-            )));
-        }
-        let max_len = lens.iter().copied().max().unwrap_or(0);
-        to_i32("max head length", max_len)?;
-        let total: usize = lens.iter().sum();
-        let chunk = match chunk_keys {
-            Some(0) => {
-                return Err(CudaError::Shape(
-                    "DecodePlan: chunk_keys must be > 0".into(),
-                ))
-            }
-            Some(c) => c,
-            None => auto_chunk(total, backend.n_sms).next_multiple_of(DECODE_TILE_KEYS),
-        };
+        let chunk = plan_chunk(backend, lens, q_len, chunk_keys, "KV head")?;
         let mut items: Vec<i32> = Vec::new();
         let mut head_partials = Vec::with_capacity(lens.len() + 1);
         let mut n_partials = 0usize;
@@ -488,25 +496,7 @@ impl DecodePlan {
         q_len: usize,
         chunk_keys: Option<usize>,
     ) -> CudaResult<Self> {
-        if q_len == 0 {
-            return Err(CudaError::Shape("DecodePlan: q_len must be >= 1".into()));
-        }
-        if let Some((h, &l)) = lens.iter().enumerate().find(|(_, &l)| l < q_len) {
-            return Err(CudaError::Shape(format!(
-                "DecodePlan: virtual head {h} has {l} keys, fewer than q_len {q_len}"
-            )));
-        }
-        to_i32("max head length", lens.iter().copied().max().unwrap_or(0))?;
-        let total: usize = lens.iter().sum();
-        let chunk = match chunk_keys {
-            Some(0) => {
-                return Err(CudaError::Shape(
-                    "DecodePlan: chunk_keys must be > 0".into(),
-                ))
-            }
-            Some(c) => c,
-            None => auto_chunk(total, backend.n_sms).next_multiple_of(DECODE_TILE_KEYS),
-        };
+        let chunk = plan_chunk(backend, lens, q_len, chunk_keys, "virtual head")?;
         // Pieces must tile every head's keys in order.
         let mut next = vec![0usize; lens.len()];
         let mut last_head = 0;
