@@ -182,12 +182,14 @@ impl KvCache<DeviceKv> {
     /// Live K rows of (`layer`, head `h`) as host f32, borrowed from host f32 storage and
     /// downloaded (widened) otherwise.
     pub fn head_keys_host(&self, layer: usize, h: usize) -> Result<Cow<'_, [f32]>, CacheError> {
-        let lc = self.layer_checked(layer)?;
-        check_head(lc.n_kv_heads, layer, h)?;
-        let (a, b) = lc.head_range(h);
-        let d = lc.head_dim;
-        let view = lc.data.k.slice(a * d..b * d)?;
-        Ok(self.device().host_f32_cow(&view)?)
+        let (k, _) = self.head_rows(layer, h)?;
+        Ok(self.device().host_f32_cow(&k)?)
+    }
+
+    /// Live V rows of (`layer`, head `h`) as host f32, like [`Self::head_keys_host`].
+    pub fn head_values_host(&self, layer: usize, h: usize) -> Result<Cow<'_, [f32]>, CacheError> {
+        let (_, v) = self.head_rows(layer, h)?;
+        Ok(self.device().host_f32_cow(&v)?)
     }
 }
 

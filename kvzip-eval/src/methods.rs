@@ -8,12 +8,15 @@
 //!   to `ratio` of the layer, spread non-uniformly over the layer's heads (paper App. A: the
 //!   baselines get the AdaKV head allocation within their layer budget).
 //! * `pyramidkv`: SnapKV scores with PyramidKV's decreasing per-layer budgets (beta 20).
+//! * `tova`, `knorm`, `keydiff`, `expected-attention`: the other baselines of
+//!   [`kvzip_score::baselines`], on the same per-layer budgets as SnapKV.
+//! * `kvzip-plus`: KVzip scores with the KVzip+ normalisation (`× ‖W_O v‖ / ‖h‖`), pair level.
 
 use std::fmt;
 use std::str::FromStr;
 
 use kvzip_models::engine::kvzip::Scoring;
-use kvzip_score::baselines::{Baseline, SnapKvConfig};
+use kvzip_score::baselines::{Baseline, ExpectedAttentionConfig, SnapKvConfig};
 use kvzip_score::{select, select_pyramid, ContextScores, HeadScores, Level, Selection};
 use serde::{Deserialize, Serialize};
 
@@ -37,16 +40,31 @@ pub enum Method {
     H2o,
     /// StreamingLLM (sinks + recent window).
     Streaming,
+    /// TOVA (last token's attention).
+    Tova,
+    /// KNorm (small key norms kept).
+    KNorm,
+    /// KeyDiff (keys far from the mean direction kept).
+    KeyDiff,
+    /// Expected Attention (future-query statistics).
+    ExpectedAttention,
+    /// KVzip with the KVzip+ normalisation.
+    KvzipPlus,
 }
 
 /// Every method in the default order.
-pub const ALL_METHODS: [Method; 6] = [
+pub const ALL_METHODS: [Method; 11] = [
     Method::Kvzip,
+    Method::KvzipPlus,
     Method::KvzipHead,
     Method::SnapKv,
     Method::PyramidKv,
     Method::H2o,
     Method::Streaming,
+    Method::Tova,
+    Method::KNorm,
+    Method::KeyDiff,
+    Method::ExpectedAttention,
 ];
 
 /// Which score tensor a method reads (methods sharing one are scored once).
@@ -62,6 +80,16 @@ pub enum ScoreSource {
     H2o,
     /// StreamingLLM position scores.
     Streaming,
+    /// TOVA last-row attention.
+    Tova,
+    /// Key norms.
+    KNorm,
+    /// Key diversity.
+    KeyDiff,
+    /// Expected attention.
+    ExpectedAttention,
+    /// Reconstruction scores with the KVzip+ normalisation.
+    ReconstructPlus,
 }
 
 impl Method {
@@ -74,6 +102,11 @@ impl Method {
             Method::PyramidKv => "pyramidkv",
             Method::H2o => "h2o",
             Method::Streaming => "streaming",
+            Method::Tova => "tova",
+            Method::KNorm => "knorm",
+            Method::KeyDiff => "keydiff",
+            Method::ExpectedAttention => "expected-attention",
+            Method::KvzipPlus => "kvzip-plus",
         }
     }
 
@@ -85,17 +118,28 @@ impl Method {
             Method::SnapKv | Method::PyramidKv => ScoreSource::SnapKv,
             Method::H2o => ScoreSource::H2o,
             Method::Streaming => ScoreSource::Streaming,
+            Method::Tova => ScoreSource::Tova,
+            Method::KNorm => ScoreSource::KNorm,
+            Method::KeyDiff => ScoreSource::KeyDiff,
+            Method::ExpectedAttention => ScoreSource::ExpectedAttention,
+            Method::KvzipPlus => ScoreSource::ReconstructPlus,
         }
     }
 
     /// The keep set at `ratio` from this method's scores.
     pub fn select(self, scores: &ContextScores, ratio: f64) -> Result<Selection> {
         Ok(match self {
-            Method::Kvzip => select(scores, ratio, Level::Pair)?,
+            Method::Kvzip | Method::KvzipPlus => select(scores, ratio, Level::Pair)?,
             Method::KvzipHead => select(scores, ratio, Level::Head)?,
             Method::PyramidKv => select(scores, ratio, Level::Pyramid)?,
             // beta 1 = equal per-layer budgets, non-uniform over heads within a layer.
-            Method::SnapKv | Method::H2o | Method::Streaming => select_pyramid(scores, ratio, 1.0)?,
+            Method::SnapKv
+            | Method::H2o
+            | Method::Streaming
+            | Method::Tova
+            | Method::KNorm
+            | Method::KeyDiff
+            | Method::ExpectedAttention => select_pyramid(scores, ratio, 1.0)?,
         })
     }
 }
@@ -114,6 +158,13 @@ impl ScoreSource {
             ScoreSource::Streaming => Scoring::Baseline(Baseline::StreamingLlm {
                 n_sink: STREAMING_SINKS,
             }),
+            ScoreSource::Tova => Scoring::Baseline(Baseline::Tova),
+            ScoreSource::KNorm => Scoring::Baseline(Baseline::KNorm),
+            ScoreSource::KeyDiff => Scoring::Baseline(Baseline::KeyDiff),
+            ScoreSource::ExpectedAttention => Scoring::Baseline(Baseline::ExpectedAttention(
+                ExpectedAttentionConfig::default(),
+            )),
+            ScoreSource::ReconstructPlus => Scoring::ReconstructPlus { chunk },
         })
     }
 }
@@ -133,8 +184,8 @@ impl FromStr for Method {
             .find(|m| m.as_str() == s.trim())
             .ok_or_else(|| {
                 EvalError::Input(format!(
-                    "unknown method {s:?} in --methods: use kvzip, kvzip-head, snapkv, pyramidkv, \
-                     h2o, streaming"
+                    "unknown method {s:?} in --methods: use kvzip, kvzip-plus, kvzip-head, snapkv, \
+                     pyramidkv, h2o, streaming, tova, knorm, keydiff, expected-attention"
                 ))
             })
     }

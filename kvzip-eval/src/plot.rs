@@ -36,6 +36,11 @@ fn method_color(method: &str, i: usize) -> RGBColor {
         "pyramidkv" => RGBColor(44, 160, 44),
         "h2o" => RGBColor(148, 103, 189),
         "streaming" => RGBColor(127, 127, 127),
+        "kvzip-plus" => RGBColor(140, 20, 30),
+        "tova" => RGBColor(23, 190, 207),
+        "knorm" => RGBColor(188, 189, 34),
+        "keydiff" => RGBColor(227, 119, 194),
+        "expected-attention" => RGBColor(140, 86, 75),
         _ => {
             let c = Palette99::pick(i).to_rgba();
             RGBColor(c.0, c.1, c.2)

@@ -1,11 +1,18 @@
 //! Summaries: per method, the task metric x100 averaged over all queries of all finished
-//! examples at every ratio, with the full-cache answers as ratio 1.0 (KVZIP-SPEC §6.4).
+//! examples at every ratio, with the full-cache answers as ratio 1.0 (KVZIP-SPEC §6.4), and a
+//! 95 % bootstrap confidence interval per point: examples (contexts, with all their questions)
+//! are resampled with replacement [`BOOTSTRAP_SAMPLES`] times with a fixed seed, since questions
+//! on one context are not independent.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::generated::SplitMix64;
 use crate::results::{ExampleResult, RunConfig};
+
+/// Bootstrap resamples per confidence interval.
+pub const BOOTSTRAP_SAMPLES: usize = 1000;
 
 /// One point of a score curve.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -14,6 +21,51 @@ pub struct RatioScore {
     pub ratio: f64,
     /// Metric x100, mean over all queries.
     pub score: f64,
+    /// 2.5th percentile of the bootstrap distribution of `score` (absent for real ratios).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_low: Option<f64>,
+    /// 97.5th percentile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_high: Option<f64>,
+}
+
+impl RatioScore {
+    /// A point without an interval.
+    pub fn new(ratio: f64, score: f64) -> Self {
+        Self {
+            ratio,
+            score,
+            ci_low: None,
+            ci_high: None,
+        }
+    }
+}
+
+/// Pooled mean x100 of per-example `(score sum, query count)` and its 95 % bootstrap interval
+/// over examples (seeded, so summaries are reproducible).
+pub fn bootstrap_mean(per_example: &[(f64, usize)]) -> (f64, Option<(f64, f64)>) {
+    let pooled = |it: &mut dyn Iterator<Item = (f64, usize)>| {
+        let (s, n) = it.fold((0.0, 0usize), |(a, b), (s, n)| (a + s, b + n));
+        if n == 0 {
+            0.0
+        } else {
+            100.0 * s / n as f64
+        }
+    };
+    let mean = pooled(&mut per_example.iter().copied());
+    let k = per_example.len();
+    if k < 2 {
+        return (mean, None);
+    }
+    let mut rng = SplitMix64::new(0x5eed_b007);
+    let mut stats: Vec<f64> = (0..BOOTSTRAP_SAMPLES)
+        .map(|_| {
+            pooled(&mut (0..k).map(|_| per_example[rng.below(k as u64) as usize]))
+        })
+        .collect();
+    stats.sort_by(f64::total_cmp);
+    let at = |q: f64| stats[((stats.len() - 1) as f64 * q).round() as usize];
+    (mean, Some((at(0.025), at(0.975))))
 }
 
 /// The summary of a results folder.
@@ -64,45 +116,55 @@ impl Summary {
 /// stored answers. Methods missing in an example are skipped for that example.
 pub fn summarize(config: &RunConfig, results: &[ExampleResult]) -> Summary {
     let metric = config.metric;
-    let mut full = (0.0, 0usize);
-    // (method, ratio key) -> (score sum, count, real-ratio sum, real count)
-    let mut acc: BTreeMap<(String, i64), (f64, usize, f64, usize)> = BTreeMap::new();
+    let mut full: Vec<(f64, usize)> = Vec::new();
+    // (method, ratio key) -> (per-example (score sum, count), real-ratio sum, real count)
+    type Acc = (Vec<(f64, usize)>, f64, usize);
+    let mut acc: BTreeMap<(String, i64), Acc> = BTreeMap::new();
     let key = |r: f64| (r * 1e6).round() as i64;
     for ex in results {
-        for q in &ex.queries {
-            full.0 += metric.score(&q.full, &q.gold);
-            full.1 += 1;
-        }
+        let sum: f64 = ex
+            .queries
+            .iter()
+            .map(|q| metric.score(&q.full, &q.gold))
+            .sum();
+        full.push((sum, ex.queries.len()));
         for (method, records) in &ex.methods {
             for rec in records {
                 let e = acc.entry((method.clone(), key(rec.ratio))).or_default();
-                for (q, answer) in ex.queries.iter().zip(&rec.answers) {
-                    e.0 += metric.score(answer, &q.gold);
-                    e.1 += 1;
-                }
-                e.2 += rec.ratio_real;
-                e.3 += 1;
+                let sum: f64 = ex
+                    .queries
+                    .iter()
+                    .zip(&rec.answers)
+                    .map(|(q, answer)| metric.score(answer, &q.gold))
+                    .sum();
+                e.0.push((sum, ex.queries.len().min(rec.answers.len())));
+                e.1 += rec.ratio_real;
+                e.2 += 1;
             }
         }
     }
-    let full_score = if full.1 == 0 {
-        0.0
-    } else {
-        100.0 * full.0 / full.1 as f64
+    let point = |ratio: f64, per_example: &[(f64, usize)]| {
+        let (score, ci) = bootstrap_mean(per_example);
+        RatioScore {
+            ratio,
+            score,
+            ci_low: ci.map(|c| c.0),
+            ci_high: ci.map(|c| c.1),
+        }
     };
+    let full_point = point(1.0, &full);
     let mut methods: BTreeMap<String, Vec<RatioScore>> = BTreeMap::new();
     let mut ratio_real: BTreeMap<String, Vec<RatioScore>> = BTreeMap::new();
     for m in &config.methods {
         methods.insert(m.clone(), Vec::new());
         ratio_real.insert(m.clone(), Vec::new());
     }
-    for ((method, r), (sum, n, real, n_real)) in acc {
+    for ((method, r), (per_example, real, n_real)) in acc {
         let ratio = r as f64 / 1e6;
-        let score = if n == 0 { 0.0 } else { 100.0 * sum / n as f64 };
         methods
             .entry(method.clone())
             .or_default()
-            .push(RatioScore { ratio, score });
+            .push(point(ratio, &per_example));
         let real = if n_real == 0 {
             0.0
         } else {
@@ -111,13 +173,10 @@ pub fn summarize(config: &RunConfig, results: &[ExampleResult]) -> Summary {
         ratio_real
             .entry(method)
             .or_default()
-            .push(RatioScore { ratio, score: real });
+            .push(RatioScore::new(ratio, real));
     }
     for pts in methods.values_mut() {
-        pts.push(RatioScore {
-            ratio: 1.0,
-            score: full_score,
-        });
+        pts.push(full_point);
         pts.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
     }
     for pts in ratio_real.values_mut() {
@@ -128,8 +187,26 @@ pub fn summarize(config: &RunConfig, results: &[ExampleResult]) -> Summary {
         data: config.data.clone(),
         metric: metric.as_str().to_owned(),
         n_examples: results.len(),
-        n_queries: full.1,
+        n_queries: full.iter().map(|f| f.1).sum(),
         methods,
         ratio_real,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bootstrap_mean;
+
+    #[test]
+    fn bootstrap_interval_brackets_the_mean_and_narrows_with_more_examples() {
+        let small: Vec<(f64, usize)> = (0..10).map(|i| ((i % 2) as f64, 1)).collect();
+        let (m, ci) = bootstrap_mean(&small);
+        let (lo, hi) = ci.unwrap();
+        assert!((m - 50.0).abs() < 1e-9 && lo < m && m < hi, "{lo} {m} {hi}");
+        let big: Vec<(f64, usize)> = (0..400).map(|i| ((i % 2) as f64, 1)).collect();
+        let (_, ci2) = bootstrap_mean(&big);
+        let (lo2, hi2) = ci2.unwrap();
+        assert!(hi2 - lo2 < hi - lo, "{lo2}..{hi2} vs {lo}..{hi}");
+        assert_eq!(bootstrap_mean(&[(3.0, 4)]), (75.0, None));
     }
 }

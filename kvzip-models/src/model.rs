@@ -26,6 +26,19 @@ pub enum LogitsMode {
 /// KVzip scoring and the baseline scorers use it to see the rotated queries together with the
 /// full cache (keys of the system prompt, the context and the current input).
 pub trait AttentionHook {
+    /// The residual stream `x` (`[rows, hidden]` on `device`, rows at positions
+    /// `first_pos..`) entering layer `layer`; the default ignores it.
+    fn layer_input(
+        &mut self,
+        _device: &Device,
+        _layer: usize,
+        _x: &View<'_>,
+        _rows: usize,
+        _first_pos: usize,
+    ) -> Result<()> {
+        Ok(())
+    }
+
     /// `q`: rotated queries `[q_len, n_heads, head_dim]` of layer `layer` on `device`; `cache`
     /// already holds the K/V of these `q_len` tokens at the end of every head's segment.
     fn after_append(
@@ -95,6 +108,12 @@ pub trait CausalLm: Send + Sync {
     /// Bytes of weights one decode step reads (every layer, the final norm and the LM head):
     /// the weight term of the decode bandwidth floor.
     fn weight_bytes(&self) -> usize;
+
+    /// Decoder layer `l`'s weights (output projection, RoPE, ...) for scorers that need them
+    /// (Expected Attention, KVzip+); `None` for models without the shared decoder.
+    fn layer(&self, _l: usize) -> Option<&crate::layers::DecoderLayer> {
+        None
+    }
 }
 
 /// What one forward step reads and writes of the KV cache: the positions of the step's input
@@ -415,6 +434,11 @@ impl DecoderStack {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Decoder layer `l` (see [`CausalLm::layer`]).
+    pub fn layer(&self, l: usize) -> Option<&DecoderLayer> {
+        self.layers.get(l)
+    }
+
     /// See [`CausalLm::weight_bytes`].
     pub fn weight_bytes(&self) -> usize {
         self.layers.iter().map(DecoderLayer::bytes).sum::<usize>()
@@ -514,6 +538,10 @@ impl DecoderStack {
                     &mut b.normed.view_mut(),
                     t,
                 )?;
+            }
+            if let Some(hk) = opts.hook.as_deref_mut() {
+                let first = positions.first().copied().unwrap_or(0).max(0) as usize;
+                hk.layer_input(dev, l, &b.x.slice(0..t * h)?, t, first)?;
             }
             let normed = b.normed.view();
             let (mut q, mut kv_new) = project_qkv(

@@ -17,7 +17,8 @@
 //!   [`kvzip_cache::KeepMask`] with exactly `round(ratio * N)` kept units (DESIGN §3).
 //! * [`HeadScores`]: context-independent head scores (KVZIP-SPEC §3): compute, save/load as
 //!   safetensors, merge by element-wise max.
-//! * [`baselines`]: SnapKV, PyramidKV, H2O and StreamingLLM scores under the same budget rules.
+//! * [`baselines`]: SnapKV, PyramidKV, H2O, StreamingLLM, TOVA, KNorm, KeyDiff and Expected
+//!   Attention scores under the same budget rules; [`kvzip_plus`]: the KVzip+ normalisation.
 //!
 //! # The KVzip scoring recipe (what the engine does)
 //!
@@ -124,6 +125,7 @@
 #![warn(missing_docs)]
 
 pub mod baselines;
+pub mod kvzip_plus;
 mod head;
 mod recon;
 mod scores;

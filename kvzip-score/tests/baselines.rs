@@ -86,6 +86,8 @@ fn run(kind: Baseline, pf: &Prefill, chunk: usize) -> kvzip_score::ContextScores
                 first_pos: start,
                 n_kv_heads: pf.n_kv,
                 head_keys: &keys,
+                head_values: None,
+                rope: None,
                 scale: 1.0 / (pf.d as f32).sqrt(),
             };
             sc.observe_layer(layer, &obs).unwrap();
@@ -245,6 +247,8 @@ fn missing_chunks_are_an_error() {
         first_pos: 0,
         n_kv_heads: 1,
         head_keys: &keys,
+        head_values: None,
+        rope: None,
         scale: 0.35,
     };
     sc.observe_layer(0, &obs).unwrap();

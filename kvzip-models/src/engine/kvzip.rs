@@ -32,6 +32,11 @@ pub enum Scoring {
         /// Context tokens per chunk (2000 in the reference).
         chunk: usize,
     },
+    /// KVzip+: reconstruction scores times `‖W_O v‖ / ‖h‖` ([`kvzip_score::kvzip_plus`]).
+    ReconstructPlus {
+        /// Context tokens per chunk.
+        chunk: usize,
+    },
     /// Context-independent head scores loaded from a file (no scoring passes).
     HeadScores(HeadScores),
     /// A baseline policy computed from the prefill's own attention.
@@ -170,7 +175,9 @@ impl Engine {
         progress: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<ContextCache> {
         let per_pair = match scoring {
-            Scoring::Reconstruct { .. } | Scoring::Baseline(_) => std::slice::from_ref(scoring),
+            Scoring::Reconstruct { .. } | Scoring::ReconstructPlus { .. } | Scoring::Baseline(_) => {
+                std::slice::from_ref(scoring)
+            }
             Scoring::HeadScores(_) | Scoring::None => &[],
         };
         let (mut ctx, mut scores) =
@@ -233,8 +240,14 @@ impl Engine {
             n_q_heads: spec.n_heads,
             head_dim: spec.head_dim,
             scale: spec.attn_scale,
+            model: self.model(),
+            total_len: n_sys + n_ctx,
+            hidden_norms: scorings
+                .iter()
+                .any(|s| matches!(s, Scoring::ReconstructPlus { .. }))
+                .then(|| vec![Vec::new(); spec.n_layers()]),
         };
-        let observe = !hook.scorers.is_empty();
+        let observe = !hook.scorers.is_empty() || hook.hidden_norms.is_some();
         self.feed_observed(
             &mut cache,
             &prefill_ids,
@@ -242,6 +255,7 @@ impl Engine {
             observe.then_some(&mut hook as &mut dyn AttentionHook),
             &mut |done, total| progress("prefill", done, total),
         )?;
+        let hidden_norms = hook.hidden_norms.take();
         drop(hook);
         self.commit_windows(&mut cache)?;
         self.device().synchronize()?;
@@ -249,15 +263,38 @@ impl Engine {
         ctx.timings.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let mut out = Vec::with_capacity(scorings.len());
+        let mut recon: Option<(usize, ContextScores)> = None;
         for (scoring, baseline) in scorings.iter().zip(baselines) {
             let scores = match scoring {
-                Scoring::Reconstruct { chunk } => self.reconstruction_scores(
-                    &mut ctx.cache,
-                    prompt,
-                    context_ids,
-                    *chunk,
-                    progress,
-                )?,
+                Scoring::Reconstruct { chunk } => {
+                    let scores = self.reconstruction_scores(
+                        &mut ctx.cache,
+                        prompt,
+                        context_ids,
+                        *chunk,
+                        progress,
+                    )?;
+                    recon = Some((*chunk, scores.clone()));
+                    scores
+                }
+                Scoring::ReconstructPlus { chunk } => {
+                    // Reuse the plain reconstruction scores of the same chunking if computed.
+                    let mut scores = match &recon {
+                        Some((c, s)) if c == chunk => s.clone(),
+                        _ => self.reconstruction_scores(
+                            &mut ctx.cache,
+                            prompt,
+                            context_ids,
+                            *chunk,
+                            progress,
+                        )?,
+                    };
+                    let norms = hidden_norms.as_deref().ok_or_else(|| {
+                        ModelError::Input("KVzip+ needs the prefill's hidden norms".into())
+                    })?;
+                    self.kvzip_plus(&mut scores, &ctx.cache, norms, n_sys, n_ctx)?;
+                    scores
+                }
                 Scoring::HeadScores(hs) => hs
                     .to_context_scores(n_ctx, &layer_heads)
                     .map_err(score_err)?,
@@ -320,6 +357,59 @@ impl Engine {
             progress("score", i + 1, inputs.len());
         }
         acc.finish().map_err(score_err)
+    }
+
+    /// KVzip+ normalisation of reconstruction `scores` in place: per scored layer, the output
+    /// projection's per-head Gram matrices, the context rows' values and the residual-stream
+    /// norms of the prefill (`norms[layer][position]`).
+    fn kvzip_plus(
+        &self,
+        scores: &mut ContextScores,
+        cache: &KvCache,
+        norms: &[Vec<f32>],
+        n_sys: usize,
+        n_ctx: usize,
+    ) -> Result<()> {
+        let spec = self.spec();
+        let (d, group) = (spec.head_dim, spec.group());
+        for (l, heads) in self.scored_layer_heads().iter().enumerate() {
+            let Some(n_kv) = *heads else { continue };
+            let layer = self.model().layer(l).ok_or_else(|| {
+                ModelError::Input("KVzip+ needs a model built on the shared decoder".into())
+            })?;
+            let w_o = self.device().host_f32_cow(&layer.o.weight.view())?;
+            let grams = kvzip_score::kvzip_plus::output_grams(
+                &w_o,
+                layer.o.out_dim,
+                n_kv * group,
+                d,
+            )
+            .map_err(score_err)?;
+            let hidden = norms
+                .get(l)
+                .and_then(|n| n.get(n_sys..n_sys + n_ctx))
+                .ok_or_else(|| ModelError::Input(format!("KVzip+: layer {l} has no hidden norms")))?;
+            let values = |h: usize| -> Vec<f32> {
+                cache
+                    .head_values_host(l, h)
+                    .map(|v| v[n_sys * d..(n_sys + n_ctx) * d].to_vec())
+                    .unwrap_or_default()
+            };
+            let layer_scores = scores
+                .layer_mut(l)
+                .ok_or_else(|| ModelError::Input(format!("KVzip+: layer {l} has no scores")))?;
+            kvzip_score::kvzip_plus::kvzip_plus_layer(
+                &mut layer_scores.values,
+                &values,
+                &grams,
+                n_kv,
+                group,
+                d,
+                hidden,
+            )
+            .map_err(score_err)?;
+        }
+        Ok(())
     }
 
     /// Answers one query from the context cache: feeds `query_ids` (query piece + postfix),

@@ -130,6 +130,9 @@ macro_rules! impl_causal_lm_for_stack {
             fn weight_bytes(&self) -> usize {
                 self.0.weight_bytes()
             }
+            fn layer(&self, l: usize) -> Option<&$crate::layers::DecoderLayer> {
+                self.0.layer(l)
+            }
         }
     };
 }

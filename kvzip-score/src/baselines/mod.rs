@@ -1,21 +1,21 @@
 //! Baseline scorers on the same budget rules as KVzip: they produce [`ContextScores`], so
 //! [`crate::select()`] applies unchanged (PyramidKV = SnapKV scores + [`crate::Level::Pyramid`]).
+//! One file per method:
+//!
+//! * [`snapkv`]: SnapKV (and PyramidKV's scores): window attention of the context's tail.
+//! * H2O (prefill variant using max, paper App. A; here): per KV head, max over every context
+//!   query row and the group's query heads of the attention probability of each context key.
+//! * [`tova`]: TOVA: the last token's attention, averaged over the layer's heads.
+//! * [`knorm`]: KNorm: `-‖k‖`.
+//! * [`keydiff`]: KeyDiff: `-cos(k, mean key direction)`.
+//! * [`expected_attention`]: Expected Attention: the attention future queries are expected to
+//!   pay, from query statistics, times `‖v‖`.
+//! * [`streaming`]: StreamingLLM: sinks + recent window.
 //!
 //! The engine feeds attention inputs during the (chunked) context prefill through
 //! [`BaselineScorer::observe_layer`], once per scored layer per prefill chunk; the scorer keeps
-//! only `O(heads x n_ctx)` state and computes probabilities tile by tile.
-//!
-//! * **SnapKV** (Li et al. 2024; paper App. A settings): observation window = the last `window`
-//!   (32; 16 when `n_ctx < 1024`) tokens of the prefilled sequence, i.e. the *tail of the
-//!   context* (KVzip is query-agnostic, so no question is in the prefill). Per query head:
-//!   attention probabilities of the window rows (causal softmax over every prefilled key, model
-//!   scale) at the other context keys, averaged over the window rows; 1-D pooling (kernel 7,
-//!   stride 1, padding 3; max by default, avg = `count_include_pad`) along positions; mean over
-//!   the GQA group. Window keys get `f32::MAX` so every level keeps them first.
-//! * **H2O** (prefill variant using max, paper App. A): per KV head, max over every context query
-//!   row and the group's query heads of the attention probability of each context key.
-//! * **StreamingLLM**: the first `n_sink` (4) context tokens, then the most recent ones; scores
-//!   only depend on position, so the recent window is whatever the budget leaves.
+//! only `O(heads x n_ctx)` state (`O(heads x d²)` for Expected Attention) and computes
+//! probabilities tile by tile.
 //!
 //! ```
 //! use kvzip_score::baselines::{streaming_llm_scores, Baseline, BaselineScorer, LayerObservation};
@@ -34,6 +34,8 @@
 //!     first_pos: 0,
 //!     n_kv_heads: 1,
 //!     head_keys: &head_keys,
+//!     head_values: None,
+//!     rope: None,
 //!     scale: 1.0 / (d as f32).sqrt(),
 //! };
 //! scorer.observe_layer(0, &obs)?; // once per scored layer per prefill chunk
@@ -48,50 +50,27 @@
 //! # Ok::<(), kvzip_score::ScoreError>(())
 //! ```
 
+pub mod expected_attention;
+pub mod keydiff;
+pub mod knorm;
+pub mod snapkv;
+pub mod streaming;
+pub mod tova;
+
 use std::ops::Range;
 
 use crate::{ContextScores, LayerScores, Result, ScoreError};
 use kvzip_kernels::colstats::{ColReduce, ColumnUnit as Unit};
 use kvzip_kernels::host::column_stats;
 
-/// 1-D pooling kind of SnapKV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    /// `max_pool1d` (padding ignored).
-    Max,
-    /// `avg_pool1d` with zero padding counted (divides by the kernel size everywhere).
-    Avg,
-}
-
-/// SnapKV settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnapKvConfig {
-    /// Observation window in tokens (paper: 32).
-    pub window: usize,
-    /// Window used when `n_ctx < short_context` (paper: 16 below 1K tokens).
-    pub short_window: usize,
-    /// Context length below which `short_window` applies.
-    pub short_context: usize,
-    /// Pooling kernel size (odd; paper: 7).
-    pub kernel: usize,
-    /// Pooling kind.
-    pub pooling: Pooling,
-}
-
-impl Default for SnapKvConfig {
-    fn default() -> Self {
-        Self {
-            window: 32,
-            short_window: 16,
-            short_context: 1024,
-            kernel: 7,
-            pooling: Pooling::Max,
-        }
-    }
-}
+pub use expected_attention::ExpectedAttentionConfig;
+pub use keydiff::keydiff_scores;
+pub use knorm::knorm_scores;
+pub use snapkv::{pool1d, Pooling, SnapKvConfig};
+pub use streaming::streaming_llm_scores;
 
 /// Which baseline to compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Baseline {
     /// SnapKV (and PyramidKV, which only changes the selection).
     SnapKv(SnapKvConfig),
@@ -102,6 +81,24 @@ pub enum Baseline {
         /// Number of leading context tokens always ranked first.
         n_sink: usize,
     },
+    /// TOVA: the last context token's attention, mean over the layer's query heads.
+    Tova,
+    /// KNorm: `-‖k‖₂`.
+    KNorm,
+    /// KeyDiff: `-cos(k, anchor)`.
+    KeyDiff,
+    /// Expected Attention from query statistics.
+    ExpectedAttention(ExpectedAttentionConfig),
+}
+
+/// RoPE of a layer as the observed queries were rotated: rotate-half layout over the first
+/// `2 * inv_freq.len()` dims, cos and sin multiplied by `factor`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeObservation<'a> {
+    /// Inverse frequencies `[rotary_dim / 2]`.
+    pub inv_freq: &'a [f32],
+    /// Attention factor multiplying cos and sin (1 for most models).
+    pub factor: f32,
 }
 
 /// One layer's attention inputs for one prefill chunk of `t` tokens (`t` = `q.len() /
@@ -119,25 +116,32 @@ pub struct LayerObservation<'a> {
     pub n_kv_heads: usize,
     /// Key rows of KV head `h`, row r = position r, at least `first_pos + t` rows.
     pub head_keys: &'a (dyn Fn(usize) -> &'a [f32] + Sync),
+    /// Value rows of KV head `h` like `head_keys` (Expected Attention's `‖v‖`).
+    pub head_values: Option<&'a (dyn Fn(usize) -> &'a [f32] + Sync)>,
+    /// The layer's RoPE (Expected Attention un-rotates the queries with it).
+    pub rope: Option<RopeObservation<'a>>,
     /// The model's attention scale (usually `1 / sqrt(head_dim)`).
     pub scale: f32,
 }
 
-struct LayerAcc {
-    /// SnapKV: `[n_q_heads, n_ctx]` sums; H2O: `[n_kv_heads, n_ctx]` maxima.
-    acc: Vec<f32>,
-    rows: usize,
-    n_q_heads: usize,
+/// Per-layer state between prefill chunks.
+enum LayerState {
+    /// Attention sums (SnapKV, TOVA: `[n_q_heads, n_ctx]`) or maxima (H2O: `[n_kv, n_ctx]`).
+    Attention { acc: Vec<f32>, n_q_heads: usize },
+    /// Query statistics (Expected Attention).
+    Queries(expected_attention::QueryStats),
+    /// Final scores `[n_kv, n_ctx]` (KNorm, KeyDiff, Expected Attention).
+    Scores(Vec<f32>),
 }
 
-/// Accumulates baseline scores over the prefill; see the module docs. Keeps
-/// `O(n_heads * n_ctx)` f32 per scored layer.
+/// Accumulates baseline scores over the prefill; see the module docs.
 pub struct BaselineScorer {
     kind: Baseline,
     n_sys: usize,
     n_ctx: usize,
     heads: Vec<Option<usize>>,
-    layers: Vec<Option<LayerAcc>>,
+    layers: Vec<Option<LayerState>>,
+    rows_seen: Vec<usize>,
 }
 
 impl BaselineScorer {
@@ -156,12 +160,16 @@ impl BaselineScorer {
                 )));
             }
         }
+        if n_ctx == 0 {
+            return Err(ScoreError::Shape("a baseline needs a non-empty context".into()));
+        }
         Ok(Self {
             kind,
             n_sys,
             n_ctx,
             heads: n_heads.to_vec(),
             layers: n_heads.iter().map(|_| None).collect(),
+            rows_seen: vec![0; n_heads.len()],
         })
     }
 
@@ -170,17 +178,16 @@ impl BaselineScorer {
         !matches!(self.kind, Baseline::StreamingLlm { .. })
     }
 
+    /// Whether observations must carry the value rows and the layer's RoPE (Expected
+    /// Attention).
+    pub fn needs_values_and_rope(&self) -> bool {
+        matches!(self.kind, Baseline::ExpectedAttention(_))
+    }
+
     /// SnapKV observation window as context-relative positions (empty for other baselines).
     pub fn window(&self) -> Range<usize> {
         match self.kind {
-            Baseline::SnapKv(c) => {
-                let w = if self.n_ctx < c.short_context {
-                    c.short_window
-                } else {
-                    c.window
-                };
-                self.n_ctx - w.min(self.n_ctx)..self.n_ctx
-            }
+            Baseline::SnapKv(c) => c.window_for(self.n_ctx),
             _ => 0..0,
         }
     }
@@ -194,6 +201,9 @@ impl BaselineScorer {
                 self.n_sys + w.start..self.n_sys + w.end
             }
             Baseline::H2o => self.n_sys..ctx_end,
+            // The last context row (key-only methods finish when it is there).
+            Baseline::Tova | Baseline::KNorm | Baseline::KeyDiff => ctx_end - 1..ctx_end,
+            Baseline::ExpectedAttention(c) => c.n_sink.min(ctx_end - 1)..ctx_end,
             Baseline::StreamingLlm { .. } => 0..0,
         }
     }
@@ -223,7 +233,6 @@ impl BaselineScorer {
         if rows.is_empty() || !self.needs_attention() {
             return Ok(());
         }
-        let group = obs.n_q_heads / n_kv;
         for h in 0..n_kv {
             let have = (obs.head_keys)(h).len();
             if have < rows.end * d {
@@ -234,6 +243,73 @@ impl BaselineScorer {
                 )));
             }
         }
+        self.rows_seen[layer] += rows.len();
+        let ctx = self.n_sys..self.n_sys + self.n_ctx;
+        let last_chunk = rows.end == ctx.end;
+        match self.kind {
+            Baseline::SnapKv(_) | Baseline::H2o | Baseline::Tova => {
+                self.accumulate_attention(layer, obs, rows, n_kv)
+            }
+            Baseline::KNorm | Baseline::KeyDiff if last_chunk => {
+                let mut values = Vec::with_capacity(n_kv * self.n_ctx);
+                for h in 0..n_kv {
+                    let keys = (obs.head_keys)(h);
+                    values.extend(match self.kind {
+                        Baseline::KNorm => knorm_scores(keys, d, ctx.clone()),
+                        _ => keydiff_scores(keys, d, ctx.end, ctx.clone()),
+                    });
+                }
+                self.layers[layer] = Some(LayerState::Scores(values));
+                Ok(())
+            }
+            Baseline::ExpectedAttention(cfg) => {
+                let rope = obs.rope.ok_or_else(|| {
+                    ScoreError::Shape(format!(
+                        "layer {layer}: Expected Attention needs the layer's RoPE in the observation"
+                    ))
+                })?;
+                let state = self.layers[layer].get_or_insert_with(|| {
+                    LayerState::Queries(expected_attention::QueryStats::new(obs.n_q_heads, d))
+                });
+                let LayerState::Queries(stats) = state else {
+                    return Err(ScoreError::Shape(format!("layer {layer}: state mixed up")));
+                };
+                stats.add(obs.q, obs.first_pos, rows, &rope);
+                if last_chunk {
+                    let values = obs.head_values.ok_or_else(|| {
+                        ScoreError::Shape(format!(
+                            "layer {layer}: Expected Attention needs the value rows in the observation"
+                        ))
+                    })?;
+                    let scores = stats.finish_layer(
+                        &cfg,
+                        &rope,
+                        &|h| (obs.head_keys)(h)[..ctx.end * d].to_vec(),
+                        &|h| values(h)[..ctx.end * d].to_vec(),
+                        n_kv,
+                        ctx.end,
+                        ctx.clone(),
+                        obs.scale,
+                    );
+                    self.layers[layer] = Some(LayerState::Scores(scores));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Attention probabilities of `rows` at the context keys, summed (SnapKV, TOVA: per query
+    /// head) or maxed (H2O: per KV head over its group) into the layer's state.
+    fn accumulate_attention(
+        &mut self,
+        layer: usize,
+        obs: &LayerObservation<'_>,
+        rows: Range<usize>,
+        n_kv: usize,
+    ) -> Result<()> {
+        let d = obs.head_dim;
+        let group = obs.n_q_heads / n_kv;
         let ctx = self.n_sys..self.n_sys + self.n_ctx;
         let target = ctx.start..ctx.end.min(rows.end);
         let segments = vec![0..rows.end; 1];
@@ -246,10 +322,10 @@ impl BaselineScorer {
                 .collect()
         };
         let (n_units, reduce) = match self.kind {
-            Baseline::SnapKv(_) => (obs.n_q_heads, ColReduce::Sum),
-            _ => (n_kv, ColReduce::Max),
+            Baseline::H2o => (n_kv, ColReduce::Max),
+            _ => (obs.n_q_heads, ColReduce::Sum),
         };
-        // SnapKV: one unit per query head; H2O: one unit per KV head with its group's rows.
+        // One unit per query head (sums) or per KV head with its group's rows (maxima).
         let qs: Vec<Vec<f32>> = (0..n_units)
             .map(|u| match reduce {
                 ColReduce::Sum => gather(u),
@@ -282,19 +358,20 @@ impl BaselineScorer {
             &mut out,
         )?;
         let n_ctx = self.n_ctx;
-        let la = self.layers[layer].get_or_insert_with(|| LayerAcc {
+        let state = self.layers[layer].get_or_insert_with(|| LayerState::Attention {
             acc: vec![0.0; n_units * n_ctx],
-            rows: 0,
             n_q_heads: obs.n_q_heads,
         });
-        if la.acc.len() != n_units * n_ctx {
+        let LayerState::Attention { acc, .. } = state else {
+            return Err(ScoreError::Shape(format!("layer {layer}: state mixed up")));
+        };
+        if acc.len() != n_units * n_ctx {
             return Err(ScoreError::Shape(format!(
                 "layer {layer}: head count changed between chunks"
             )));
         }
-        la.rows += rows.len();
         for u in 0..n_units {
-            let dst = &mut la.acc[u * n_ctx..u * n_ctx + tlen];
+            let dst = &mut acc[u * n_ctx..u * n_ctx + tlen];
             let src = &out[u * tlen..(u + 1) * tlen];
             match reduce {
                 ColReduce::Sum => dst.iter_mut().zip(src).for_each(|(a, b)| *a += b),
@@ -315,24 +392,32 @@ impl BaselineScorer {
         let expected = self.needed_rows().len();
         let window = self.window();
         let mut layers = Vec::with_capacity(self.heads.len());
-        for (l, (h, la)) in self.heads.iter().zip(self.layers).enumerate() {
+        for (l, (h, state)) in self.heads.iter().zip(self.layers).enumerate() {
             let Some(n_kv) = *h else {
                 layers.push(None);
                 continue;
             };
-            let seen = la.as_ref().map_or(0, |la| la.rows);
+            let seen = self.rows_seen[l];
             if seen != expected {
                 return Err(ScoreError::Incomplete(format!(
                     "layer {l}: observed {seen} query rows, expected {expected}; call observe_layer \
                      once per prefill chunk for every scored layer"
                 )));
             }
-            let values = match (self.kind, la) {
-                (Baseline::SnapKv(c), Some(la)) => {
-                    snapkv_layer(&la.acc, la.n_q_heads, n_kv, n_ctx, window.clone(), &c)
+            let values = match (self.kind, state) {
+                (Baseline::SnapKv(c), Some(LayerState::Attention { acc, n_q_heads })) => {
+                    snapkv::snapkv_layer(&acc, n_q_heads, n_kv, n_ctx, window.clone(), &c)
                 }
-                (_, Some(la)) => la.acc,
-                (_, None) => vec![0.0; n_kv * n_ctx],
+                (Baseline::Tova, Some(LayerState::Attention { acc, n_q_heads })) => {
+                    tova::tova_layer(&acc, n_q_heads, n_kv, n_ctx)
+                }
+                (_, Some(LayerState::Attention { acc, .. })) => acc,
+                (_, Some(LayerState::Scores(v))) => v,
+                (_, _) => {
+                    return Err(ScoreError::Incomplete(format!(
+                        "layer {l}: the baseline did not see the end of the context"
+                    )))
+                }
             };
             layers.push(Some(LayerScores {
                 n_heads: n_kv,
@@ -341,75 +426,4 @@ impl BaselineScorer {
         }
         ContextScores::from_layers(n_ctx, layers)
     }
-}
-
-/// SnapKV scores of one layer from per-query-head window sums `[n_q_heads, n_ctx]`.
-fn snapkv_layer(
-    sums: &[f32],
-    n_q_heads: usize,
-    n_kv: usize,
-    n_ctx: usize,
-    window: Range<usize>,
-    c: &SnapKvConfig,
-) -> Vec<f32> {
-    let group = n_q_heads / n_kv;
-    let w = window.len().max(1) as f32;
-    let prefix = window.start;
-    let mut out = vec![f32::MAX; n_kv * n_ctx];
-    for qh in 0..n_q_heads {
-        let mean: Vec<f32> = sums[qh * n_ctx..qh * n_ctx + prefix]
-            .iter()
-            .map(|s| s / w)
-            .collect();
-        let pooled = pool1d(&mean, c.kernel, c.pooling);
-        let h = qh / group;
-        let dst = &mut out[h * n_ctx..h * n_ctx + prefix];
-        if qh % group == 0 {
-            dst.fill(0.0);
-        }
-        dst.iter_mut()
-            .zip(&pooled)
-            .for_each(|(o, p)| *o += p / group as f32);
-    }
-    out
-}
-
-/// 1-D pooling of `values` with an odd `kernel` size, stride 1 and padding `kernel / 2`
-/// (output length = input length).
-pub fn pool1d(values: &[f32], kernel: usize, pooling: Pooling) -> Vec<f32> {
-    let half = kernel / 2;
-    (0..values.len())
-        .map(|i| {
-            let win = &values[i.saturating_sub(half)..(i + half + 1).min(values.len())];
-            match pooling {
-                Pooling::Max => win.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-                Pooling::Avg => win.iter().sum::<f32>() / kernel.max(1) as f32,
-            }
-        })
-        .collect()
-}
-
-/// StreamingLLM scores: sink positions `0..n_sink` rank first (earlier first), then every other
-/// position by recency (later = higher). Identical for every scored (layer, head).
-pub fn streaming_llm_scores(
-    n_ctx: usize,
-    n_sink: usize,
-    n_heads: &[Option<usize>],
-) -> ContextScores {
-    let top = 2.0 * n_ctx as f32 + n_sink as f32;
-    let row: Vec<f32> = (0..n_ctx)
-        .map(|p| if p < n_sink { top - p as f32 } else { p as f32 })
-        .collect();
-    let layers = n_heads
-        .iter()
-        .map(|h| {
-            h.map(|n| LayerScores {
-                n_heads: n,
-                values: row.repeat(n),
-            })
-        })
-        .collect();
-    // Shapes are consistent by construction.
-    ContextScores::from_layers(n_ctx, layers)
-        .unwrap_or_else(|_| ContextScores::zeros(n_ctx, n_heads))
 }
