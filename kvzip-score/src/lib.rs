@@ -125,8 +125,8 @@
 #![warn(missing_docs)]
 
 pub mod baselines;
-pub mod kvzip_plus;
 mod head;
+pub mod kvzip_plus;
 mod recon;
 mod scores;
 mod select;

@@ -39,12 +39,12 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 100)]
     pub num: usize,
     /// Keep ratios; 1.0 (the full cache) is always evaluated.
-    #[arg(long, default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")]
+    #[arg(long, default_value = "0.1,0.2,0.3,0.5,0.7,1.0")]
     pub ratios: String,
     /// Methods: kvzip, kvzip-head, snapkv, pyramidkv, h2o, streaming.
     #[arg(
         long,
-        default_value = "kvzip,kvzip-head,snapkv,pyramidkv,h2o,streaming"
+        default_value = "kvzip,kvzip-plus,kvzip-head,snapkv,pyramidkv,h2o,streaming,tova,knorm,keydiff,expected-attention"
     )]
     pub methods: String,
     /// Results folder (default results/<model>/<data>).

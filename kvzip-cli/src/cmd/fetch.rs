@@ -53,6 +53,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         sentencepiece_tokenizer_dir: args.tokenizer_dir.clone(),
         cache_dir: None,
         overwrite: args.overwrite,
+        progress: true,
     };
     let report = import_gguf(&args.file, &args.out, &opts)?;
     println!(

@@ -15,7 +15,7 @@ use serde_json::Value;
 /// The `openai` package version the tests pin.
 pub const OPENAI_VERSION: &str = "3.51.0";
 
-/// The default model's name as the server reports it.
+/// The model the server tests run (the small one, for speed), as the server reports it.
 pub const MODEL: &str = "smollm2-135m-instruct";
 
 /// A running `kvzip serve` process (killed on drop if still running).
@@ -39,7 +39,7 @@ impl ServerProc {
     pub fn start(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvzip"))
             .arg("serve")
-            .args(["--port", "0"])
+            .args(["--port", "0", "--model", MODEL])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

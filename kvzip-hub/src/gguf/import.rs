@@ -1,4 +1,4 @@
-//! [`import_gguf`]: GGUF file → HF-style directory (`config.json`, `model.safetensors` in F32,
+//! [`import_gguf`]: GGUF file → HF-style directory (`config.json`, `model.safetensors` in BF16,
 //! `tokenizer.json`, `tokenizer_config.json`), built in a temporary directory next to the
 //! destination and renamed into place.
 //!
@@ -34,6 +34,24 @@ pub struct ImportOptions {
     pub cache_dir: Option<PathBuf>,
     /// Replace `out_dir` if it already exists (otherwise that is an error).
     pub overwrite: bool,
+    /// Print progress (tensors written) on stderr.
+    pub progress: bool,
+}
+
+/// Version of the directory layout [`import_gguf`] writes, recorded in [`IMPORT_MARKER`]:
+/// 2 = weights stored in bf16 (1 was f32, without the marker).
+pub const IMPORT_VERSION: u64 = 2;
+
+/// File in an imported directory recording [`IMPORT_VERSION`] and the source GGUF.
+pub const IMPORT_MARKER: &str = "kvzip_import.json";
+
+/// Whether `dir` holds an import of the current [`IMPORT_VERSION`].
+pub fn is_current_import(dir: &Path) -> bool {
+    fs::read(dir.join(IMPORT_MARKER))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["version"].as_u64())
+        == Some(IMPORT_VERSION)
 }
 
 /// What [`import_gguf`] wrote.
@@ -136,7 +154,14 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
     )?;
     let mut source_types = BTreeMap::new();
     let mut n_parameters = 0u64;
-    for (t, hf) in &plan {
+    let n_tensors = plan.len();
+    for (i, (t, hf)) in plan.iter().enumerate() {
+        if opts.progress && (i % 16 == 0 || i + 1 == n_tensors) {
+            eprint!(
+                "\rkvzip: importing {dir_name}: tensor {}/{n_tensors} (dequantize -> bf16)",
+                i + 1
+            );
+        }
         let mut data = file.dequantize_tensor(t)?;
         let shape = t.hf_shape();
         if arch == Arch::Llama {
@@ -170,6 +195,17 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         n_parameters += t.n_elements;
     }
     writer.finish()?;
+    if opts.progress {
+        eprintln!();
+    }
+    write_json(
+        &tmp.path().join(IMPORT_MARKER),
+        &serde_json::json!({
+            "version": IMPORT_VERSION,
+            "weights_dtype": "bfloat16",
+            "source": gguf_path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        }),
+    )?;
 
     // Atomic publish.
     if out_dir.exists() {

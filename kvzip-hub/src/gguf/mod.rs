@@ -19,7 +19,9 @@ pub mod tokenizer_json;
 pub mod value;
 
 pub use dequant::{dequantize, GgmlType};
-pub use import::{import_gguf, ImportOptions, ImportReport};
+pub use import::{
+    import_gguf, is_current_import, ImportOptions, ImportReport, IMPORT_MARKER, IMPORT_VERSION,
+};
 pub use reader::{GgufFile, TensorInfo};
 pub use value::GgufValue;
 

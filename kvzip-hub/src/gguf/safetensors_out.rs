@@ -1,6 +1,7 @@
-//! A streaming `model.safetensors` writer for `F32` tensors: the header is written first from the
-//! declared shapes, then each tensor's data in declaration order, so only one dequantized tensor is
-//! in memory at a time.
+//! A streaming `model.safetensors` writer: tensors are dequantized to f32 and stored as `BF16`
+//! (round to nearest even; half the size of f32, the dtype HF checkpoints ship in). The header is
+//! written first from the declared shapes, then each tensor's data in declaration order, so only
+//! one dequantized tensor is in memory at a time.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -8,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use super::{GgufError, Result};
 
-/// Writes declared `F32` tensors one after another into a safetensors file.
+/// Writes declared tensors (given as f32, stored as `BF16`) one after another into a safetensors
+/// file.
 pub struct SafetensorsWriter {
     path: PathBuf,
     out: BufWriter<File>,
@@ -41,10 +43,10 @@ impl SafetensorsWriter {
         let mut sizes = Vec::with_capacity(tensors.len());
         for (name, shape) in tensors {
             let n: usize = shape.iter().product();
-            let end = offset + n * 4;
+            let end = offset + n * 2;
             header.insert(
                 name.clone(),
-                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, end]}),
             );
             sizes.push((name.clone(), n));
             offset = end;
@@ -89,7 +91,11 @@ impl SafetensorsWriter {
         let mut buf = Vec::with_capacity(1 << 16);
         for chunk in data.chunks(1 << 14) {
             buf.clear();
-            buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+            buf.extend(
+                chunk
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()),
+            );
             self.out.write_all(&buf).map_err(|e| GgufError::Io {
                 path: self.path.clone(),
                 action: "write",

@@ -175,9 +175,9 @@ impl Engine {
         progress: &mut dyn FnMut(&str, usize, usize),
     ) -> Result<ContextCache> {
         let per_pair = match scoring {
-            Scoring::Reconstruct { .. } | Scoring::ReconstructPlus { .. } | Scoring::Baseline(_) => {
-                std::slice::from_ref(scoring)
-            }
+            Scoring::Reconstruct { .. }
+            | Scoring::ReconstructPlus { .. }
+            | Scoring::Baseline(_) => std::slice::from_ref(scoring),
             Scoring::HeadScores(_) | Scoring::None => &[],
         };
         let (mut ctx, mut scores) =
@@ -378,17 +378,15 @@ impl Engine {
                 ModelError::Input("KVzip+ needs a model built on the shared decoder".into())
             })?;
             let w_o = self.device().host_f32_cow(&layer.o.weight.view())?;
-            let grams = kvzip_score::kvzip_plus::output_grams(
-                &w_o,
-                layer.o.out_dim,
-                n_kv * group,
-                d,
-            )
-            .map_err(score_err)?;
+            let grams =
+                kvzip_score::kvzip_plus::output_grams(&w_o, layer.o.out_dim, n_kv * group, d)
+                    .map_err(score_err)?;
             let hidden = norms
                 .get(l)
                 .and_then(|n| n.get(n_sys..n_sys + n_ctx))
-                .ok_or_else(|| ModelError::Input(format!("KVzip+: layer {l} has no hidden norms")))?;
+                .ok_or_else(|| {
+                    ModelError::Input(format!("KVzip+: layer {l} has no hidden norms"))
+                })?;
             let values = |h: usize| -> Vec<f32> {
                 cache
                     .head_values_host(l, h)

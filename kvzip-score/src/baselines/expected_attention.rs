@@ -74,14 +74,28 @@ impl QueryStats {
 
     /// Adds the rotated queries `q` (`[t, n_q, d]` of positions `first_pos..`) of the rows
     /// `rows` (absolute positions), un-rotated with `rope`.
-    pub(super) fn add(&mut self, q: &[f32], first_pos: usize, rows: Range<usize>, rope: &RopeObservation<'_>) {
+    pub(super) fn add(
+        &mut self,
+        q: &[f32],
+        first_pos: usize,
+        rows: Range<usize>,
+        rope: &RopeObservation<'_>,
+    ) {
         let (d, n_q) = (self.d, self.n_q);
         let half = rope.inv_freq.len();
         let mut x = vec![0.0f64; d];
         for p in rows {
-            let cos: Vec<f64> = rope.inv_freq.iter().map(|f| (p as f64 * *f as f64).cos()).collect();
+            let cos: Vec<f64> = rope
+                .inv_freq
+                .iter()
+                .map(|f| (p as f64 * *f as f64).cos())
+                .collect();
             // The inverse rotation: angle -pθ, and the attention factor divided out.
-            let sin: Vec<f64> = rope.inv_freq.iter().map(|f| -(p as f64 * *f as f64).sin()).collect();
+            let sin: Vec<f64> = rope
+                .inv_freq
+                .iter()
+                .map(|f| -(p as f64 * *f as f64).sin())
+                .collect();
             for h in 0..n_q {
                 let off = ((p - first_pos) * n_q + h) * d;
                 x.iter_mut()
@@ -105,7 +119,12 @@ impl QueryStats {
 
     /// Mean and (population) covariance of query head `h`, rotated by the RoPE matrix averaged
     /// over positions `future` (and the attention factor).
-    fn future_moments(&self, h: usize, rope: &RopeObservation<'_>, future: Range<usize>) -> (Vec<f64>, Vec<f64>) {
+    fn future_moments(
+        &self,
+        h: usize,
+        rope: &RopeObservation<'_>,
+        future: Range<usize>,
+    ) -> (Vec<f64>, Vec<f64>) {
         let d = self.d;
         let n = self.count.max(1) as f64;
         let mut mu: Vec<f64> = self.sum[h * d..(h + 1) * d].iter().map(|s| s / n).collect();
@@ -120,12 +139,24 @@ impl QueryStats {
         let cos: Vec<f64> = rope
             .inv_freq
             .iter()
-            .map(|f| future.clone().map(|t| (t as f64 * *f as f64).cos()).sum::<f64>() / m)
+            .map(|f| {
+                future
+                    .clone()
+                    .map(|t| (t as f64 * *f as f64).cos())
+                    .sum::<f64>()
+                    / m
+            })
             .collect();
         let sin: Vec<f64> = rope
             .inv_freq
             .iter()
-            .map(|f| future.clone().map(|t| (t as f64 * *f as f64).sin()).sum::<f64>() / m)
+            .map(|f| {
+                future
+                    .clone()
+                    .map(|t| (t as f64 * *f as f64).sin())
+                    .sum::<f64>()
+                    / m
+            })
             .collect();
         let factor = rope.factor as f64;
         rotate(&mut mu, &cos, &sin, factor);
@@ -167,7 +198,11 @@ impl QueryStats {
             let v = values(kh);
             let mut mean_probs = vec![0.0f64; n_rows - sink];
             for g in 0..group {
-                let (mu, cov) = self.future_moments(kh * group + g, rope, n_rows..n_rows + cfg.n_future_positions);
+                let (mu, cov) = self.future_moments(
+                    kh * group + g,
+                    rope,
+                    n_rows..n_rows + cfg.n_future_positions,
+                );
                 let logits: Vec<f64> = (sink..n_rows)
                     .map(|p| {
                         let kp = &k[p * d..(p + 1) * d];
@@ -229,7 +264,9 @@ mod tests {
     }
 
     fn matvec(m: &[f64], x: &[f64], d: usize) -> Vec<f64> {
-        (0..d).map(|i| (0..d).map(|j| m[i * d + j] * x[j]).sum()).collect()
+        (0..d)
+            .map(|i| (0..d).map(|j| m[i * d + j] * x[j]).sum())
+            .collect()
     }
 
     #[test]
@@ -238,8 +275,15 @@ mod tests {
         // context = positions 3..10, 2 sinks, 6 future positions.
         let (d, n_q, n_rows) = (4, 2, 10);
         let inv_freq = [0.9f32, 0.05];
-        let rope = RopeObservation { inv_freq: &inv_freq, factor: 1.0 };
-        let cfg = ExpectedAttentionConfig { n_future_positions: 6, n_sink: 2, ..Default::default() };
+        let rope = RopeObservation {
+            inv_freq: &inv_freq,
+            factor: 1.0,
+        };
+        let cfg = ExpectedAttentionConfig {
+            n_future_positions: 6,
+            n_sink: 2,
+            ..Default::default()
+        };
         let mut gen = kvzip_kernels::sampling::Rng::new(7);
         let mut rng = || gen.next_f64() * 2.0 - 1.0;
         let raw_q: Vec<f64> = (0..n_rows * n_q * d).map(|_| rng()).collect();
@@ -260,7 +304,16 @@ mod tests {
         let mut stats = QueryStats::new(n_q, d);
         stats.add(&q_rot, 0, 2..n_rows, &rope);
         let scale = 0.5f32;
-        let got = stats.finish_layer(&cfg, &rope, &|_| keys.clone(), &|_| values.clone(), 1, n_rows, 3..n_rows, scale);
+        let got = stats.finish_layer(
+            &cfg,
+            &rope,
+            &|_| keys.clone(),
+            &|_| values.clone(),
+            1,
+            n_rows,
+            3..n_rows,
+            scale,
+        );
         // Dense reference.
         let mut rbar = vec![0.0; d * d];
         for t in n_rows..n_rows + 6 {
@@ -269,11 +322,20 @@ mod tests {
         }
         let mut expected = vec![0.0f64; n_rows - 2];
         for h in 0..n_q {
-            let rows: Vec<&[f64]> = (2..n_rows).map(|p| &raw_q[(p * n_q + h) * d..(p * n_q + h + 1) * d]).collect();
+            let rows: Vec<&[f64]> = (2..n_rows)
+                .map(|p| &raw_q[(p * n_q + h) * d..(p * n_q + h + 1) * d])
+                .collect();
             let n = rows.len() as f64;
-            let mu: Vec<f64> = (0..d).map(|i| rows.iter().map(|r| r[i]).sum::<f64>() / n).collect();
+            let mu: Vec<f64> = (0..d)
+                .map(|i| rows.iter().map(|r| r[i]).sum::<f64>() / n)
+                .collect();
             let cov: Vec<f64> = (0..d * d)
-                .map(|ij| rows.iter().map(|r| (r[ij / d] - mu[ij / d]) * (r[ij % d] - mu[ij % d])).sum::<f64>() / n)
+                .map(|ij| {
+                    rows.iter()
+                        .map(|r| (r[ij / d] - mu[ij / d]) * (r[ij % d] - mu[ij % d]))
+                        .sum::<f64>()
+                        / n
+                })
                 .collect();
             let mu2 = matvec(&rbar, &mu, d);
             // Σ' = R̄ Σ R̄ᵀ
@@ -294,7 +356,9 @@ mod tests {
                 .map(|p| {
                     let k: Vec<f64> = keys[p * d..(p + 1) * d].iter().map(|x| *x as f64).collect();
                     let lin: f64 = (0..d).map(|i| mu2[i] * k[i]).sum();
-                    let quad: f64 = (0..d).map(|i| k[i] * (0..d).map(|j| cov2[i * d + j] * k[j]).sum::<f64>()).sum();
+                    let quad: f64 = (0..d)
+                        .map(|i| k[i] * (0..d).map(|j| cov2[i * d + j] * k[j]).sum::<f64>())
+                        .sum();
                     s * lin + 0.5 * s * s * quad
                 })
                 .collect();
@@ -304,9 +368,17 @@ mod tests {
             }
         }
         for (c, p) in (3..n_rows).enumerate() {
-            let vn: f64 = values[p * d..(p + 1) * d].iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let vn: f64 = values[p * d..(p + 1) * d]
+                .iter()
+                .map(|x| (*x as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
             let want = expected[p - 2] * vn;
-            assert!((got[c] as f64 - want).abs() < 1e-5 * want.abs().max(1e-3), "pos {p}: {} vs {want}", got[c]);
+            assert!(
+                (got[c] as f64 - want).abs() < 1e-5 * want.abs().max(1e-3),
+                "pos {p}: {} vs {want}",
+                got[c]
+            );
         }
     }
 }

@@ -8,7 +8,12 @@ use std::ops::Range;
 
 /// KeyDiff scores of positions `rows` of one head whose first `n_rows` key rows (`keys`:
 /// `[>= n_rows, head_dim]`) form the anchor.
-pub fn keydiff_scores(keys: &[f32], head_dim: usize, n_rows: usize, rows: Range<usize>) -> Vec<f32> {
+pub fn keydiff_scores(
+    keys: &[f32],
+    head_dim: usize,
+    n_rows: usize,
+    rows: Range<usize>,
+) -> Vec<f32> {
     let d = head_dim;
     let norm = |k: &[f32]| k.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let mut anchor = vec![0.0f64; d];

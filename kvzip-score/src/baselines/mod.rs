@@ -161,7 +161,9 @@ impl BaselineScorer {
             }
         }
         if n_ctx == 0 {
-            return Err(ScoreError::Shape("a baseline needs a non-empty context".into()));
+            return Err(ScoreError::Shape(
+                "a baseline needs a non-empty context".into(),
+            ));
         }
         Ok(Self {
             kind,

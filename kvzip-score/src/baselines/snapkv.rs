@@ -102,4 +102,3 @@ pub fn pool1d(values: &[f32], kernel: usize, pooling: Pooling) -> Vec<f32> {
         })
         .collect()
 }
-
