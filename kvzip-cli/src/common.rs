@@ -9,7 +9,7 @@ use kvzip_hub::fetch::{default_cache_dir, resolve_model};
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring};
 use kvzip_models::engine::Engine;
 use kvzip_models::Device;
-use kvzip_templates::{ModelFamily, PromptIds, PromptPieces, Task, Tokenizer};
+use kvzip_templates::{PromptIds, PromptPieces, Task, Tokenizer};
 use sha2::{Digest, Sha256};
 
 /// `--model` and `--device`: which model, and where it runs.
@@ -76,16 +76,40 @@ pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
 }
 
 impl LoadedModel {
-    /// KVzip prompt pieces: derived from the model's own chat template when it has one,
-    /// otherwise KVzip's hand-written family pieces (KVZIP-SPEC §5.2).
+    /// KVzip prompt pieces: derived from the model's own chat template when it has one;
+    /// a base model without one gets the plain-text pieces ([`PromptPieces::plain`]: BOS, task
+    /// line, context, question, `Answer:`), never a chat format it was not trained on.
     pub fn prompt_pieces(&self, task: Task) -> Result<PromptPieces> {
         match self.tokenizer.chat_template() {
             Ok(t) => Ok(PromptPieces::from_chat_template(&t, task)?),
-            Err(_) => Ok(PromptPieces::for_family(
-                ModelFamily::from_model_name(&self.name),
-                task,
-            )),
+            Err(_) => {
+                self.note_plain_format();
+                Ok(PromptPieces::plain(self.bos_text()?.as_deref(), task))
+            }
         }
+    }
+
+    /// The text of the special tokens the tokenizer puts before a raw prompt (its BOS), if any.
+    pub fn bos_text(&self) -> Result<Option<String>> {
+        let with = self.tokenizer.encode_prompt("a")?;
+        let without = self.tokenizer.encode("a")?;
+        if with.len() > without.len() && with.ends_with(&without) {
+            let prefix = &with[..with.len() - without.len()];
+            return Ok(Some(self.tokenizer.decode(prefix, false)?));
+        }
+        Ok(None)
+    }
+
+    /// Says once on stderr that the model has no chat template and the plain format is used.
+    pub fn note_plain_format(&self) {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            eprintln!(
+                "note: {} has no chat template (a base model): prompts use the plain-text format \
+                 (no chat turns; see README \"Base models\")",
+                self.name
+            )
+        });
     }
 
     /// Token ids of the prompt pieces.

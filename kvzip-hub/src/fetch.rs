@@ -45,6 +45,8 @@ pub struct KnownModel {
     pub sha256: &'static str,
     /// Size of the assembled GGUF in bytes.
     pub size: u64,
+    /// Instruction-tuned (has a chat format); base models are imported without a chat template.
+    pub instruct: bool,
 }
 
 macro_rules! part {
@@ -70,6 +72,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         )],
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size: 98_362_432,
+        instruct: true,
     },
     KnownModel {
         name: "qwen2.5-coder-0.5b-instruct",
@@ -107,6 +110,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         ],
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size: 491_400_064,
+        instruct: true,
     },
     KnownModel {
         name: "gemma3-270m",
@@ -134,6 +138,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         ],
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         size: 253_113_024,
+        instruct: false,
     },
 ];
 
@@ -271,6 +276,7 @@ pub fn fetch_model(name: &str, cache_dir: &Path) -> Result<PathBuf> {
         cache_dir: Some(cache_dir.to_path_buf()),
         overwrite: true,
         progress: true,
+        base_model: !model.instruct,
         ..ImportOptions::default()
     };
     import_gguf(&gguf, &dir, &opts)?;

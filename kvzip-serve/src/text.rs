@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use kvzip_templates::{format_query, ChatMessage, PromptIds, Task, Tokenizer};
+use kvzip_templates::{ChatMessage, PromptIds, Tokenizer};
 
 use crate::api::{message_text, ApiError, RequestMessage};
 
@@ -68,9 +68,9 @@ impl Prompter {
             .map_err(|e| ApiError::internal(format!("tokenizer: {e}")))
     }
 
-    /// Ids of a query on a compressed context, formatted exactly as `kvzip run` formats a
-    /// `--query`: a conversation of one user message is that question; a longer one is passed
-    /// as its transcript.
+    /// Ids of a query on a compressed context, exactly as `kvzip run` sends a `--query` (as
+    /// written, after the QA system prompt): a conversation of one user message is that
+    /// question; a longer one is passed as its transcript.
     pub fn query_ids(&self, messages: &[RequestMessage]) -> Result<Vec<u32>, ApiError> {
         let texts = checked_texts(messages, "messages")?;
         if texts.last().is_none_or(|(r, _)| r != "user") {
@@ -84,7 +84,7 @@ impl Prompter {
             many => transcript(many),
         };
         self.prompt
-            .query_input_ids(&self.tokenizer, &format_query(Task::Qa, &question))
+            .query_input_ids(&self.tokenizer, &question)
             .map_err(|e| ApiError::internal(format!("tokenizer: {e}")))
     }
 

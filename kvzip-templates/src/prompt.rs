@@ -145,6 +145,16 @@ impl PromptPieces {
         }
     }
 
+    /// Plain-text pieces for a base model (no chat template, never trained on one):
+    /// `[bos] [task line] [context] ["\n\n" + query] ["\nAnswer:"]`. `bos` is the tokenizer's
+    /// BOS token text when it adds one (Gemma's `<bos>`).
+    pub fn plain(bos: Option<&str>, task: Task) -> Self {
+        Self {
+            prefix: format!("{}{}", bos.unwrap_or(""), task.task_line()),
+            postfix: "\nAnswer:".to_string(),
+        }
+    }
+
     /// Derives the pieces from a model's own chat template: renders `[system: "You are a helpful
     /// assistant.", user: PLACEHOLDER]` with the generation prompt (and `enable_thinking=false`),
     /// and splits around the placeholder. Templates that reject or drop a system message get

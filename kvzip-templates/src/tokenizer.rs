@@ -263,6 +263,21 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of a raw prompt (text fed without a chat template) as transformers'
+    /// `tokenizer(text)` gives them: with the tokenizer's own special tokens
+    /// (`add_special_tokens=true`: Gemma's BOS; nothing for byte-level BPE models like Qwen).
+    /// Base models degenerate without the BOS they were trained with.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(|e| TemplateError::Tokenize {
+                operation: "encode",
+                message: e.to_string(),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// Piecewise encoding (KVZIP-SPEC §0): each piece is encoded on its own with [`Self::encode`]
     /// and the id lists are concatenated. This differs from encoding the concatenated text at the
     /// piece boundaries, and is what KVzip does.

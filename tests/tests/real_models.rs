@@ -305,3 +305,61 @@ fn default_model_answers_kim() {
         "the answer {answer:?} does not contain \"Kim\""
     );
 }
+
+/// `raw_prompt.json`: transformers' ids of raw texts (`add_special_tokens=True`) and the greedy
+/// continuation of the first, from the same imported weights.
+fn check_raw_prompt(name: &str) {
+    let dir = model_dir(name);
+    let tok = Tokenizer::from_dir(&dir).expect("tokenizer loads");
+    let path = fixtures_dir()
+        .join("real")
+        .join(name)
+        .join("raw_prompt.json");
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("raw_prompt.json")).expect("JSON");
+    for t in fixture["texts"].as_array().expect("texts") {
+        let text = t["text"].as_str().expect("text");
+        let want: Vec<u32> = serde_json::from_value(t["ids"].clone()).expect("ids");
+        assert_eq!(
+            tok.encode_prompt(text).expect("encode"),
+            want,
+            "{name}: ids of raw prompt {text:?}"
+        );
+    }
+    let engine = Engine::load(&dir).expect("model loads");
+    let prompt = tok
+        .encode_prompt(fixture["greedy"]["prompt"].as_str().expect("prompt"))
+        .expect("encode");
+    let want: Vec<u32> =
+        serde_json::from_value(fixture["greedy"]["continuation_ids"].clone()).expect("ids");
+    let mut cache = engine.new_cache().expect("cache");
+    let mut opts = GenerateOptions::greedy(engine.spec(), want.len());
+    opts.stop_tokens.clear();
+    let gen = engine
+        .generate(&mut cache, &prompt, &opts, false, &mut |_| true)
+        .expect("generate");
+    assert_eq!(
+        gen.tokens,
+        want,
+        "{name}: greedy continuation of the raw prompt ({:?} vs transformers {:?})",
+        tok.decode(&gen.tokens, false),
+        fixture["greedy"]["continuation_text"]
+    );
+}
+
+#[test]
+fn raw_prompt_ids_and_continuation_match_transformers_smollm2() {
+    check_raw_prompt("smollm2-135m-instruct");
+}
+
+#[test]
+fn raw_prompt_ids_and_continuation_match_transformers_qwen25() {
+    check_raw_prompt("qwen2.5-coder-0.5b-instruct");
+}
+
+/// Gemma 3 270M is a base model whose tokenizer adds a BOS: without it the model degenerates
+/// (" France. The The The ..."), with it the continuation equals transformers'.
+#[test]
+fn raw_prompt_ids_and_continuation_match_transformers_gemma3() {
+    check_raw_prompt("gemma3-270m");
+}

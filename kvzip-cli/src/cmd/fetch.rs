@@ -45,6 +45,9 @@ pub struct ImportArgs {
     /// Directory with an HF tokenizer.json for SentencePiece vocabularies (gemma).
     #[arg(long)]
     pub tokenizer_dir: Option<PathBuf>,
+    /// A base (not instruction-tuned) model: write no chat template.
+    #[arg(long)]
+    pub base_model: bool,
 }
 
 /// `kvzip import-gguf`.
@@ -54,6 +57,7 @@ pub fn import(args: &ImportArgs) -> Result<()> {
         cache_dir: None,
         overwrite: args.overwrite,
         progress: true,
+        base_model: args.base_model,
     };
     let report = import_gguf(&args.file, &args.out, &opts)?;
     println!(

@@ -70,16 +70,42 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// Renders a conversation with the model's chat template (or plain text when it has none).
-fn render(model: &LoadedModel, messages: &[ChatMessage]) -> Result<String> {
+/// Ids of a conversation: the model's chat template with the generation prompt, or, for a
+/// base model without one, the plain-text format (see [`plain_conversation`]) with the
+/// tokenizer's BOS.
+fn conversation_ids(model: &LoadedModel, messages: &[ChatMessage]) -> Result<Vec<u32>> {
     match model.tokenizer.chat_template() {
-        Ok(t) => Ok(t.render(messages, true)?),
-        Err(_) => Ok(messages
-            .iter()
-            .map(|m| m.content.clone())
-            .collect::<Vec<_>>()
-            .join("\n\n")),
+        Ok(t) => Ok(model.tokenizer.encode(&t.render(messages, true)?)?),
+        Err(_) => {
+            model.note_plain_format();
+            Ok(model
+                .tokenizer
+                .encode_prompt(&plain_conversation(messages))?)
+        }
     }
+}
+
+/// The plain-text conversation format for base models: a single user message is sent as it
+/// is (a continuation prompt); otherwise `System: …`, `User: …`, `Assistant: …` blocks separated
+/// by blank lines, ending with `Assistant:`.
+pub fn plain_conversation(messages: &[ChatMessage]) -> String {
+    if let [only] = messages {
+        if only.role == "user" {
+            return only.content.clone();
+        }
+    }
+    let mut out: Vec<String> = messages
+        .iter()
+        .map(|m| {
+            let mut role = m.role.clone();
+            if let Some(first) = role.get_mut(0..1) {
+                first.make_ascii_uppercase();
+            }
+            format!("{role}: {}", m.content)
+        })
+        .collect();
+    out.push("Assistant:".into());
+    out.join("\n\n")
 }
 
 /// Generates from `ids` on `cache`, streaming text to stdout unless `quiet`.
@@ -138,12 +164,13 @@ fn stream_generate(
 /// `kvzip generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     let model = load_model(&args.model)?;
-    let text = if args.raw {
-        args.prompt.clone()
+    // A raw prompt gets the tokenizer's special tokens (BOS) as transformers adds them; a
+    // rendered chat template carries its own.
+    let ids = if args.raw {
+        model.tokenizer.encode_prompt(&args.prompt)?
     } else {
-        render(&model, &[ChatMessage::new("user", args.prompt.clone())])?
+        conversation_ids(&model, &[ChatMessage::new("user", args.prompt.clone())])?
     };
-    let ids = model.tokenizer.encode(&text)?;
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens; give a non-empty --prompt");
     }
@@ -202,7 +229,7 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
             break;
         }
         messages.push(ChatMessage::new("user", line.trim().to_owned()));
-        let ids = model.tokenizer.encode(&render(&model, &messages)?)?;
+        let ids = conversation_ids(&model, &messages)?;
         // Reuse the cache when the rendered conversation extends what was fed.
         let new = if ids.len() > fed.len() && ids[..fed.len()] == fed[..] {
             &ids[fed.len()..]

@@ -45,9 +45,11 @@ pub struct RunArgs {
     /// Reconstruction chunk size in context tokens.
     #[arg(long, default_value_t = DEFAULT_SCORING_CHUNK)]
     pub chunk: usize,
-    /// Task template: qa or gsm.
-    #[arg(long, default_value = "qa")]
-    pub task: String,
+    /// Task format (KVZIP-SPEC §6): qa or gsm. Without it each query is sent exactly as
+    /// written (after the QA system prompt), as the reference's quick start does; with it the
+    /// task's query format applies (`qa`: `Q: …`).
+    #[arg(long)]
+    pub task: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Print one JSON object.
@@ -73,16 +75,21 @@ pub fn parse_task(s: &str) -> Result<Task> {
     }
 }
 
-/// Answers one formatted query; returns (answer text, tokens, ms).
+/// Answers one query (formatted for `task` when one is given, else as written); returns
+/// (answer text, tokens, ms, the query's input ids).
 pub fn answer_query(
     model: &LoadedModel,
     prompt: &PromptIds,
     ctx: &mut ContextCache,
-    task: Task,
+    task: Option<Task>,
     question: &str,
     sampling: &SamplingArgs,
-) -> Result<(String, usize, f64)> {
-    let ids = prompt.query_input_ids(&model.tokenizer, &format_query(task, question))?;
+) -> Result<(String, usize, f64, Vec<u32>)> {
+    let query = match task {
+        Some(t) => format_query(t, question),
+        None => question.to_owned(),
+    };
+    let ids = prompt.query_input_ids(&model.tokenizer, &query)?;
     let opts = sampling.options(model);
     let t0 = Instant::now();
     let gen = model
@@ -90,7 +97,7 @@ pub fn answer_query(
         .answer(ctx, &ids, &opts, false, &mut |_| true)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     let text = model.tokenizer.decode(&gen.tokens, true)?;
-    Ok((text.trim().to_owned(), gen.tokens.len(), ms))
+    Ok((text.trim().to_owned(), gen.tokens.len(), ms, ids))
 }
 
 /// Loads a saved cache onto the model's device (a cache saved from either device loads on
@@ -181,7 +188,8 @@ impl RunSummary<'_> {
 /// `kvzip run`: the same flow on every device.
 pub fn run(args: &RunArgs) -> Result<()> {
     let model = load_model(&args.model)?;
-    let task = parse_task(&args.task)?;
+    let query_task = args.task.as_deref().map(parse_task).transpose()?;
+    let task = query_task.unwrap_or(Task::Qa);
     let kv_type = parse_kv_type(&args.kv_type)?;
     let prompt = model.prompt_ids(task)?;
     let t_all = Instant::now();
@@ -242,7 +250,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         };
         meta.extra
             .insert("kv_bytes_full".into(), kv_full.to_string());
-        meta.extra.insert("task".into(), args.task.clone());
+        meta.extra.insert(
+            "task".into(),
+            args.task.clone().unwrap_or_else(|| "qa".into()),
+        );
         ctx.cache
             .save(path, &meta)
             .with_context(|| format!("saving the cache to {}", path.display()))?;
@@ -251,13 +262,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let mut answers = Vec::new();
     let mut gen_ms = Vec::new();
     for q in &args.queries {
-        let (answer, n_tokens, ms) =
-            answer_query(&model, &prompt, &mut ctx, task, q, &args.sampling)?;
+        let (answer, n_tokens, ms, query_ids) =
+            answer_query(&model, &prompt, &mut ctx, query_task, q, &args.sampling)?;
         if !args.json {
             println!("Q: {q}\nA: {answer}\n");
         }
         gen_ms.push(ms);
-        answers.push(json!({"query": q, "answer": answer, "tokens": n_tokens}));
+        answers.push(
+            json!({"query": q, "answer": answer, "tokens": n_tokens, "query_ids": query_ids}),
+        );
     }
     RunSummary {
         device: model.device_kind(),

@@ -36,6 +36,9 @@ pub struct ImportOptions {
     pub overwrite: bool,
     /// Print progress (tensors written) on stderr.
     pub progress: bool,
+    /// A base (not instruction-tuned) model: no chat template is written, so tools use their
+    /// plain-text prompt format instead of a chat format the model was never trained on.
+    pub base_model: bool,
 }
 
 /// Version of the directory layout [`import_gguf`] writes, recorded in [`IMPORT_MARKER`]:
@@ -140,6 +143,16 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         .map_err(|e| io_err(&parent, "create temporary directory", e))?;
 
     let tokenizer_source = write_tokenizer_files(&file, arch, tmp.path(), opts)?;
+    if opts.base_model {
+        // A base model has no chat format: drop any template the vocabulary source carries.
+        let cfg_path = tmp.path().join("tokenizer_config.json");
+        if let Ok(bytes) = fs::read(&cfg_path) {
+            if let Ok(Value::Object(mut cfg)) = serde_json::from_slice::<Value>(&bytes) {
+                cfg.remove("chat_template");
+                write_json(&cfg_path, &Value::Object(cfg))?;
+            }
+        }
+    }
     write_json(&tmp.path().join("config.json"), &config)?;
 
     let decls: Vec<(String, Vec<usize>)> = plan
