@@ -166,33 +166,13 @@ impl Default for DataOptions {
     }
 }
 
-/// The default shared data folder: `$KVZIP_DATA_DIR`, else `../shared/data` or `shared/data`
-/// relative to the current directory, whichever exists.
-pub fn default_data_dir() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("KVZIP_DATA_DIR")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    candidates.push(PathBuf::from("../shared/data"));
-    candidates.push(PathBuf::from("shared/data"));
-    candidates.into_iter().find(|p| p.is_dir())
-}
-
 impl DataOptions {
     /// The file to read: `data_file`, else `data_dir/rel`; errors name `--data-file`.
     fn resolve(&self, name: DatasetName, rel: &str, what: &str) -> Result<PathBuf> {
         let path = match (&self.data_file, &self.data_dir) {
             (Some(f), _) => f.clone(),
             (None, Some(d)) => d.join(rel),
-            (None, None) => match default_data_dir() {
-                Some(d) => d.join(rel),
-                None => {
-                    return Err(EvalError::Input(format!(
-                        "no data for {name}: ../shared/data does not exist here; pass --data-file \
-                         PATH to {what}"
-                    )))
-                }
-            },
+            (None, None) => crate::download::data_root(name)?.join(rel),
         };
         if !path.exists() {
             return Err(EvalError::Input(format!(

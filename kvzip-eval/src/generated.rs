@@ -121,15 +121,7 @@ pub fn essay_dir(opts: &DataOptions) -> Result<PathBuf> {
     let dir = match (&opts.data_file, &opts.data_dir) {
         (Some(f), _) => f.clone(),
         (None, Some(d)) => d.join("pg-essays"),
-        (None, None) => crate::datasets::default_data_dir()
-            .map(|d| d.join("pg-essays"))
-            .ok_or_else(|| {
-                EvalError::Input(
-                    "no essays: ../shared/data does not exist here; pass --data-file DIR with \
-                     the Paul Graham essays (*.txt)"
-                        .into(),
-                )
-            })?,
+        (None, None) => crate::download::data_root(DatasetName::Needle)?.join("pg-essays"),
     };
     if !dir.is_dir() {
         return Err(EvalError::Input(format!(

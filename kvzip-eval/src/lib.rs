@@ -10,6 +10,7 @@
 //! * `DIR/summary.json`: the [`summary::Summary`] of the finished examples.
 
 pub mod datasets;
+pub mod download;
 pub mod generated;
 pub mod methods;
 pub mod metrics;

@@ -101,6 +101,19 @@ fn draw<DB: DrawingBackend>(
                     .map(|p| Circle::new((p.ratio, p.score), 3, color.filled())),
             )
             .map_err(|x| e(&x))?;
+        // 95 % bootstrap intervals as error bars, nudged sideways per method so they stay
+        // readable where methods overlap.
+        let dx = (i as f64 - order.len() as f64 / 2.0) * 0.004;
+        chart
+            .draw_series(pts.iter().filter_map(|p| {
+                let (lo, hi) = (p.ci_low?, p.ci_high?);
+                let x = p.ratio + dx;
+                Some(PathElement::new(
+                    vec![(x, lo), (x, hi)],
+                    color.mix(0.6).stroke_width(1),
+                ))
+            }))
+            .map_err(|x| e(&x))?;
     }
     chart
         .configure_series_labels()

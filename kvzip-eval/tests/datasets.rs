@@ -144,18 +144,21 @@ fn needle_grid_has_requested_lengths_and_depths() {
     essays(tmp.path());
     let o = DataOptions {
         data_file: Some(tmp.path().to_owned()),
-        num: 100,
+        num: 10,
         context_tokens: vec![100, 200],
         depths: vec![0, 50, 100],
         ..DataOptions::default()
     };
     let ex = load(DatasetName::Needle, &o, &WordCount).unwrap();
-    assert_eq!(ex.len(), 6);
+    // The 2 x 3 grid, then a replica over a haystack starting at another essay.
+    assert_eq!(ex.len(), 10);
     assert_eq!(ex[4].id, "needle-200-50");
+    assert_eq!(ex[6].id, "needle-100-0-r1");
     for e in &ex {
         assert!(e.context.contains(NEEDLE));
         assert_eq!(e.answers, vec![NEEDLE_ANSWER]);
         let len: usize = e.id.split('-').nth(1).unwrap().parse().unwrap();
+        assert!(e.id.split('-').count() <= 4, "{}", e.id);
         let n = e.context.split_whitespace().count();
         assert!(n <= len && n + 12 >= len, "{}: {n} words", e.id);
     }

@@ -169,12 +169,27 @@ fn summary_averages_over_all_queries_with_full_cache_at_ratio_one() {
     let json = s.methods_json();
     assert_eq!(json["kvzip"][2]["ratio"], 1.0);
     assert_eq!(json["snapkv"][0]["score"], 50.0);
+    // Two examples: every point has a bootstrap interval that brackets its mean.
+    for pts in s.methods.values() {
+        for p in pts {
+            let (lo, hi) = (p.ci_low.unwrap(), p.ci_high.unwrap());
+            assert!(lo <= p.score && p.score <= hi, "{p:?}");
+        }
+    }
     let table = markdown_table(&s);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines[0], "| ratio | kvzip | snapkv |");
-    assert_eq!(lines[2], "| 1.0 (full) | 100.0 | 100.0 |");
-    assert_eq!(lines[3], "| 0.5 | 100.0 (100%) | 50.0 (50%) |");
-    assert_eq!(lines[4], "| 0.1 | 50.0 (50%) | 50.0 (50%) |");
+    assert!(
+        lines[2].starts_with("| 1.0 (full) | 100.0 ["),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("| 0.5 | 100.0 [") && lines[3].contains("] (100%) | 50.0 ["),
+        "{}",
+        lines[3]
+    );
+    assert!(lines[4].contains("(50%)"), "{}", lines[4]);
 }
 
 #[test]
@@ -189,7 +204,11 @@ fn report_writes_tables_json_and_plots() {
     run_all(&out, &examples(2), &mut ev, &mut |_| {}).unwrap();
     let rep = tmp.path().join("report");
     let files = write_report(&tmp.path().join("results"), &rep).unwrap();
-    assert_eq!(files.len(), 5);
+    assert_eq!(files.len(), 6);
+    // One self-contained HTML page: tables and the plot inline, nothing fetched.
+    let html = std::fs::read_to_string(rep.join("report.html")).unwrap();
+    assert!(html.contains("<table") && html.contains("<svg") && html.contains("m / squad"));
+    assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
     let md = std::fs::read_to_string(rep.join("m-squad.md")).unwrap();
     assert!(
         md.contains("| 1.0 (full) |") && md.contains("m-squad.png"),

@@ -32,7 +32,8 @@ pub struct EvalArgs {
     /// --data-dir.
     #[arg(long)]
     pub data_file: Option<PathBuf>,
-    /// Shared data folder (default: ../shared/data or shared/data when present).
+    /// Data folder with squad-v1.1/, gsm8k/, pg-essays/ (default: $KVZIP_DATA, else
+    /// $KVZIP_HOME/data, downloading the official files there with pinned checksums on first use).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Number of examples (contexts).
@@ -198,7 +199,10 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     };
     prepare_out_dir(&out, &config)?;
     let head = if methods.contains(&Method::KvzipHead) {
-        let dir = opts.data_dir.clone().or_else(datasets::default_data_dir);
+        let dir = match &opts.data_dir {
+            Some(d) => Some(d.clone()),
+            None => Some(kvzip_eval::download::data_root(DatasetName::Needle)?),
+        };
         Some(head_scores(args, &model, &out, dir)?)
     } else {
         None
