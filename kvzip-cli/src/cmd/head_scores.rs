@@ -15,8 +15,8 @@ use crate::common::{load_model, read_text, ModelArgs};
 pub struct HeadScoresArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Sample context files (one or more).
-    #[arg(long = "context", required = true)]
+    /// Sample context files: several after one flag (`--context a.txt b.txt`) or the flag repeated.
+    #[arg(long = "context", required = true, num_args = 1..)]
     pub contexts: Vec<PathBuf>,
     /// Existing head-score files to merge in (element-wise max).
     #[arg(long)]
