@@ -24,15 +24,19 @@ use crate::{CacheError, KvCache};
 
 /// Value of the `format` metadata key identifying a kvzip cache file.
 pub const FORMAT_NAME: &str = "kvzip-rs/kv-cache";
-/// Value of the `format_version` metadata key written by this crate. Version 1 (F32 rows only)
-/// is read too.
-pub const FORMAT_VERSION: &str = "2";
+/// Value of the `format_version` metadata key written by this crate: 3 adds the SHA-256
+/// checksum over the metadata and every tensor ([`KEY_CHECKSUM`]), verified on load. Versions 1
+/// (F32 rows only) and 2 (no checksum) are read too.
+pub const FORMAT_VERSION: &str = "3";
 /// Older versions this crate still reads.
-const READABLE_VERSIONS: [&str; 2] = ["1", "2"];
+const READABLE_VERSIONS: [&str; 3] = ["1", "2", "3"];
 
 const KEY_FORMAT: &str = "format";
 const KEY_VERSION: &str = "format_version";
 const KEY_HEADER: &str = "kvzip_cache";
+/// Metadata key of the checksum: SHA-256 (hex) of the `kvzip_cache` JSON followed by every
+/// tensor in name order (name, dtype, shape as little-endian u64s, data).
+pub const KEY_CHECKSUM: &str = "checksum_sha256";
 const RECREATE: &str = "re-create it by compressing the context again with --save-cache";
 
 /// Caller-provided description of a saved cache (stored in the file and returned by `load`).
@@ -218,6 +222,31 @@ impl<S: KvStorage> View for Shaped<'_, S> {
     }
 }
 
+/// The file checksum (see [`KEY_CHECKSUM`]) over `header_json` and `(name, dtype, shape,
+/// data)` tensors, sorted by name here.
+fn checksum<'a>(
+    version: &str,
+    header_json: &str,
+    tensors: impl Iterator<Item = (String, String, Vec<usize>, Cow<'a, [u8]>)>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut all: Vec<_> = tensors.collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = Sha256::new();
+    h.update(version.as_bytes());
+    h.update(b"\0");
+    h.update(header_json.as_bytes());
+    for (name, dtype, shape, data) in all {
+        h.update(name.as_bytes());
+        h.update(dtype.as_bytes());
+        for d in shape {
+            h.update((d as u64).to_le_bytes());
+        }
+        h.update(&data);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn format_err(path: &Path, msg: impl Into<String>) -> CacheError {
     CacheError::Format {
         path: path.to_path_buf(),
@@ -317,12 +346,6 @@ impl<S: KvStorage + Clone> KvCache<S> {
         };
         let header_json = serde_json::to_string(&header)
             .map_err(|e| format_err(path, format!("cannot encode metadata as JSON: {e}")))?;
-        let info: HashMap<String, String> = [
-            (KEY_FORMAT.to_string(), FORMAT_NAME.to_string()),
-            (KEY_VERSION.to_string(), FORMAT_VERSION.to_string()),
-            (KEY_HEADER.to_string(), header_json),
-        ]
-        .into();
         let row_dtype = if self.storage.elem_bytes() == 2 {
             Dtype::BF16
         } else {
@@ -349,6 +372,31 @@ impl<S: KvStorage + Clone> KvCache<S> {
                 tensors.push((format!("layer.{l}.{name}"), Shaped { tensor, shape }));
             }
         }
+        // Integrity: a checksum over the metadata and every tensor (each tensor's data is
+        // produced twice, once for the checksum and once for the file, so nothing large is
+        // held in memory).
+        let sum = checksum(
+            FORMAT_VERSION,
+            &header_json,
+            tensors.iter().map(|(name, t)| {
+                (
+                    name.clone(),
+                    format!("{:?}", t.tensor.dtype()),
+                    t.shape.clone(),
+                    Cow::Owned(t.tensor.bytes()),
+                )
+            }),
+        );
+        if let Some(e) = error.borrow_mut().take() {
+            return Err(e);
+        }
+        let info: HashMap<String, String> = [
+            (KEY_FORMAT.to_string(), FORMAT_NAME.to_string()),
+            (KEY_VERSION.to_string(), FORMAT_VERSION.to_string()),
+            (KEY_HEADER.to_string(), header_json),
+            (KEY_CHECKSUM.to_string(), sum),
+        ]
+        .into();
         let out = write(tensors, &Some(info)).map_err(|e| match e {
             SafeTensorError::IoError(source) => CacheError::Io {
                 path: path.to_path_buf(),
@@ -389,6 +437,7 @@ impl<S: KvStorage + Clone> KvCache<S> {
     ) -> Result<(KvCache<S>, CacheFileMeta), CacheError> {
         let path = Path::new(origin);
         let st = parse_safetensors(path, bytes)?;
+        verify_checksum(path, bytes, &st)?;
         let header = read_header(path, bytes)?;
         let mut layers = Vec::with_capacity(header.layers.len());
         for (l, &(n_heads, head_dim)) in header.layers.iter().enumerate() {
@@ -426,7 +475,7 @@ fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>
         return Err(format_err(
             path,
             format!(
-                "truncated: only {} bytes, not even a safetensors header; {RECREATE}",
+                "truncated or corrupt: only {} bytes, not even a safetensors header; {RECREATE}",
                 bytes.len()
             ),
         ));
@@ -439,14 +488,14 @@ fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>
     {
         return Err(format_err(
             path,
-            "not a safetensors file (bad header); pass a cache file written by --save-cache",
+            "not a safetensors file (bad header): corrupt, or not a cache; pass a cache file written by --save-cache",
         ));
     }
     if header_len as usize + 8 > bytes.len() {
         return Err(format_err(
             path,
             format!(
-                "truncated: header needs {} bytes but the file has {}; {RECREATE}",
+                "truncated or corrupt: the header needs {} bytes but the file has {}; {RECREATE}",
                 header_len + 8,
                 bytes.len()
             ),
@@ -456,21 +505,64 @@ fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>
         SafeTensorError::MetadataIncompleteBuffer => format_err(
             path,
             format!(
-                "truncated or corrupted: the data size does not match the tensor table; {RECREATE}"
+                "truncated or corrupt: the data size does not match the tensor table; {RECREATE}"
             ),
         ),
         other => format_err(
             path,
-            format!("not a valid safetensors file ({other}); {RECREATE}"),
+            format!("not a valid safetensors file ({other}): the file is corrupt; {RECREATE}"),
         ),
     })
+}
+
+/// Checks the [`KEY_CHECKSUM`] of a version-3 file (older versions carry none).
+fn verify_checksum(path: &Path, bytes: &[u8], st: &SafeTensors<'_>) -> Result<(), CacheError> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        format_err(
+            path,
+            format!("cannot read the safetensors header ({e}): the file is corrupt"),
+        )
+    })?;
+    let map = metadata.metadata().clone().unwrap_or_default();
+    let version = map.get(KEY_VERSION).map(String::as_str).unwrap_or("");
+    // Version 3 must carry a checksum; any file that carries one is verified (a flipped
+    // version label cannot skip the check: the version is part of the checksum).
+    if version != FORMAT_VERSION && !map.contains_key(KEY_CHECKSUM) {
+        return Ok(());
+    }
+    let corrupt = |what: &str| {
+        format_err(
+            path,
+            format!("the file is corrupt ({what}): it changed after it was written; {RECREATE}"),
+        )
+    };
+    let stored = map
+        .get(KEY_CHECKSUM)
+        .ok_or_else(|| corrupt("checksum missing"))?;
+    let header_json = map.get(KEY_HEADER).map(String::as_str).unwrap_or("");
+    let sum = checksum(
+        version,
+        header_json,
+        st.tensors().into_iter().map(|(name, view)| {
+            (
+                name,
+                format!("{:?}", view.dtype()),
+                view.shape().to_vec(),
+                Cow::Borrowed(view.data()),
+            )
+        }),
+    );
+    if &sum != stored {
+        return Err(corrupt("checksum mismatch"));
+    }
+    Ok(())
 }
 
 fn read_header(path: &Path, bytes: &[u8]) -> Result<FileHeader, CacheError> {
     let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
         format_err(
             path,
-            format!("cannot read the safetensors header ({e}); {RECREATE}"),
+            format!("cannot read the safetensors header ({e}): the file is corrupt; {RECREATE}"),
         )
     })?;
     let map = metadata.metadata().clone().unwrap_or_default();
@@ -478,7 +570,7 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<FileHeader, CacheError> {
         format_err(
             path,
             format!(
-                "a safetensors file, but not a kvzip cache (metadata key '{KEY_FORMAT}' is not \
+                "a safetensors file, but not a kvzip cache, or a corrupt one (metadata key '{KEY_FORMAT}' is not \
                  '{FORMAT_NAME}'; is it a model weight file?); pass a file written by --save-cache"
             ),
         )
@@ -493,7 +585,7 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<FileHeader, CacheError> {
             return Err(format_err(
                 path,
                 format!(
-                    "cache format version {v}, this build reads version {FORMAT_VERSION}; \
+                    "cache format version {v:?}, this build reads version {FORMAT_VERSION} (or the file is corrupt); \
                      use the kvzip version that wrote it or {RECREATE}"
                 ),
             ))
@@ -501,20 +593,20 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<FileHeader, CacheError> {
         None => {
             return Err(format_err(
                 path,
-                format!("metadata key '{KEY_VERSION}' missing; {RECREATE}"),
+                format!("metadata key '{KEY_VERSION}' missing (the file is corrupt or not a cache); {RECREATE}"),
             ))
         }
     }
     let json = map.get(KEY_HEADER).ok_or_else(|| {
         format_err(
             path,
-            format!("metadata key '{KEY_HEADER}' missing; {RECREATE}"),
+            format!("metadata key '{KEY_HEADER}' missing (the file is corrupt or not a cache); {RECREATE}"),
         )
     })?;
     let header: FileHeader = serde_json::from_str(json).map_err(|e| {
         format_err(
             path,
-            format!("metadata '{KEY_HEADER}' is not valid: {e}; {RECREATE}"),
+            format!("metadata '{KEY_HEADER}' is not valid ({e}): the file is corrupt; {RECREATE}"),
         )
     })?;
     if header.n_sys + header.n_ctx > header.seen_tokens {
@@ -537,9 +629,12 @@ fn tensor_bytes<'a>(
     dtype: Dtype,
     shape: &[usize],
 ) -> Result<&'a [u8], CacheError> {
-    let t = st
-        .tensor(name)
-        .map_err(|_| format_err(path, format!("tensor '{name}' missing; {RECREATE}")))?;
+    let t = st.tensor(name).map_err(|_| {
+        format_err(
+            path,
+            format!("tensor '{name}' missing (the file is corrupt or not a cache); {RECREATE}"),
+        )
+    })?;
     if t.dtype() != dtype || t.shape() != shape {
         return Err(format_err(
             path,

@@ -199,6 +199,10 @@ fn rewritten(
         .into_iter()
         .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
         .collect();
+    // Edited files carry no valid checksum: mark them version 2 (no checksum) so the shape
+    // and metadata checks behind it are what the tests exercise.
+    info.insert("format_version".into(), "2".into());
+    info.remove("checksum_sha256");
     edit(&mut tensors, &mut info);
     let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -213,10 +217,11 @@ fn wrong_version_is_rejected() {
     let path = dir.path().join("v.safetensors");
     rewritten(&path, |_, info| {
         assert_eq!(info["format"], FORMAT_NAME);
+        assert_eq!(info["format_version"], "2");
         info.insert("format_version".into(), "99".into());
     });
     let msg = format_msg(KvCache::load(&path).unwrap_err(), &path);
-    assert!(msg.contains("version 99"), "{msg}");
+    assert!(msg.contains("version \"99\""), "{msg}");
 }
 
 #[test]
@@ -277,4 +282,29 @@ fn model_and_token_checks() {
         .check(p, "SmolLM2-135M-Instruct@sha256:abc", Some(&other))
         .unwrap_err();
     assert!(err.to_string().contains("index 7"), "{err}");
+}
+
+#[test]
+fn any_flipped_byte_is_refused_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let (cache, meta) = compressed(7);
+    cache.save(&path, &meta).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    // Flip one byte at many positions: metadata (token ids, spans), tensor table, data.
+    // Every byte of the header (lengths, metadata, table) and a spread of data bytes.
+    let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let data_step = ((good.len() - header_end) / 97).max(1);
+    let positions = (0..header_end).chain((header_end..good.len()).step_by(data_step));
+    for at in positions {
+        let mut bad = good.clone();
+        bad[at] ^= 0x01;
+        std::fs::write(&path, &bad).unwrap();
+        let err = KvCache::load(&path).expect_err(&format!("byte {at} flipped loads"));
+        let msg = format_msg(err, &path);
+        assert!(msg.contains("corrupt"), "byte {at}: {msg}");
+    }
+    // The untouched file loads.
+    std::fs::write(&path, &good).unwrap();
+    KvCache::load(&path).unwrap();
 }

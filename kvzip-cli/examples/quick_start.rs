@@ -33,7 +33,10 @@ fn main() -> anyhow::Result<()> {
         let ids = prompt.query_input_ids(&tokenizer, question)?;
         let opts = GenerateOptions::greedy(engine.spec(), 32);
         let answer = engine.answer(&mut kv, &ids, &opts, false, &mut |_| true)?;
-        println!("{question} -> {}", tokenizer.decode(&answer.tokens, true)?.trim());
+        println!(
+            "{question} -> {}",
+            tokenizer.decode(&answer.tokens, true)?.trim()
+        );
     }
     // The compressed cache loads on either device.
     let meta = CacheFileMeta {
