@@ -10,7 +10,6 @@ use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring};
 use kvzip_models::engine::Engine;
 use kvzip_models::Device;
 use kvzip_templates::{PromptIds, PromptPieces, Task, Tokenizer};
-use sha2::{Digest, Sha256};
 
 /// `--model` and `--device`: which model, and where it runs.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,7 +39,8 @@ pub struct LoadedModel {
     pub dir: PathBuf,
     /// Short name (last path component).
     pub name: String,
-    /// `name@<sha256 of config.json, 16 hex>`: identity recorded in saved caches.
+    /// Fingerprint of the weights (`wfp-…`, see `kvzip_models::fingerprint`): the identity
+    /// recorded in saved caches and head-score files; a renamed directory keeps it.
     pub model_id: String,
 }
 
@@ -62,12 +62,10 @@ pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| model.to_owned());
-    let config = std::fs::read(dir.join("config.json"))
-        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
-    let digest = Sha256::digest(&config);
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    // Identity by content (weights), not by directory name: caches and head scores record it.
+    let model_id = kvzip_models::fingerprint::weights_fingerprint(&dir)?;
     Ok(LoadedModel {
-        model_id: format!("{name}@{hex}"),
+        model_id,
         engine,
         tokenizer,
         dir,
@@ -98,6 +96,29 @@ impl LoadedModel {
             return Ok(Some(self.tokenizer.decode(prefix, false)?));
         }
         Ok(None)
+    }
+
+    /// Head scores loaded from files, checked to belong to these weights (same fingerprint):
+    /// a file of another model with the same shape is refused.
+    pub fn load_head_scores(&self, paths: &[PathBuf]) -> Result<kvzip_score::HeadScores> {
+        let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let hs = kvzip_score::HeadScores::load_merged(&refs)?;
+        if hs.model != self.model_id {
+            anyhow::bail!(
+                "--head-scores {}: computed for model {:?}, but {} has fingerprint {}; recompute \
+                 them with `kvzip head-scores --model {}`",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                hs.model,
+                self.name,
+                self.model_id,
+                self.dir.display()
+            );
+        }
+        Ok(hs)
     }
 
     /// Says once on stderr that the model has no chat template and the plain format is used.

@@ -15,6 +15,7 @@ pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fingerprint;
 pub mod layers;
 pub mod loader;
 pub mod model;

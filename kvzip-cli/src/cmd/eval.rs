@@ -113,12 +113,15 @@ fn head_scores(
     data_dir: Option<PathBuf>,
 ) -> Result<HeadScores> {
     if !args.head_scores.is_empty() {
-        let paths: Vec<&std::path::Path> = args.head_scores.iter().map(|p| p.as_path()).collect();
-        return Ok(HeadScores::load_merged(&paths)?);
+        return model.load_head_scores(&args.head_scores);
     }
     let path = out.join("head-scores.safetensors");
     if path.exists() {
-        return Ok(HeadScores::load(&path)?);
+        // A cached file of other weights (or an older identity scheme) is recomputed.
+        let hs = HeadScores::load(&path)?;
+        if hs.model == model.model_id {
+            return Ok(hs);
+        }
     }
     let opts = DataOptions {
         data_dir,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use kvzip_cache::{CacheFileMeta, DeviceKv, KvCache};
 use kvzip_models::engine::kvzip::{ContextCache, KvType, Scoring, DEFAULT_SCORING_CHUNK};
-use kvzip_score::{HeadScores, Level};
+use kvzip_score::Level;
 use kvzip_templates::{format_query, PromptIds, Task};
 use serde_json::json;
 
@@ -212,9 +212,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let text = read_text(path)?;
         let context_ids = model.tokenizer.encode(&text)?;
         let scoring = if !args.head_scores.is_empty() {
-            let paths: Vec<&std::path::Path> =
-                args.head_scores.iter().map(|p| p.as_path()).collect();
-            Scoring::HeadScores(HeadScores::load_merged(&paths)?)
+            Scoring::HeadScores(model.load_head_scores(&args.head_scores)?)
         } else if args.ratio < 1.0 {
             Scoring::Reconstruct { chunk: args.chunk }
         } else {
