@@ -37,8 +37,26 @@ enum Command {
     Report(cmd::report::ReportArgs),
 }
 
+/// Ctrl-C / SIGTERM: remove half-built files (import temp dirs, downloads), say how to resume,
+/// and exit 130. Every output file is written to a temporary name and renamed, so nothing
+/// partial is left that a later run could take for valid; `kvzip eval` resumes where it was.
+fn install_interrupt_handler(serving: bool) {
+    if serving {
+        return; // `kvzip serve` drains on SIGTERM itself.
+    }
+    let _ = ctrlc::set_handler(|| {
+        let n = kvzip_hub::cleanup::remove_registered();
+        eprintln!(
+            "\ninterrupted{}; finished results are kept (rerun `kvzip eval` with the same --out to resume)",
+            if n > 0 { format!(", removed {n} half-written file(s)") } else { String::new() }
+        );
+        std::process::exit(130);
+    });
+}
+
 fn main() {
     let cli = Cli::parse();
+    install_interrupt_handler(matches!(cli.command, Command::Serve(_)));
     let result = match &cli.command {
         Command::Fetch(a) => cmd::fetch::fetch(a),
         Command::ImportGguf(a) => cmd::fetch::import(a),

@@ -121,7 +121,7 @@ fn html_section(s: &Summary, svg: &str) -> String {
     h.push_str("</table>");
     // The SVG file's own markup, without its XML declaration, is valid inline HTML.
     let body = svg.find("<svg").map_or(svg, |i| &svg[i..]);
-    let _ = write!(h, "<div class=\"plot\">{body}</div></section>\n");
+    let _ = writeln!(h, "<div class=\"plot\">{body}</div></section>");
     h
 }
 

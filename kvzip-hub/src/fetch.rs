@@ -329,6 +329,7 @@ pub fn fetch_gguf(model: &KnownModel, cache_dir: &Path) -> Result<PathBuf> {
         .prefix(&format!(".{}.assembling-", model.name))
         .tempfile_in(&gguf_dir)
         .map_err(|e| io_err(&gguf_dir, "create temporary file", e))?;
+    let _cleanup = crate::cleanup::register(tmp.path());
     let n_parts = model.parts.len();
     for (i, part) in model.parts.iter().enumerate() {
         eprintln!(

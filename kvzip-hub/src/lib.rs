@@ -11,5 +11,6 @@
 //! No model code and no tensor math beyond dequantization live here: the crate has no
 //! dependency on the engine.
 
+pub mod cleanup;
 pub mod fetch;
 pub mod gguf;

@@ -118,6 +118,46 @@ impl ModelSpec {
         Ok(())
     }
 
+    /// Parameters the weights hold (embedding, LM head unless tied, every layer's attention
+    /// and MLP projections; norms and biases are negligible and left out).
+    pub fn parameter_count(&self) -> u64 {
+        let (h, d, inter) = (
+            self.hidden_size as u64,
+            self.head_dim as u64,
+            self.intermediate_size as u64,
+        );
+        let (nq, nkv) = (self.n_heads as u64, self.n_kv_heads as u64);
+        let embed = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        let layer = h * (nq + 2 * nkv) * d + nq * d * h + 3 * h * inter;
+        embed + head + self.n_layers() as u64 * layer
+    }
+
+    /// Refuses a model whose weights cannot fit `device` (f32 on the CPU, bf16 on CUDA) before
+    /// anything is allocated, naming the config fields that size them.
+    pub fn check_fits(&self, device: &kvzip_kernels::Device) -> crate::error::Result<()> {
+        let per = if device.is_cuda() { 2 } else { 4 };
+        let need = self.parameter_count().saturating_mul(per);
+        if let Some(avail) = device.memory_available() {
+            if need > avail {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                return Err(crate::error::ModelError::Input(format!(
+                    "the weights need {:.1} GiB on {} ({} layers x hidden_size {} x \
+                     intermediate_size {}, vocab_size {}), only {:.1} GiB are available; check \
+                     config.json or use a machine with more memory",
+                    gib(need),
+                    device.name(),
+                    self.n_layers(),
+                    self.hidden_size,
+                    self.intermediate_size,
+                    self.vocab_size,
+                    gib(avail)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether layer `l` uses global (full) attention: these are the layers KVzip scores and evicts.
     pub fn is_global(&self, l: usize) -> bool {
         self.layers.get(l).is_some_and(|s| s.window.is_none())
@@ -135,6 +175,25 @@ pub struct RawConfig {
     pub text: Map<String, Value>,
     /// The top-level object.
     pub top: Map<String, Value>,
+}
+
+/// Upper bound of an integer config field (far above every released model): layers 1,024,
+/// heads 1,024, head_dim 1,024, hidden 131,072, intermediate 1,048,576, vocabulary 4,194,304,
+/// positions 16,777,216; other fields 2^32.
+pub fn field_limit(field: &str) -> u64 {
+    let name = field.rsplit('.').next().unwrap_or(field);
+    match name {
+        "num_hidden_layers" | "n_layer" | "num_layers" => 1 << 10,
+        "num_attention_heads" | "num_key_value_heads" | "n_head" => 1 << 10,
+        "head_dim" => 1 << 10,
+        "hidden_size" | "n_embd" => 1 << 17,
+        "intermediate_size" => 1 << 20,
+        "vocab_size" => 1 << 22,
+        "max_position_embeddings" | "original_max_position_embeddings" | "sliding_window" => {
+            1 << 24
+        }
+        _ => 1 << 32,
+    }
 }
 
 impl RawConfig {
@@ -201,23 +260,32 @@ impl RawConfig {
         }
     }
 
-    /// A required non-negative integer field.
+    /// A required non-negative integer field, within [`field_limit`].
     pub fn usize(&self, field: &str) -> Result<usize> {
-        let v = self
-            .get(field)
-            .ok_or_else(|| self.err(field, "required field is missing"))?;
-        v.as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| self.err(field, format!("expected a non-negative integer, got {v}")))
+        self.opt_usize(field)?
+            .ok_or_else(|| self.err(field, "required field is missing"))
     }
 
-    /// An optional non-negative integer field.
+    /// An optional non-negative integer field, within [`field_limit`]: sizes that come from a
+    /// file are bounded before anything is allocated from them.
     pub fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
         match self.get(field) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                self.err(field, format!("expected a non-negative integer, got {v}"))
-            }),
+            Some(v) => {
+                let x = v.as_u64().ok_or_else(|| {
+                    self.err(field, format!("expected a non-negative integer, got {v}"))
+                })?;
+                let limit = field_limit(field);
+                if x > limit {
+                    return Err(self.err(
+                        field,
+                        format!(
+                            "{x} is beyond any real model (at most {limit}); the config is corrupt"
+                        ),
+                    ));
+                }
+                Ok(Some(x as usize))
+            }
         }
     }
 
@@ -275,15 +343,33 @@ impl RawConfig {
     ) -> Result<RopeParams> {
         let max_pos = self.opt_usize("max_position_embeddings")?.unwrap_or(8192);
         let num = |k: &str| -> Result<Option<f64>> {
-            match obj.and_then(|o| o.get(k)) {
-                None | Some(Value::Null) => Ok(None),
+            let x = match obj.and_then(|o| o.get(k)) {
+                None | Some(Value::Null) => return Ok(None),
                 Some(v) => v
                     .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| self.err(&format!("{field}.{k}"), "expected a number")),
+                    .ok_or_else(|| self.err(&format!("{field}.{k}"), "expected a number"))?,
+            };
+            // Frequencies and scale factors must be positive: 0 or NaN gives NaN rotations and
+            // empty answers instead of an error.
+            let positive = k == "rope_theta" || k.ends_with("factor") || k.starts_with("beta_");
+            if !x.is_finite() || (positive && x <= 0.0) {
+                return Err(self.err(
+                    &format!("{field}.{k}"),
+                    format!(
+                        "must be a finite number{} (got {x})",
+                        if positive { " > 0" } else { "" }
+                    ),
+                ));
             }
+            Ok(Some(x))
         };
         let theta = num("rope_theta")?.unwrap_or(theta_fallback);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(self.err(
+                "rope_theta",
+                format!("must be a finite number > 0 (got {theta})"),
+            ));
+        }
         let (prf_field, prf) = match num("partial_rotary_factor")? {
             Some(p) => (format!("{field}.partial_rotary_factor"), p),
             None => (

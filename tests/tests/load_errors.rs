@@ -141,3 +141,55 @@ fn gemma3_multimodal_config_reads_text_config() {
         )
     );
 }
+
+/// Rewrites one config field of a copy of the llama fixture and returns the load error.
+fn config_err(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let tmp = copy_to_temp(&parity_dir("llama"));
+    let path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(cfg.as_object_mut().unwrap());
+    std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    load_err(tmp.path()).to_string()
+}
+
+#[test]
+fn impossible_config_values_are_refused_naming_the_field() {
+    // transformers 5.x spelling (`rope_parameters`) and 4.x (`rope_theta` + `rope_scaling`).
+    let msg = config_err(|c| {
+        c["rope_parameters"]["rope_theta"] = 0.0.into();
+    });
+    assert!(msg.contains("rope_theta") && msg.contains("> 0"), "{msg}");
+    let msg = config_err(|c| {
+        c.remove("rope_parameters");
+        c.insert("rope_theta".into(), (-1.0).into());
+    });
+    assert!(msg.contains("rope_theta") && msg.contains("> 0"), "{msg}");
+    let msg = config_err(|c| {
+        c.remove("rope_parameters");
+        c.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "yarn", "factor": 0.0}),
+        );
+    });
+    assert!(msg.contains("factor") && msg.contains("> 0"), "{msg}");
+    // Sizes beyond any real model are refused before anything is allocated.
+    let msg = config_err(|c| {
+        c.insert("num_hidden_layers".into(), 4_294_967_296u64.into());
+    });
+    assert!(
+        msg.contains("num_hidden_layers") && msg.contains("corrupt"),
+        "{msg}"
+    );
+    let msg = config_err(|c| {
+        c.insert("vocab_size".into(), 1_000_000_000u64.into());
+    });
+    assert!(msg.contains("vocab_size"), "{msg}");
+    // Within the limits but more than this machine has: refused by the memory check.
+    let msg = config_err(|c| {
+        c.insert("num_hidden_layers".into(), 1024.into());
+        c.insert("hidden_size".into(), 65536.into());
+        c.insert("intermediate_size".into(), 262144.into());
+    });
+    assert!(msg.contains("GiB") && msg.contains("available"), "{msg}");
+}

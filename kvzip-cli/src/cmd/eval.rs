@@ -58,8 +58,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "0,10,20,30,40,50,60,70,80,90,100")]
     pub depths: String,
     /// Questions (keys) per context for needle-multikey and kv-retrieval.
-    #[arg(long, default_value_t = 4)]
-    pub keys: usize,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keys: u64,
     /// At most this many questions per context (default: all).
     #[arg(long)]
     pub max_questions: Option<usize>,
@@ -172,7 +172,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         num: args.num,
         context_tokens: parse_list("--context-tokens", &args.context_tokens)?,
         depths: parse_list("--depths", &args.depths)?,
-        keys: args.keys,
+        keys: args.keys as usize,
         max_questions: args.max_questions,
         seed: args.seed,
     };

@@ -116,6 +116,22 @@ fn stream_generate(
     opts: &GenerateOptions,
     quiet: bool,
 ) -> Result<(Vec<u32>, String, f64)> {
+    // Refuse before any work what cannot fit the model's positions.
+    let max = model.engine.spec().max_position_embeddings;
+    let have = cache.seen_tokens();
+    if have + ids.len() + opts.max_new_tokens > max {
+        anyhow::bail!(
+            "{} prompt tokens{} + --max-new-tokens {} exceed the model's max_position_embeddings \
+             {max}; shorten the prompt or lower --max-new-tokens",
+            ids.len(),
+            if have > 0 {
+                format!(" after {have} earlier tokens")
+            } else {
+                String::new()
+            },
+            opts.max_new_tokens
+        );
+    }
     // Long prompts: prefill all but the last token with a progress bar, then generate.
     let ids = if ids.len() > LONG_PROMPT_TOKENS {
         let (head, last) = ids.split_at(ids.len() - 1);

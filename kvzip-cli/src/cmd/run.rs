@@ -18,23 +18,24 @@ use crate::common::{load_model, peak_rss_bytes, print_json, read_text, LoadedMod
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text file holding the context (not needed with --load-cache).
-    #[arg(long)]
+    /// Text file holding the context (not with --load-cache).
+    #[arg(long, conflicts_with = "load_cache")]
     pub context: Option<PathBuf>,
     /// A question about the context; repeat for several.
     #[arg(long = "query", required = true)]
     pub queries: Vec<String>,
-    /// Fraction of context KV pairs to keep, in (0, 1].
-    #[arg(long, default_value_t = 0.3)]
+    /// Fraction of context KV pairs to keep, in (0, 1] (not with --load-cache: a loaded cache
+    /// keeps the ratio it was saved with).
+    #[arg(long, default_value_t = 0.3, value_parser = parse_ratio, conflicts_with = "load_cache")]
     pub ratio: f64,
     /// Selection level: pair, pair-uniform, head (or pyramid).
-    #[arg(long, default_value = "pair")]
+    #[arg(long, default_value = "pair", conflicts_with = "load_cache")]
     pub level: Level,
     /// Context-independent head scores (safetensors [layers, kv-heads]); skips scoring.
     #[arg(long)]
     pub head_scores: Vec<PathBuf>,
     /// evict (compact once) or retain (keep the full cache).
-    #[arg(long, default_value = "evict")]
+    #[arg(long, default_value = "evict", conflicts_with = "load_cache")]
     pub kv_type: String,
     /// Save the compressed cache to this file.
     #[arg(long, conflicts_with = "load_cache")]
@@ -42,7 +43,8 @@ pub struct RunArgs {
     /// Answer from a cache saved earlier with --save-cache (no prefill, no scoring).
     #[arg(long)]
     pub load_cache: Option<PathBuf>,
-    /// Reconstruction chunk size in context tokens.
+    /// Reconstruction chunk size in context tokens. Scoring feeds one chunk (plus a few prompt
+    /// tokens) after the whole context, so context + chunk must fit the model's window.
     #[arg(long, default_value_t = DEFAULT_SCORING_CHUNK)]
     pub chunk: usize,
     /// Task format (KVZIP-SPEC §6): qa or gsm. Without it each query is sent exactly as
@@ -55,6 +57,22 @@ pub struct RunArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses a `--ratio`: a number in (0, 1] (NaN, infinities, 0 and > 1 are refused).
+pub fn parse_ratio(s: &str) -> std::result::Result<f64, String> {
+    let r: f64 = s.trim().parse().map_err(|_| {
+        format!(
+            "{s:?} is not a number; a ratio is the fraction of context KV pairs kept, in (0, 1]"
+        )
+    })?;
+    if r.is_finite() && r > 0.0 && r <= 1.0 {
+        Ok(r)
+    } else {
+        Err(format!(
+            "{r} is outside (0, 1]: a ratio is the fraction of context KV pairs kept"
+        ))
+    }
 }
 
 /// Parses a `--kv-type` value.
@@ -135,6 +153,10 @@ pub(super) struct RunSummary<'a> {
     pub n_ctx: usize,
     /// The ratio asked for (or the loaded cache's).
     pub ratio_requested: f64,
+    /// Selection level (the flag, or the loaded cache's).
+    pub level: String,
+    /// `evict` / `retain` (a loaded cache is always compacted: `evict`).
+    pub kv_type: String,
     /// Kept / total context pairs.
     pub ratio_real: f64,
     /// Context KV bytes (full, kept).
@@ -169,8 +191,8 @@ impl RunSummary<'_> {
             "n_ctx": self.n_ctx,
             "ratio_requested": self.ratio_requested,
             "ratio_real": self.ratio_real,
-            "level": args.level.to_string(),
-            "kv_type": args.kv_type,
+            "level": self.level,
+            "kv_type": self.kv_type,
             "kv_bytes_full": kv_full,
             "kv_bytes_kept": kv_kept,
             "peak_rss_bytes": peak_rss_bytes(),
@@ -187,6 +209,9 @@ impl RunSummary<'_> {
 
 /// `kvzip run`: the same flow on every device.
 pub fn run(args: &RunArgs) -> Result<()> {
+    if let Some(i) = args.queries.iter().position(|q| q.trim().is_empty()) {
+        bail!("--query number {} is empty; ask a question", i + 1);
+    }
     let model = load_model(&args.model)?;
     let query_task = args.task.as_deref().map(parse_task).transpose()?;
     let task = query_task.unwrap_or(Task::Qa);
@@ -195,9 +220,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let t_all = Instant::now();
 
     let mut ratio_requested = args.ratio;
+    let mut level = args.level.to_string();
+    let mut kv_type_name = args.kv_type.clone();
     let (mut ctx, ratio_real, kv_full, kv_kept, prune_ms) = if let Some(path) = &args.load_cache {
         let (ctx, meta) = load_saved(&model, path, &prompt)?;
         ratio_requested = meta.ratio_requested.unwrap_or(1.0);
+        level = meta.level.clone().unwrap_or_else(|| "pair".into());
+        kv_type_name = "evict".into();
         let kept = ctx.kv_bytes_context();
         let full = meta
             .extra
@@ -210,6 +239,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
             bail!("give --context FILE (or --load-cache FILE)");
         };
         let text = read_text(path)?;
+        if text.trim().is_empty() {
+            bail!(
+                "{}: the context is empty (only whitespace); give a file with text",
+                path.display()
+            );
+        }
         let context_ids = model.tokenizer.encode(&text)?;
         let scoring = if !args.head_scores.is_empty() {
             Scoring::HeadScores(model.load_head_scores(&args.head_scores)?)
@@ -277,6 +312,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         n_sys: ctx.n_sys,
         n_ctx: ctx.n_ctx,
         ratio_requested,
+        level,
+        kv_type: kv_type_name,
         ratio_real,
         kv_bytes: (kv_full, kv_kept),
         timings: ctx.timings,

@@ -26,7 +26,24 @@ pub const GEMMA3_LOCAL_ROPE_BASE: f64 = 10_000.0;
 pub fn build_config(file: &GgufFile, arch: Arch, facts: TensorFacts) -> Result<Value> {
     let p = arch.gguf_name();
     let key = |k: &str| format!("{p}.{k}");
-    let need = |k: &str| -> Result<usize> { Ok(file.require_u64(&key(k))? as usize) };
+    // Every count that sizes an allocation is bounded here, before a config is written.
+    let need = |k: &str| -> Result<usize> {
+        let v = file.require_u64(&key(k))?;
+        let limit: u64 = match k {
+            "block_count" | "attention.head_count" => 1 << 10,
+            "embedding_length" => 1 << 17,
+            "feed_forward_length" => 1 << 20,
+            "context_length" => 1 << 24,
+            _ => 1 << 32,
+        };
+        if v == 0 || v > limit {
+            return Err(import_err(
+                file,
+                format!("{p}.{k} is {v}: outside 1..={limit}, the file's metadata is corrupt"),
+            ));
+        }
+        Ok(v as usize)
+    };
     let hidden = need("embedding_length")?;
     let n_layers = need("block_count")?;
     let n_heads = need("attention.head_count")?;

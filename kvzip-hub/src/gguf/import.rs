@@ -97,6 +97,16 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
             ),
         ));
     }
+    // Overwrite replaces a model directory, never a user's file.
+    if out_dir.exists() && !out_dir.is_dir() {
+        return Err(import_err(
+            &file,
+            format!(
+                "{} is a file, not a model directory; choose another --out (it is left as it is)",
+                out_dir.display()
+            ),
+        ));
+    }
 
     // Plan: which tensors go where.
     let mut plan: Vec<(&TensorInfo, String)> = Vec::new();
@@ -116,6 +126,31 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         has_qkv_bias: file.tensor("blk.0.attn_q.bias").is_some(),
     };
     let config = build_config(&file, arch, facts)?;
+    // The layer count must be the layers the file has weights for: a count that only the
+    // metadata claims would size allocations for layers that do not exist.
+    let n_layers = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let layers_with_weights = plan
+        .iter()
+        .filter_map(|(t, _)| {
+            t.name
+                .strip_prefix("blk.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
+    if n_layers != layers_with_weights {
+        return Err(import_err(
+            &file,
+            format!(
+                "{}.block_count is {n_layers} but the file has tensors for {layers_with_weights} \
+                 layers; the metadata is corrupt",
+                arch.gguf_name()
+            ),
+        ));
+    }
     let n_heads = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
     let n_kv = config["num_key_value_heads"].as_u64().unwrap_or(0) as usize;
     for (t, _) in &plan {
@@ -137,10 +172,12 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
+    remove_stale_imports(&parent, &dir_name);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{dir_name}.importing-"))
         .tempdir_in(&parent)
         .map_err(|e| io_err(&parent, "create temporary directory", e))?;
+    let _cleanup = crate::cleanup::register(tmp.path());
 
     let tokenizer_source = write_tokenizer_files(&file, arch, tmp.path(), opts)?;
     if opts.base_model {
@@ -239,6 +276,27 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         tokenizer_source,
         n_parameters,
     })
+}
+
+/// Removes `.NAME.importing-*` / `.NAME.replaced-*` folders that an interrupted import of
+/// `name` left in `parent` (hundreds of MB each).
+pub fn remove_stale_imports(parent: &Path, name: &str) {
+    let prefixes = [format!(".{name}.importing-"), format!(".{name}.replaced-")];
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let n = file_name.to_string_lossy();
+        if prefixes.iter().any(|p| n.starts_with(p.as_str())) && e.path().is_dir() {
+            if fs::remove_dir_all(e.path()).is_ok() {
+                eprintln!(
+                    "kvzip: removed {} left by an interrupted import",
+                    e.path().display()
+                );
+            }
+        }
+    }
 }
 
 /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`; returns their source.

@@ -89,6 +89,20 @@ pub enum CudaError {
     /// A CUDA driver call failed.
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    /// A device allocation did not fit.
+    #[error(
+        "out of GPU memory: asked for {asked} bytes ({:.2} GiB), {free} of {total} bytes free; \
+         use a smaller context, batch or --kv-budget, or another GPU",
+        *asked as f64 / (1u64 << 30) as f64
+    )]
+    OutOfMemory {
+        /// Bytes requested.
+        asked: u64,
+        /// Bytes free on the device when it failed.
+        free: u64,
+        /// Device memory in all.
+        total: u64,
+    },
     /// A cuBLAS call failed.
     #[error("cuBLAS: {0}")]
     Blas(#[from] cudarc::cublas::result::CublasError),
@@ -203,7 +217,29 @@ impl CudaBackend {
     /// Uninitialised device buffer of `n` elements (every op writes before it reads).
     pub fn alloc<T: DeviceRepr>(&self, n: usize) -> CudaResult<CudaSlice<T>> {
         // SAFETY: callers treat the contents as undefined until an op writes them.
-        Ok(unsafe { self.stream.alloc::<T>(n)? })
+        unsafe { self.stream.alloc::<T>(n) }.map_err(|e| self.alloc_err::<T>(n, e))
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory_info(&self) -> CudaResult<(u64, u64)> {
+        let (free, total) = self.ctx.mem_get_info()?;
+        Ok((free as u64, total as u64))
+    }
+
+    /// An allocation failure of `n` elements of `T` as [`CudaError::OutOfMemory`] when the
+    /// device is full (so it reads as how much was asked and what is free), else as is.
+    fn alloc_err<T>(&self, n: usize, e: cudarc::driver::DriverError) -> CudaError {
+        use cudarc::driver::sys::CUresult;
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            let (free, total) = self.memory_info().unwrap_or((0, 0));
+            CudaError::OutOfMemory {
+                asked: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+                free,
+                total,
+            }
+        } else {
+            CudaError::Driver(e)
+        }
     }
 
     /// Zero-filled device buffer of `n` elements.
@@ -211,12 +247,16 @@ impl CudaBackend {
         &self,
         n: usize,
     ) -> CudaResult<CudaSlice<T>> {
-        Ok(self.stream.alloc_zeros::<T>(n)?)
+        self.stream
+            .alloc_zeros::<T>(n)
+            .map_err(|e| self.alloc_err::<T>(n, e))
     }
 
     /// Copies a host slice to a new device buffer.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> CudaResult<CudaSlice<T>> {
-        Ok(self.stream.clone_htod(host)?)
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| self.alloc_err::<T>(host.len(), e))
     }
 
     /// Copies f32 host data to a new bf16 device buffer (round to nearest even).

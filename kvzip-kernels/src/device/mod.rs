@@ -116,6 +116,21 @@ impl Device {
         }
     }
 
+    /// Bytes of memory available for new allocations: `MemAvailable` of `/proc/meminfo` on the
+    /// CPU (`None` where the OS has no such file), free device memory on CUDA.
+    pub fn memory_available(&self) -> Option<u64> {
+        match self {
+            Device::Cpu => {
+                let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+                let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+                let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kb * 1024)
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.memory_info().ok().map(|(free, _)| free),
+        }
+    }
+
     /// Whether this is a CUDA device.
     pub fn is_cuda(&self) -> bool {
         !matches!(self, Device::Cpu)

@@ -214,6 +214,7 @@ impl Engine {
         }
         let n_sys = prompt.system_ids.len();
         let n_ctx = context_ids.len();
+        self.check_context_fits(prompt, context_ids, scorings)?;
         let layer_heads = self.scored_layer_heads();
         let mut baselines: Vec<Option<BaselineScorer>> = scorings
             .iter()
@@ -314,6 +315,59 @@ impl Engine {
         self.device().synchronize()?;
         ctx.timings.scoring_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok((ctx, out))
+    }
+
+    /// Refuses, before any prefill, a context that cannot fit the model's positions: the
+    /// system prompt + context, plus for reconstruction scoring the longest chunk input fed
+    /// after them (so `--chunk` counts against the window).
+    pub fn check_context_fits(
+        &self,
+        prompt: &PromptIds,
+        context_ids: &[u32],
+        scorings: &[Scoring],
+    ) -> Result<()> {
+        let max = self.spec().max_position_embeddings;
+        let base = prompt.system_ids.len() + context_ids.len();
+        if base > max {
+            return Err(ModelError::Input(format!(
+                "system prompt ({}) + context ({}) = {base} tokens exceed the model's \
+                 max_position_embeddings {max}; shorten the context",
+                prompt.system_ids.len(),
+                context_ids.len()
+            )));
+        }
+        for s in scorings {
+            let chunk = match s {
+                Scoring::Reconstruct { chunk } | Scoring::ReconstructPlus { chunk } => *chunk,
+                _ => continue,
+            };
+            let longest = reconstruction_inputs(
+                context_ids,
+                &prompt.postfix_ids,
+                &prompt.repeat_first_ids,
+                &prompt.repeat_next_ids,
+                chunk,
+            )
+            .map_err(|e| ModelError::Input(e.to_string()))?
+            .iter()
+            .map(|c| c.input_ids.len())
+            .max()
+            .unwrap_or(0);
+            if base + longest > max {
+                let room = max.saturating_sub(base + (longest - chunk.min(context_ids.len())));
+                return Err(ModelError::Input(format!(
+                    "the context ({} tokens after a {}-token system prompt) fits, but KVzip \
+                     scoring feeds one reconstruction chunk of up to {longest} tokens after it \
+                     (--chunk {chunk}): {} > max_position_embeddings {max}; use --chunk {} or \
+                     less, or a shorter context",
+                    context_ids.len(),
+                    prompt.system_ids.len(),
+                    base + longest,
+                    room.max(1)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the reconstruction passes over an unpruned cache holding exactly system prompt +

@@ -92,6 +92,7 @@ impl Engine {
     /// A model of `spec`'s architecture and shapes with seeded random weights on `device`
     /// (benchmarks: speed does not depend on weight values).
     pub fn random(spec: ModelSpec, device: &Device, seed: u64) -> Result<Self> {
+        spec.check_fits(device)?;
         Ok(Self::new(crate::models::random_model(spec, device, seed)?))
     }
 

@@ -83,6 +83,7 @@ pub fn load_model_dir_on(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm
     let raw = RawConfig::load(&dir.join("config.json"))?;
     let (spec_fn, loader) = (spec_for(&raw)?, loader_for(&raw)?);
     let spec = spec_fn(&raw)?;
+    spec.check_fits(device)?;
     let source = WeightSource::Checkpoint(Weights::open_dir(dir)?);
     loader(spec, &WeightLoader::new(device, &source))
 }
