@@ -288,13 +288,14 @@ pub fn remove_stale_imports(parent: &Path, name: &str) {
     for e in entries.flatten() {
         let file_name = e.file_name();
         let n = file_name.to_string_lossy();
-        if prefixes.iter().any(|p| n.starts_with(p.as_str())) && e.path().is_dir() {
-            if fs::remove_dir_all(e.path()).is_ok() {
-                eprintln!(
-                    "kvzip: removed {} left by an interrupted import",
-                    e.path().display()
-                );
-            }
+        if prefixes.iter().any(|p| n.starts_with(p.as_str()))
+            && e.path().is_dir()
+            && fs::remove_dir_all(e.path()).is_ok()
+        {
+            eprintln!(
+                "kvzip: removed {} left by an interrupted import",
+                e.path().display()
+            );
         }
     }
 }
