@@ -105,6 +105,7 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     })?;
     tmp.write_all(&text).map_err(io_err(path))?;
     tmp.write_all(b"\n").map_err(io_err(path))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
     tmp.persist(path).map_err(|e| EvalError::Io {
         path: path.to_owned(),
         source: e.error,
