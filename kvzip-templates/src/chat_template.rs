@@ -31,6 +31,9 @@ impl ChatMessage {
     }
 }
 
+/// Instruction budget of one render (minijinja fuel).
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
 /// A compiled chat template.
 ///
 /// Rendering matches transformers: `trim_blocks` and `lstrip_blocks` on, trailing newline of the
@@ -50,6 +53,10 @@ impl ChatTemplate {
     /// template under those names.
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
+        // Hostile templates (endless loops, deep recursion) stop with an error instead of
+        // running forever: real chat templates use a few thousand instructions.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(64);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
@@ -133,7 +140,8 @@ fn neutralize_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };

@@ -365,8 +365,26 @@ fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
         });
     }
-    tokenizers::Tokenizer::from_file(path).map_err(|e| TemplateError::TokenizerLoad {
+    let bytes = std::fs::read(path).map_err(|source| TemplateError::Io {
         path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+        source,
+    })?;
+    let load_err = |message: String| TemplateError::TokenizerLoad {
+        path: path.to_path_buf(),
+        message,
+    };
+    // The tokenizers crate panics on some malformed files (it unwraps nested JSON errors):
+    // check the JSON first, and contain any panic of its loader as an error.
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|e| load_err(format!("not valid JSON ({e}); the file is corrupt")))?;
+    std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+        .map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            load_err(format!("the tokenizer library rejected it ({why})"))
+        })?
+        .map_err(|e| load_err(e.to_string()))
 }

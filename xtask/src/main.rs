@@ -2,6 +2,8 @@
 //!
 //! - `test`: the README test command: installs what the tests need (redis-server), starts a
 //!   private Redis for the server tests, runs `cargo test --workspace`, stops Redis.
+//! - `fuzz TARGET|all --seconds N`: mutation fuzzing of every parser (see `fuzz.rs`), figures
+//!   to `bench/fuzz/`.
 //! - `load`: load test of `kvzip serve` on loopback (see `load.rs`), JSON to `bench/serve/`.
 //! - `ci`: run `.ci/run` (fmt, clippy, cuda build check, tests) exactly as CI does.
 //! - `fixtures [parity|scores|templates|real]`: regenerate committed fixtures with the Python
@@ -21,6 +23,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod fuzz;
 mod load;
 mod testing;
 
@@ -224,13 +227,14 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => testing::test(&args[1..]),
         Some("load") => load::load(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("ci") => run(Command::new("bash").arg(".ci/run").current_dir(repo_root())),
         Some("fixtures") => fixtures(&args[1..]),
         Some("gpu") => gpu_bundle(),
         Some("bench") => bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask test [cargo test args] | load [flags] | ci | gpu | bench [kvzip-bench args] | fixtures [parity|scores|templates|real]"
+                "usage: cargo xtask test [cargo test args] | load [flags] | fuzz TARGET|all --seconds N | ci | gpu | bench [kvzip-bench args] | fixtures [parity|scores|templates|real]"
             );
             bail!("no task given")
         }

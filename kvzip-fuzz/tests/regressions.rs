@@ -1,0 +1,44 @@
+//! Every input the fuzzer ever found to crash, abort or hang (`regressions/<target>/`), plus
+//! every seed: each must now give `Ok` or an error, never a panic.
+
+use std::path::Path;
+
+use kvzip_fuzz::{run_one, Outcome, ALL};
+
+#[test]
+fn seeds_and_past_crashes_do_not_panic() {
+    let scratch = tempfile::tempdir().unwrap();
+    for target in ALL {
+        let mut inputs = target.seeds();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("regressions")
+            .join(target.name());
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "bin") {
+                    inputs.push(std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
+        assert!(!inputs.is_empty(), "{}: no seeds", target.name());
+        for (i, input) in inputs.iter().enumerate() {
+            let out = run_one(target, input, scratch.path());
+            assert!(
+                !matches!(out, Outcome::Panic(_)),
+                "{} input {i}: {out:?}",
+                target.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_tiny_gguf_seed_imports_loads_and_runs() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = run_one(
+        kvzip_fuzz::Target::Gguf,
+        &kvzip_fuzz::seeds::tiny_gguf(),
+        scratch.path(),
+    );
+    assert_eq!(out, Outcome::Ok, "the seed must reach the model loader");
+}
