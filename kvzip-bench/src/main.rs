@@ -9,13 +9,19 @@
 //! `--serve-batch` instead measures batched decode of many requests on distinct contexts at
 //! one KV memory budget, ratio 1.0 vs 0.3 (what `kvzip serve` does), see `batch.rs`.
 //!
+//! `--cpu-engine MODEL_DIR` instead measures the CPU engine on a real model (prefill and
+//! decode tokens/s, or `--score` KVzip scoring time, and peak RSS), see `cpu.rs`; it is the
+//! child process of `cargo xtask cpu-bench` and needs no CUDA.
+//!
 //! ```text
+//! kvzip-bench --cpu-engine DIR [--prompt-tokens 512] [--new-tokens 64] [--score]
 //! kvzip-bench --out bench/gpu/kvzip.json [--shapes llama-3.1-8b,qwen2.5-7b-1m]
 //!             [--contexts 32768,131072] [--prefill-tokens 32768] [--decode-steps 16] [--quick]
 //! ```
 
 #[cfg(feature = "cuda")]
 mod batch;
+mod cpu;
 #[cfg(feature = "cuda")]
 mod gpu;
 
@@ -40,6 +46,8 @@ pub struct Args {
     batches: Vec<usize>,
     /// KV memory budget of `--serve-batch`, bytes.
     kv_budget_bytes: usize,
+    /// `--cpu-engine DIR`: one CPU measurement of the engine (see `cpu.rs`).
+    cpu: Option<cpu::CpuArgs>,
 }
 
 fn list(flag: &str, v: String) -> Result<Vec<usize>> {
@@ -64,6 +72,7 @@ fn parse_args() -> Result<Args> {
         serve_batch: false,
         batches: vec![1, 8, 32, 64],
         kv_budget_bytes: 48 << 30,
+        cpu: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,8 +87,21 @@ fn parse_args() -> Result<Args> {
                 a.kv_budget_bytes = (gib * (1u64 << 30) as f64) as usize;
             }
             "--serve-batch" => a.serve_batch = true,
+            "--cpu-engine" => {
+                let dir = PathBuf::from(value()?);
+                a.cpu = Some(cpu_args(a.cpu.take(), |c| c.model = dir));
+            }
+            "--new-tokens" => {
+                let n = value()?.parse().context("--new-tokens")?;
+                a.cpu = Some(cpu_args(a.cpu.take(), |c| c.new_tokens = n));
+            }
+            "--score" => a.cpu = Some(cpu_args(a.cpu.take(), |c| c.score = true)),
             "--prefill-tokens" => {
                 a.prefill_tokens = value()?.parse().context("--prefill-tokens")?
+            }
+            "--prompt-tokens" => {
+                let n = value()?.parse().context("--prompt-tokens")?;
+                a.cpu = Some(cpu_args(a.cpu.take(), |c| c.prompt_tokens = n));
             }
             "--prefill-chunk" => a.prefill_chunk = value()?.parse().context("--prefill-chunk")?,
             "--decode-steps" => a.decode_steps = value()?.parse().context("--decode-steps")?,
@@ -92,13 +114,25 @@ fn parse_args() -> Result<Args> {
                 a.decode_steps = 4;
             }
             "-h" | "--help" => {
-                println!("kvzip-bench --out FILE [--shapes a,b] [--contexts 32768,131072] [--prefill-tokens N] [--prefill-chunk N] [--decode-steps N] [--skip-scoring] [--quick]\n            [--serve-batch [--batches 1,8,32,64] [--kv-budget-gib 48]]");
+                println!("kvzip-bench --cpu-engine MODEL_DIR [--prompt-tokens 512] [--new-tokens 64] [--score]\nkvzip-bench --out FILE [--shapes a,b] [--contexts 32768,131072] [--prefill-tokens N] [--prefill-chunk N] [--decode-steps N] [--skip-scoring] [--quick]\n            [--serve-batch [--batches 1,8,32,64] [--kv-budget-gib 48]]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}; see --help"),
         }
     }
     Ok(a)
+}
+
+/// Applies `set` to the CPU options (created with defaults on first use).
+fn cpu_args(current: Option<cpu::CpuArgs>, set: impl FnOnce(&mut cpu::CpuArgs)) -> cpu::CpuArgs {
+    let mut c = current.unwrap_or(cpu::CpuArgs {
+        model: PathBuf::new(),
+        prompt_tokens: 512,
+        new_tokens: 64,
+        score: false,
+    });
+    set(&mut c);
+    c
 }
 
 fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
@@ -127,6 +161,13 @@ fn run(_args: &Args) -> Result<serde_json::Value> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if let Some(c) = &args.cpu {
+        if c.model.as_os_str().is_empty() {
+            bail!("--prompt-tokens / --new-tokens / --score need --cpu-engine MODEL_DIR");
+        }
+        println!("{}", serde_json::to_string(&cpu::run(c)?)?);
+        return Ok(());
+    }
     let report = run(&args)?;
     let text = serde_json::to_string_pretty(&report)?;
     write_atomic(&args.out, &text)?;

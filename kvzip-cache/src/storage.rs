@@ -168,9 +168,12 @@ impl KvStorage for DeviceKv {
         let n = rows
             .checked_mul(head_dim)
             .ok_or_else(|| CacheError::Shape(format!("{rows} rows x {head_dim} overflow usize")))?;
+        // Zeroed, not merely allocated: kernels load whole tiles and mask rows past a head's
+        // length, so spare capacity is read (never used); zeros keep those reads defined
+        // (compute-sanitizer initcheck) at the cost of one memset per allocation.
         Ok(KvBuffers {
-            k: self.device.alloc(self.dtype, n)?,
-            v: self.device.alloc(self.dtype, n)?,
+            k: self.device.zeros(self.dtype, n)?,
+            v: self.device.zeros(self.dtype, n)?,
         })
     }
 

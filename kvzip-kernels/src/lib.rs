@@ -57,7 +57,7 @@ pub mod host {
 
     pub use imp::{
         act_mul_rows, add_assign, attention, attention_pieces, column_stats, embedding,
-        gelu_tanh_mul, linear, matmul, max_value, rms_norm, rope_inplace, silu_mul,
-        softcap_inplace, softmax_rows, sum_exp_shifted,
+        embedding_bf16, gelu_tanh_mul, linear, linear_bf16, matmul, max_value, rms_norm,
+        rope_inplace, silu_mul, softcap_inplace, softmax_rows, sum_exp_shifted,
     };
 }

@@ -30,11 +30,36 @@ pub enum Init {
     Bias,
 }
 
+/// How weight matrices are held in host memory (CPU device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostWeights {
+    /// As the checkpoint stores them where the CPU kernels compute on that form directly:
+    /// bf16 matrices stay bf16 (half the bytes of f32; widened inside the GEMV/GEMM, exactly),
+    /// anything else becomes f32.
+    #[default]
+    AsStored,
+    /// Every matrix widened to f32 at load (the reference path the compact one is tested
+    /// against; `KVZIP_HOST_WEIGHTS=f32`).
+    F32,
+}
+
+impl HostWeights {
+    /// `KVZIP_HOST_WEIGHTS=f32` selects [`HostWeights::F32`]; unset or anything else
+    /// [`HostWeights::AsStored`].
+    pub fn from_env() -> Self {
+        match std::env::var("KVZIP_HOST_WEIGHTS").as_deref() {
+            Ok("f32") => HostWeights::F32,
+            _ => HostWeights::AsStored,
+        }
+    }
+}
+
 /// Loads named tensors of a [`WeightSource`] into tensors of a device's compute type.
 pub struct WeightLoader<'a> {
     device: &'a Device,
     source: &'a WeightSource,
     seed: Cell<u64>,
+    host_weights: HostWeights,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -48,6 +73,30 @@ impl<'a> WeightLoader<'a> {
             device,
             source,
             seed: Cell::new(seed),
+            host_weights: HostWeights::default(),
+        }
+    }
+
+    /// The same loader holding host weight matrices as `host_weights` says (CPU only; CUDA
+    /// always computes on bf16).
+    pub fn with_host_weights(mut self, host_weights: HostWeights) -> Self {
+        self.host_weights = host_weights;
+        self
+    }
+
+    /// Element type the tensors `parts` get on the device: the device's compute type, except
+    /// that on the host bf16-stored matrices stay bf16 under [`HostWeights::AsStored`].
+    fn dtype_for(&self, parts: &[(String, Vec<usize>)], init: Init) -> DType {
+        let float = self.device.float_dtype();
+        if self.device.is_cuda()
+            || init != Init::Matrix
+            || self.host_weights != HostWeights::AsStored
+        {
+            return float;
+        }
+        match self.source {
+            WeightSource::Checkpoint(w) if parts.iter().all(|(n, _)| w.is_bf16(n)) => DType::Bf16,
+            _ => float,
         }
     }
 
@@ -106,7 +155,8 @@ impl<'a> WeightLoader<'a> {
             .first()
             .and_then(|(_, s)| s.last().copied())
             .unwrap_or(1);
-        let mut out = self.device.alloc(self.device.float_dtype(), total)?;
+        let dtype = self.dtype_for(parts, init);
+        let mut out = self.device.alloc(dtype, total)?;
         match self.source {
             WeightSource::Random { .. } => self.fill_random(&mut out, cols, init)?,
             WeightSource::Checkpoint(w) => {
@@ -114,7 +164,10 @@ impl<'a> WeightLoader<'a> {
                 for (name, shape) in parts {
                     let n = numel(shape);
                     let mut dst = out.slice_mut(at..at + n)?;
-                    if !self.device.is_cuda() {
+                    if !self.device.is_cuda() && dtype == DType::Bf16 {
+                        // Host bf16 kept as stored: copied bit for bit into place.
+                        w.read_bf16_into(name, shape, dst.host_bf16("weights")?)?;
+                    } else if !self.device.is_cuda() {
                         // Host f32: converted from the mapped bytes straight into place.
                         w.read_f32_into(name, shape, dst.host_f32("weights")?)?;
                     } else {

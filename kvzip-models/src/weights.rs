@@ -170,6 +170,13 @@ impl Weights {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
+    /// Whether tensor `name` is stored as bf16 (it can then be kept as stored, bit for bit).
+    pub fn is_bf16(&self, name: &str) -> bool {
+        self.tensors
+            .get(name)
+            .is_some_and(|e| e.dtype == Dtype::BF16)
+    }
+
     /// The file that would be reported for a missing tensor.
     fn primary_path(&self) -> PathBuf {
         self.files

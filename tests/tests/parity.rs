@@ -136,3 +136,100 @@ fn parity_legacy_config_spelling() {
         check_parity(tmp.path(), &src, 4096);
     }
 }
+
+/// The fixture in `src` copied to a temp dir with every weight stored as bf16 (values rounded
+/// once, as a bf16 checkpoint would hold them).
+fn bf16_copy(src: &Path) -> tempfile::TempDir {
+    let dir = copy_to_temp(src);
+    for entry in std::fs::read_dir(dir.path()).expect("temp dir") {
+        let path = entry.expect("dir entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("model") && name.ends_with(".safetensors") {
+            rewrite_as_bf16(&path);
+        }
+    }
+    dir
+}
+
+/// Rewrites the f32 safetensors file `path` with every tensor rounded to bf16.
+fn rewrite_as_bf16(path: &Path) {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+    let bytes = std::fs::read(path).expect("fixture weights");
+    let st = SafeTensors::deserialize(&bytes).expect("fixture safetensors");
+    let mut converted: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), Dtype::F32, "{name}: fixtures are f32");
+        let data: Vec<u8> = view
+            .data()
+            .chunks_exact(4)
+            .flat_map(|c| {
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                half::bf16::from_f32(v).to_le_bytes()
+            })
+            .collect();
+        converted.push((name, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = converted
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::BF16, s.clone(), d).expect("bf16 view"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, &None, path).expect("write bf16 weights");
+}
+
+/// bf16 checkpoints run on the CPU with their matrices kept as bf16 (fused widen-and-dot GEMV,
+/// panel GEMM): logits at every prefill position and every greedy decode step equal those of
+/// the same weights widened to f32 at load, within 1e-4, and the greedy tokens are identical.
+#[test]
+fn bf16_weights_as_stored_equal_widened_f32() {
+    use kvzip_models::{load_model_dir_with, HostWeights};
+    for name in ["llama", "qwen2", "gemma3", "phi3"] {
+        let dir = bf16_copy(&parity_dir(name));
+        let golden = Golden::open(&parity_dir(name).join("golden.safetensors"));
+        let ids = golden.token_ids("input_ids");
+        let run = |hw: HostWeights| {
+            let model = load_model_dir_with(dir.path(), &kvzip_models::Device::Cpu, hw)
+                .expect("bf16 copy loads");
+            let engine = Engine::new(model);
+            let mut cache = engine.new_cache().expect("cache");
+            let logits = engine
+                .prefill(&mut cache, &ids, LogitsMode::All)
+                .expect("prefill runs");
+            let mut cache = engine.new_cache().expect("cache");
+            let mut opts = GenerateOptions::greedy(engine.spec(), 8);
+            opts.stop_tokens.clear();
+            let gen = engine
+                .generate(&mut cache, &ids, &opts, true, &mut |_| true)
+                .expect("generate runs");
+            (
+                logits,
+                gen.tokens,
+                gen.step_logits.concat(),
+                engine.model().weight_bytes(),
+            )
+        };
+        let (compact, f32_path) = (run(HostWeights::AsStored), run(HostWeights::F32));
+        let prefill = max_abs_diff(&compact.0, &f32_path.0);
+        let decode = max_abs_diff(&compact.2, &f32_path.2);
+        assert!(
+            prefill <= 1e-4,
+            "{name}: prefill logits differ by {prefill}"
+        );
+        assert!(decode <= 1e-4, "{name}: decode logits differ by {decode}");
+        assert_eq!(compact.1, f32_path.1, "{name}: greedy tokens differ");
+        assert!(
+            compact.3 < f32_path.3,
+            "{name}: bf16 weights should take fewer bytes ({} vs {})",
+            compact.3,
+            f32_path.3
+        );
+        eprintln!(
+            "{name}: bf16 as stored vs f32: prefill {prefill:.2e}, decode {decode:.2e}, weights {} vs {} bytes",
+            compact.3, f32_path.3
+        );
+    }
+}

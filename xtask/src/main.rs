@@ -5,6 +5,8 @@
 //! - `fuzz TARGET|all --seconds N`: mutation fuzzing of every parser (see `fuzz.rs`), figures
 //!   to `bench/fuzz/`.
 //! - `load`: load test of `kvzip serve` on loopback (see `load.rs`), JSON to `bench/serve/`.
+//! - `cpu-bench`: the CPU engine against llama.cpp (built from the `llama-cpp-python` sdist)
+//!   on the same GGUF files, ABBA rounds, JSON + markdown to `bench/cpu/` (see `cpu_bench.rs`).
 //! - `ci`: run `.ci/run` (fmt, clippy, cuda build check, tests) exactly as CI does.
 //! - `fixtures [parity|scores|templates|real]`: regenerate committed fixtures with the Python
 //!   scripts in `scripts/` (needs a Python with torch + transformers; set `KVZIP_PYTHON`).
@@ -23,6 +25,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod cpu_bench;
 mod fuzz;
 mod load;
 mod testing;
@@ -228,6 +231,7 @@ fn main() -> Result<()> {
         Some("test") => testing::test(&args[1..]),
         Some("load") => load::load(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("cpu-bench") => cpu_bench::main(&args[1..]),
         Some("ci") => run(Command::new("bash").arg(".ci/run").current_dir(repo_root())),
         Some("fixtures") => fixtures(&args[1..]),
         Some("gpu") => gpu_bundle(),

@@ -6,6 +6,7 @@
 
 mod act;
 mod attention;
+mod bf16;
 mod colstats;
 mod gemm;
 pub(crate) mod math;
@@ -15,6 +16,7 @@ mod rope;
 
 pub use act::{act_mul_rows, add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
 pub use attention::{attention, attention_tiled, AttentionArgs, AttentionTiling};
+pub use bf16::{dot_bf16, dot_bf16_reference, embedding_bf16, linear_bf16};
 pub use colstats::column_stats;
 pub use gemm::{linear, matmul};
 pub use math::{max_value, sum_exp_shifted};

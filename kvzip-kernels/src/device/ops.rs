@@ -1,13 +1,12 @@
 //! Element-wise, normalisation, projection, RoPE and sampling ops of [`Device`].
 //!
 //! Each op checks that its arguments live on the device and have the element type that device
-//! computes in (host f32; CUDA bf16 activations, f32 logits), then runs [`crate::host`] or the
+//! computes in (host f32 activations with f32 or bf16 weights; CUDA bf16 activations, f32
+//! logits), then runs [`crate::host`] or the
 //! CUDA kernel. Shapes are arguments, as in the backends.
 
 use super::tensor::wrong;
-#[cfg(feature = "cuda")]
-use super::DType;
-use super::{Device, View, ViewMut};
+use super::{DType, Device, View, ViewMut};
 use crate::{host, KernelError, Result};
 
 #[cfg(feature = "cuda")]
@@ -217,13 +216,17 @@ impl Device {
                 let ids = ids.host_u32("embedding ids")?;
                 let n = ids.len() * dim;
                 check_len("embedding out", out.len(), n)?;
-                host::embedding(
-                    ids,
-                    table.host_f32("embedding table")?,
-                    dim,
-                    scale,
-                    &mut out.host_f32("embedding out")?[..n],
-                )
+                let out = &mut out.host_f32("embedding out")?[..n];
+                match table.dtype() {
+                    DType::Bf16 => host::embedding_bf16(
+                        ids,
+                        table.host_bf16("embedding table")?,
+                        dim,
+                        scale,
+                        out,
+                    ),
+                    _ => host::embedding(ids, table.host_f32("embedding table")?, dim, scale, out),
+                }
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(g) => g
@@ -311,15 +314,18 @@ impl Device {
         check_len("linear w", w.len(), n * k)?;
         check_len("linear out", out.len(), m * n)?;
         match self {
-            Device::Cpu => host::linear(
-                &x.host_f32("linear x")?[..m * k],
-                &w.host_f32("linear w")?[..n * k],
-                bias.map(|b| b.host_f32("linear bias")).transpose()?,
-                m,
-                k,
-                n,
-                &mut out.host_f32("linear out")?[..m * n],
-            ),
+            Device::Cpu => {
+                let x = &x.host_f32("linear x")?[..m * k];
+                let bias = bias.map(|b| b.host_f32("linear bias")).transpose()?;
+                let out = &mut out.host_f32("linear out")?[..m * n];
+                match w.dtype() {
+                    // Weights kept as stored: widened on the fly, f32 accumulation.
+                    DType::Bf16 => {
+                        host::linear_bf16(x, &w.host_bf16("linear w")?[..n * k], bias, m, k, n, out)
+                    }
+                    _ => host::linear(x, &w.host_f32("linear w")?[..n * k], bias, m, k, n, out),
+                }
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(g) => {
                 let (xv, wv) = (x.cuda_bf16("linear x")?, w.cuda_bf16("linear w")?);

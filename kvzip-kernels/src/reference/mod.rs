@@ -11,12 +11,42 @@ pub use crate::pieces::attention_pieces_reference as attention_pieces;
 pub use attention::attention;
 pub use colstats::column_stats;
 
+use half::bf16;
+
 use crate::{validate, KernelError, Result};
 
 /// `y[rows, out_dim] = x[rows, in_dim] · w[out_dim, in_dim]^T (+ bias[out_dim])`.
 pub fn linear(
     x: &[f32],
     w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    linear_widened(x, w, |v| v, bias, rows, in_dim, out_dim, y)
+}
+
+/// [`linear`] with bf16 weights, widened exactly to f32 element by element.
+pub fn linear_bf16(
+    x: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    linear_widened(x, w, bf16::to_f32, bias, rows, in_dim, out_dim, y)
+}
+
+/// The body of [`linear`] for any weight element type that widens to f32.
+#[allow(clippy::too_many_arguments)]
+fn linear_widened<T: Copy>(
+    x: &[f32],
+    w: &[T],
+    widen: impl Fn(T) -> f32,
     bias: Option<&[f32]>,
     rows: usize,
     in_dim: usize,
@@ -36,7 +66,11 @@ pub fn linear(
         let xr = &x[r * in_dim..(r + 1) * in_dim];
         for o in 0..out_dim {
             let wr = &w[o * in_dim..(o + 1) * in_dim];
-            let dot: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let dot: f64 = xr
+                .iter()
+                .zip(wr)
+                .map(|(&a, &b)| a as f64 * widen(b) as f64)
+                .sum();
             let b = bias.map_or(0.0, |b| b[o] as f64);
             y[r * out_dim + o] = (dot + b) as f32;
         }
@@ -148,6 +182,28 @@ pub fn embedding(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    embedding_widened(ids, table, |v| v, dim, scale, out)
+}
+
+/// [`embedding`] with a bf16 table.
+pub fn embedding_bf16(
+    ids: &[u32],
+    table: &[bf16],
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    embedding_widened(ids, table, bf16::to_f32, dim, scale, out)
+}
+
+fn embedding_widened<T: Copy>(
+    ids: &[u32],
+    table: &[T],
+    widen: impl Fn(T) -> f32,
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
     let vocab = validate::embedding(ids.len(), table.len(), dim, out.len())?;
     for (position, &id) in ids.iter().enumerate() {
         let row = id as usize;
@@ -159,7 +215,7 @@ pub fn embedding(
             });
         }
         for d in 0..dim {
-            out[position * dim + d] = table[row * dim + d] * scale;
+            out[position * dim + d] = widen(table[row * dim + d]) * scale;
         }
     }
     Ok(())

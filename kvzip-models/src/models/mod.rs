@@ -13,7 +13,7 @@ use kvzip_kernels::Device;
 use crate::config::{ModelSpec, RawConfig};
 use crate::error::{ModelError, Result};
 use crate::layers::DecoderNames;
-use crate::loader::{WeightLoader, WeightSource};
+use crate::loader::{HostWeights, WeightLoader, WeightSource};
 use crate::model::{CausalLm, DecoderStack};
 use crate::weights::Weights;
 
@@ -78,14 +78,27 @@ pub fn load_model_dir(dir: &Path) -> Result<Box<dyn CausalLm>> {
     load_model_dir_on(dir, &Device::Cpu)
 }
 
-/// Loads the model in `dir` onto `device` (weights converted per tensor from the mapped file).
+/// Loads the model in `dir` onto `device` (weights converted per tensor from the mapped file;
+/// host matrices as [`HostWeights::from_env`] says).
 pub fn load_model_dir_on(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
+    load_model_dir_with(dir, device, HostWeights::from_env())
+}
+
+/// [`load_model_dir_on`] with an explicit choice of how the host holds weight matrices.
+pub fn load_model_dir_with(
+    dir: &Path,
+    device: &Device,
+    host_weights: HostWeights,
+) -> Result<Box<dyn CausalLm>> {
     let raw = RawConfig::load(&dir.join("config.json"))?;
     let (spec_fn, loader) = (spec_for(&raw)?, loader_for(&raw)?);
     let spec = spec_fn(&raw)?;
     spec.check_fits(device)?;
     let source = WeightSource::Checkpoint(Weights::open_dir(dir)?);
-    loader(spec, &WeightLoader::new(device, &source))
+    loader(
+        spec,
+        &WeightLoader::new(device, &source).with_host_weights(host_weights),
+    )
 }
 
 /// A model of `spec`'s architecture with seeded random weights on `device`.

@@ -1,0 +1,324 @@
+//! Linear layers and embeddings over bf16 weights kept as stored (half the bytes of f32), with
+//! f32 activations and f32 accumulation.
+//!
+//! - Decode (few rows): a fused widen-and-dot GEMV that streams each weight row once for all
+//!   rows of `x` (AVX2 + FMA at run time, a scalar reference otherwise).
+//! - Prefill (many rows): the weight matrix is widened in blocks of output features into a
+//!   small per-thread f32 panel (sized to stay in L2) and multiplied with the `gemm` crate, so
+//!   no f32 copy of the whole matrix ever exists.
+//!
+//! bf16 → f32 is exact, so both paths equal [`super::linear`] on the widened weights up to the
+//! order of summation.
+
+use gemm::Parallelism;
+use half::bf16;
+use rayon::prelude::*;
+
+use super::gemm::{gemm_into, MatRef};
+use crate::{validate, KernelError, Result};
+
+/// Rows at or below which [`linear_bf16`] uses the fused GEMV (each weight row is read once and
+/// dotted with every row of `x` while it sits in L1).
+const GEMV_MAX_ROWS: usize = 8;
+
+/// Target f32 panel size of the prefill path, in elements (1 MiB: fits L2 next to `x` tiles).
+const PANEL_ELEMS: usize = 1 << 18;
+
+/// Output features per rayon task of the GEMV (amortises task overhead, keeps writes local).
+const GEMV_CHUNK: usize = 32;
+
+/// `Σ x[i] · w[i]` with `w` widened from bf16, scalar reference (any CPU).
+pub fn dot_bf16_reference(x: &[f32], w: &[bf16]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (xc, wc) = (x.chunks_exact(8), w.chunks_exact(8));
+    let (xt, wt) = (xc.remainder(), wc.remainder());
+    for (a, b) in xc.zip(wc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l].to_f32();
+        }
+    }
+    let mut tail = 0.0f32;
+    for (a, b) in xt.iter().zip(wt) {
+        tail += a * b.to_f32();
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// [`dot_bf16_reference`] with AVX2 + FMA: 16 bf16 per step widened by a 16-bit shift.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(w.len());
+    let (xp, wp) = (x.as_ptr(), w.as_ptr() as *const u16);
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, so both 16-element reads are inside the slices.
+        let raw = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        let lo = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)),
+            16,
+        ));
+        let hi = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)),
+            16,
+        ));
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), lo, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), hi, acc1);
+        i += 16;
+    }
+    let acc = _mm256_add_ps(acc0, acc1);
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut total: f32 = lanes.iter().sum();
+    while i < n {
+        total += x[i] * w[i].to_f32();
+        i += 1;
+    }
+    total
+}
+
+/// `Σ x[i] · w[i]` over the common length, `w` widened from bf16 (AVX2 + FMA when present).
+#[inline]
+pub fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the required CPU features were detected at run time.
+            return unsafe { dot_bf16_avx2(x, w) };
+        }
+    }
+    dot_bf16_reference(x, w)
+}
+
+/// Widens `src` into `dst` (same length).
+fn widen(src: &[bf16], dst: &mut [f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+}
+
+/// `y[rows, out_dim] = x[rows, in_dim] · w[out_dim, in_dim]ᵀ (+ bias[out_dim])` with bf16 `w`.
+///
+/// Same contract and validation as [`super::linear`]; `w` is never widened as a whole.
+pub fn linear_bf16(
+    x: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    validate::linear(
+        x.len(),
+        w.len(),
+        bias.map(<[f32]>::len),
+        rows,
+        in_dim,
+        out_dim,
+        y.len(),
+    )?;
+    if rows == 0 || out_dim == 0 {
+        return Ok(());
+    }
+    let x = &x[..rows * in_dim];
+    let w = &w[..out_dim * in_dim];
+    let y = &mut y[..rows * out_dim];
+    if rows <= GEMV_MAX_ROWS {
+        gemv(x, w, bias, rows, in_dim, out_dim, y);
+        return Ok(());
+    }
+    panel_gemm(x, w, bias, rows, in_dim, out_dim, y)
+}
+
+/// Decode path: output features split over threads, each weight row dotted with every `x` row.
+fn gemv(
+    x: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) {
+    // Results per chunk land in a row-major [rows, chunk] buffer, then scatter to y's rows.
+    let chunks = out_dim.div_ceil(GEMV_CHUNK);
+    let parts: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let start = c * GEMV_CHUNK;
+            let end = (start + GEMV_CHUNK).min(out_dim);
+            let mut part = vec![0.0f32; rows * (end - start)];
+            for o in start..end {
+                let wo = &w[o * in_dim..(o + 1) * in_dim];
+                let b = bias.map_or(0.0, |b| b[o]);
+                for r in 0..rows {
+                    part[r * (end - start) + (o - start)] =
+                        dot_bf16(&x[r * in_dim..(r + 1) * in_dim], wo) + b;
+                }
+            }
+            part
+        })
+        .collect();
+    for (c, part) in parts.iter().enumerate() {
+        let start = c * GEMV_CHUNK;
+        let width = part.len() / rows;
+        for r in 0..rows {
+            y[r * out_dim + start..r * out_dim + start + width]
+                .copy_from_slice(&part[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// Prefill path: blocks of output features widened into an f32 panel, one GEMM per block.
+fn panel_gemm(
+    x: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    let block = (PANEL_ELEMS / in_dim.max(1)).clamp(16, out_dim.max(16)) / 16 * 16;
+    let blocks = out_dim.div_ceil(block);
+    // Each block writes a disjoint column range of y; columns of one row are interleaved
+    // between blocks, so blocks compute into their own [rows, width] buffer first.
+    let outputs: Vec<Result<Vec<f32>>> = (0..blocks)
+        .into_par_iter()
+        .map(|bi| {
+            let start = bi * block;
+            let end = (start + block).min(out_dim);
+            let width = end - start;
+            let mut panel = vec![0.0f32; width * in_dim];
+            widen(&w[start * in_dim..end * in_dim], &mut panel);
+            let mut out = vec![0.0f32; rows * width];
+            let accumulate = bias.map(|b| {
+                for row in out.chunks_exact_mut(width) {
+                    row.copy_from_slice(&b[start..end]);
+                }
+                1.0
+            });
+            let lhs = MatRef {
+                data: x,
+                rows,
+                cols: in_dim,
+                row_stride: in_dim,
+                col_stride: 1,
+            };
+            let rhs = MatRef {
+                data: &panel,
+                rows: in_dim,
+                cols: width,
+                row_stride: 1,
+                col_stride: in_dim,
+            };
+            gemm_into(
+                &mut out,
+                width,
+                lhs,
+                rhs,
+                accumulate,
+                1.0,
+                Parallelism::None,
+            )?;
+            Ok(out)
+        })
+        .collect();
+    for (bi, out) in outputs.into_iter().enumerate() {
+        let out = out?;
+        let start = bi * block;
+        let width = out.len() / rows;
+        for r in 0..rows {
+            y[r * out_dim + start..r * out_dim + start + width]
+                .copy_from_slice(&out[r * width..(r + 1) * width]);
+        }
+    }
+    Ok(())
+}
+
+/// `out[i, :] = table[ids[i], :] * scale` with a bf16 table (see [`super::embedding`]).
+pub fn embedding_bf16(
+    ids: &[u32],
+    table: &[bf16],
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let vocab = validate::embedding(ids.len(), table.len(), dim, out.len())?;
+    if let Some((position, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        return Err(KernelError::TokenOutOfRange {
+            id,
+            position,
+            vocab,
+        });
+    }
+    if dim == 0 {
+        return Ok(());
+    }
+    for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
+        let row = &table[id as usize * dim..(id as usize + 1) * dim];
+        o.iter_mut()
+            .zip(row)
+            .for_each(|(o, &t)| *o = t.to_f32() * scale);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+                (v >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bf16_linear_equals_f32_linear_on_widened_weights() {
+        let (in_dim, out_dim) = (77, 131);
+        let wf = data(in_dim * out_dim, 3);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let widened: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        let bias = data(out_dim, 9);
+        for rows in [1, 2, 5, 8, 9, 40] {
+            let x = data(rows * in_dim, rows as u32);
+            let mut want = vec![0.0; rows * out_dim];
+            let mut got = vec![f32::NAN; rows * out_dim];
+            super::super::linear(&x, &widened, Some(&bias), rows, in_dim, out_dim, &mut want)
+                .unwrap();
+            linear_bf16(&x, &wb, Some(&bias), rows, in_dim, out_dim, &mut got).unwrap();
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "rows {rows}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_equals_reference() {
+        for n in [0, 1, 15, 16, 17, 100, 896] {
+            let x = data(n, 1);
+            let w: Vec<bf16> = data(n, 2).iter().map(|&v| bf16::from_f32(v)).collect();
+            let (a, b) = (dot_bf16(&x, &w), dot_bf16_reference(&x, &w));
+            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "n {n}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn bf16_embedding_widens_rows_and_refuses_bad_ids() {
+        let table: Vec<bf16> = (0..12).map(|v| bf16::from_f32(v as f32)).collect();
+        let mut out = vec![0.0; 6];
+        embedding_bf16(&[2, 0], &table, 3, 2.0, &mut out).unwrap();
+        assert_eq!(out, vec![12.0, 14.0, 16.0, 0.0, 2.0, 4.0]);
+        assert!(embedding_bf16(&[4], &table, 3, 1.0, &mut out[..3]).is_err());
+    }
+}
