@@ -12,6 +12,16 @@ pub fn python_strip(text: &str) -> &str {
     text.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }
 
+/// Deepest container nesting that `tojson` and printing walk (a namespace that holds itself is
+/// infinitely deep: printed as `...` like Python's recursive repr, refused by `tojson`).
+pub const MAX_VALUE_DEPTH: usize = 64;
+
+/// Most values one print or `tojson` call visits (bounds the work on shared or cyclic values).
+pub const MAX_VALUE_NODES: usize = 100_000;
+
+/// Largest `tojson` indent (characters per level).
+pub const MAX_INDENT: usize = 64;
+
 /// HF's `tojson` filter: `json.dumps(x, ensure_ascii=False, indent=None, separators=None,
 /// sort_keys=False)` with those keyword arguments accepted.
 pub fn tojson_filter(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
@@ -29,9 +39,22 @@ pub fn tojson_filter(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
             let n = v
                 .as_i64()
                 .ok_or_else(|| invalid("tojson: indent must be an integer or a string"))?;
+            if n > MAX_INDENT as i64 {
+                return Err(invalid(&format!(
+                    "tojson: indent {n} is over the limit of {MAX_INDENT}"
+                )));
+            }
             " ".repeat(usize::try_from(n).unwrap_or(0))
         }),
     };
+    if indent
+        .as_ref()
+        .is_some_and(|s| s.chars().count() > MAX_INDENT)
+    {
+        return Err(invalid(&format!(
+            "tojson: an indent string longer than {MAX_INDENT} characters"
+        )));
+    }
     let (item_sep, key_sep) = match separators.as_deref() {
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
@@ -44,6 +67,7 @@ pub fn tojson_filter(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         item_sep,
         key_sep,
         sort_keys: sort_keys.unwrap_or(false),
+        nodes: std::cell::Cell::new(0),
     };
     let mut out = String::new();
     dumper.dump(&value, 0, &mut out)?;
@@ -61,10 +85,24 @@ struct JsonDumper {
     item_sep: String,
     key_sep: String,
     sort_keys: bool,
+    /// Values visited so far (bounded by [`MAX_VALUE_NODES`]).
+    nodes: std::cell::Cell<usize>,
 }
 
 impl JsonDumper {
     fn dump(&self, value: &Value, depth: usize, out: &mut String) -> Result<(), Error> {
+        if depth > MAX_VALUE_DEPTH {
+            return Err(invalid(&format!(
+                "tojson: value nested deeper than {MAX_VALUE_DEPTH} levels (a namespace that holds itself?)"
+            )));
+        }
+        let visited = self.nodes.get() + 1;
+        self.nodes.set(visited);
+        if visited > MAX_VALUE_NODES {
+            return Err(invalid(&format!(
+                "tojson: value has more than {MAX_VALUE_NODES} items"
+            )));
+        }
         match value.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -199,6 +237,17 @@ pub fn python_str(value: &Value) -> String {
 
 /// Python `repr(value)` for the value kinds templates use.
 fn python_repr(value: &Value) -> String {
+    python_repr_bounded(value, 0, &mut MAX_VALUE_NODES.clone())
+}
+
+/// [`python_repr`] that prints `...` past [`MAX_VALUE_DEPTH`] levels (Python prints a recursive
+/// container as `[...]`) or once `nodes_left` values have been printed, so a namespace that
+/// holds itself cannot recurse without end.
+fn python_repr_bounded(value: &Value, depth: usize, nodes_left: &mut usize) -> String {
+    if depth > MAX_VALUE_DEPTH || *nodes_left == 0 {
+        return "...".into();
+    }
+    *nodes_left -= 1;
     match value.kind() {
         ValueKind::Undefined => String::new(),
         ValueKind::None => "None".into(),
@@ -240,7 +289,7 @@ fn python_repr(value: &Value) -> String {
             Ok(items) => format!(
                 "[{}]",
                 items
-                    .map(|v| python_repr(&v))
+                    .map(|v| python_repr_bounded(&v, depth + 1, nodes_left))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -251,7 +300,11 @@ fn python_repr(value: &Value) -> String {
                 let entries: Vec<String> = keys
                     .map(|k| {
                         let item = value.get_item(&k).unwrap_or_default();
-                        format!("{}: {}", python_repr(&k), python_repr(&item))
+                        let key = python_repr_bounded(&k, depth + 1, nodes_left);
+                        format!(
+                            "{key}: {}",
+                            python_repr_bounded(&item, depth + 1, nodes_left)
+                        )
                     })
                     .collect();
                 format!("{{{}}}", entries.join(", "))
@@ -387,5 +440,28 @@ mod tests {
     fn python_repr_of_containers() {
         let v = Value::from_serialize(serde_json::json!(["a", "it's", null, true, 2]));
         assert_eq!(python_str(&v), "['a', \"it's\", None, True, 2]");
+    }
+
+    #[test]
+    fn a_namespace_that_holds_itself_prints_bounded_and_tojson_refuses_it() {
+        let cyclic = "{% set x = namespace(v='') %}{% set x.v = [x, 'a'] %}";
+        let printed = crate::ChatTemplate::new(&format!("{cyclic}{{{{ x.v }}}}"), None, None)
+            .unwrap()
+            .render(&[], false)
+            .unwrap();
+        assert!(printed.contains("..."), "{printed}");
+        let err = crate::ChatTemplate::new(&format!("{cyclic}{{{{ x.v | tojson }}}}"), None, None)
+            .unwrap()
+            .render(&[], false)
+            .unwrap_err();
+        assert!(err.to_string().contains("nested deeper"), "{err}");
+    }
+
+    #[test]
+    fn tojson_refuses_an_absurd_indent() {
+        let v = Value::from_serialize(serde_json::json!([1, 2]));
+        let kwargs = Kwargs::from_iter([("indent", Value::from(101_000_000))]);
+        let err = tojson_filter(v, kwargs).unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
     }
 }
