@@ -21,8 +21,9 @@ use crate::{validate, KernelError, Result};
 /// dotted with every row of `x` while it sits in L1).
 const GEMV_MAX_ROWS: usize = 8;
 
-/// Target f32 panel size of the prefill path, in elements (1 MiB: fits L2 next to `x` tiles).
-const PANEL_ELEMS: usize = 1 << 18;
+/// Target f32 panel size of the prefill path, in elements (4 MiB: large enough that the GEMM's
+/// own blocking works on whole panels, small next to the f32 copy of a whole matrix).
+const PANEL_ELEMS: usize = 1 << 20;
 
 /// Output features per rayon task of the GEMV (amortises task overhead, keeps writes local).
 const GEMV_CHUNK: usize = 32;
@@ -172,7 +173,8 @@ fn gemv(
     }
 }
 
-/// Prefill path: blocks of output features widened into an f32 panel, one GEMM per block.
+/// Prefill path: blocks of output features widened into an f32 panel (in parallel), then one
+/// multi-threaded GEMM per panel writing its columns of `y` in place.
 fn panel_gemm(
     x: &[f32],
     w: &[bf16],
@@ -183,58 +185,47 @@ fn panel_gemm(
     y: &mut [f32],
 ) -> Result<()> {
     let block = (PANEL_ELEMS / in_dim.max(1)).clamp(16, out_dim.max(16)) / 16 * 16;
-    let blocks = out_dim.div_ceil(block);
-    // Each block writes a disjoint column range of y; columns of one row are interleaved
-    // between blocks, so blocks compute into their own [rows, width] buffer first.
-    let outputs: Vec<Result<Vec<f32>>> = (0..blocks)
-        .into_par_iter()
-        .map(|bi| {
-            let start = bi * block;
-            let end = (start + block).min(out_dim);
-            let width = end - start;
-            let mut panel = vec![0.0f32; width * in_dim];
-            widen(&w[start * in_dim..end * in_dim], &mut panel);
-            let mut out = vec![0.0f32; rows * width];
-            let accumulate = bias.map(|b| {
-                for row in out.chunks_exact_mut(width) {
-                    row.copy_from_slice(&b[start..end]);
-                }
-                1.0
-            });
-            let lhs = MatRef {
-                data: x,
-                rows,
-                cols: in_dim,
-                row_stride: in_dim,
-                col_stride: 1,
-            };
-            let rhs = MatRef {
-                data: &panel,
-                rows: in_dim,
-                cols: width,
-                row_stride: 1,
-                col_stride: in_dim,
-            };
-            gemm_into(
-                &mut out,
-                width,
-                lhs,
-                rhs,
-                accumulate,
-                1.0,
-                Parallelism::None,
-            )?;
-            Ok(out)
-        })
-        .collect();
-    for (bi, out) in outputs.into_iter().enumerate() {
-        let out = out?;
-        let start = bi * block;
-        let width = out.len() / rows;
-        for r in 0..rows {
-            y[r * out_dim + start..r * out_dim + start + width]
-                .copy_from_slice(&out[r * width..(r + 1) * width]);
+    let accumulate = bias.map(|b| {
+        for row in y.chunks_exact_mut(out_dim) {
+            row.copy_from_slice(b);
         }
+        1.0
+    });
+    let lhs = MatRef {
+        data: x,
+        rows,
+        cols: in_dim,
+        row_stride: in_dim,
+        col_stride: 1,
+    };
+    let mut panel = vec![0.0f32; block.min(out_dim) * in_dim];
+    let mut start = 0;
+    while start < out_dim {
+        let end = (start + block).min(out_dim);
+        let width = end - start;
+        let panel = &mut panel[..width * in_dim];
+        panel
+            .par_chunks_mut(in_dim * 16)
+            .zip(w[start * in_dim..end * in_dim].par_chunks(in_dim * 16))
+            .for_each(|(d, s)| widen(s, d));
+        let rhs = MatRef {
+            data: panel,
+            rows: in_dim,
+            cols: width,
+            row_stride: 1,
+            col_stride: in_dim,
+        };
+        // y's columns start..end: row stride out_dim, starting at element `start`.
+        gemm_into(
+            &mut y[start..],
+            out_dim,
+            lhs,
+            rhs,
+            accumulate,
+            1.0,
+            Parallelism::Rayon(0),
+        )?;
+        start = end;
     }
     Ok(())
 }
