@@ -60,6 +60,18 @@ pub fn embedding(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    embedding_widened(ids, table, |t| t, dim, scale, out)
+}
+
+/// [`embedding`] over a table of any element type that `widen` turns into f32 (bf16 tables).
+pub(crate) fn embedding_widened<T: Copy + Sync>(
+    ids: &[u32],
+    table: &[T],
+    widen: impl Fn(T) -> f32 + Sync,
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
     let vocab = validate::embedding(ids.len(), table.len(), dim, out.len())?;
     if let Some((position, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
         return Err(KernelError::TokenOutOfRange {
@@ -70,7 +82,9 @@ pub fn embedding(
     }
     let copy = |(o, &id): (&mut [f32], &u32)| {
         let row = &table[id as usize * dim..(id as usize + 1) * dim];
-        o.iter_mut().zip(row).for_each(|(o, &t)| *o = t * scale);
+        o.iter_mut()
+            .zip(row)
+            .for_each(|(o, &t)| *o = widen(t) * scale);
     };
     if dim == 0 {
         return Ok(());

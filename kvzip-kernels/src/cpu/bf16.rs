@@ -15,7 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{gemm_into, MatRef};
-use crate::{validate, KernelError, Result};
+use crate::{validate, Result};
 
 /// Rows at or below which [`linear_bf16`] uses the fused GEMV (each weight row is read once and
 /// dotted with every row of `x` while it sits in L1).
@@ -238,24 +238,7 @@ pub fn embedding_bf16(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let vocab = validate::embedding(ids.len(), table.len(), dim, out.len())?;
-    if let Some((position, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-        return Err(KernelError::TokenOutOfRange {
-            id,
-            position,
-            vocab,
-        });
-    }
-    if dim == 0 {
-        return Ok(());
-    }
-    for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
-        let row = &table[id as usize * dim..(id as usize + 1) * dim];
-        o.iter_mut()
-            .zip(row)
-            .for_each(|(o, &t)| *o = t.to_f32() * scale);
-    }
-    Ok(())
+    super::act::embedding_widened(ids, table, bf16::to_f32, dim, scale, out)
 }
 
 #[cfg(test)]
