@@ -262,6 +262,15 @@ pub fn fetch_model(name: &str, cache_dir: &Path) -> Result<PathBuf> {
         known: known_names(),
     })?;
     let dir = model_dir(name, cache_dir);
+    if dir.join("config.json").is_file() && is_current_import(&dir) {
+        return Ok(dir);
+    }
+    // Another process fetching a model: wait for it, then use what it made. (The lock is on
+    // the gguf folder; the import inside locks the models folder.)
+    let gguf_dir = cache_dir.join("gguf");
+    create_dir(&gguf_dir)?;
+    let _lock =
+        crate::lock::FileLock::acquire(&gguf_dir).map_err(|e| io_err(&gguf_dir, "lock", e))?;
     if dir.join("config.json").is_file() {
         if is_current_import(&dir) {
             return Ok(dir);

@@ -14,3 +14,4 @@
 pub mod cleanup;
 pub mod fetch;
 pub mod gguf;
+pub mod lock;

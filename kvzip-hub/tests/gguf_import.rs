@@ -223,6 +223,43 @@ fn imports_a_tiny_llama() {
     assert_eq!(leftovers.len(), 1, "temp dirs left: {leftovers:?}");
 }
 
+/// Several imports of one destination at once (two `kvzip run` fetching the default model in a
+/// fresh cache): they take turns under a lock, none deletes another's half-built folder, every
+/// one succeeds and the result is whole.
+#[test]
+fn concurrent_imports_of_one_destination_all_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bytes, _, _, _) = tiny_llama();
+    let gguf = tmp.path().join("tiny.gguf");
+    fs::write(&gguf, bytes).unwrap();
+    let out = tmp.path().join("models").join("tiny");
+    let opts = ImportOptions {
+        overwrite: true,
+        ..ImportOptions::default()
+    };
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (gguf, out, opts) = (gguf.clone(), out.clone(), opts.clone());
+            std::thread::spawn(move || import_gguf(&gguf, &out, &opts).map(|_| ()))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().expect("every concurrent import succeeds");
+    }
+    assert_eq!(
+        json(&out.join("config.json"))["architectures"][0],
+        "LlamaForCausalLM"
+    );
+    assert!(read_tensors(&out).contains_key("model.embed_tokens.weight"));
+    let leftovers: Vec<_> = fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".importing-") || n.contains(".replaced-"))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
 #[test]
 fn corrupt_files_fail_without_creating_the_model_dir() {
     let tmp = tempfile::tempdir().unwrap();

@@ -172,6 +172,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
+    // One import into this folder at a time (other processes wait here); under the lock any
+    // `.NAME.importing-*` folder is an interrupted import's, never a running one's.
+    let _lock = crate::lock::FileLock::acquire(&parent).map_err(|e| io_err(&parent, "lock", e))?;
     remove_stale_imports(&parent, &dir_name);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{dir_name}.importing-"))
