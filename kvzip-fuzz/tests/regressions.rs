@@ -1,9 +1,19 @@
-//! Every input the fuzzer ever found to crash, abort or hang (`regressions/<target>/`), plus
+//! Every input the fuzzer ever found to crash, abort or hang (`regressions/<target>/*.hex`,
+//! the bytes as hex text), plus
 //! every seed: each must now give `Ok` or an error, never a panic.
 
 use std::path::Path;
 
 use kvzip_fuzz::{run_one, Outcome, ALL};
+
+/// Bytes of a regression file: hex digits, whitespace ignored (`cargo xtask fuzz` writes them).
+fn from_hex(text: &str) -> Vec<u8> {
+    let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    digits
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).expect("hex digits"))
+        .collect()
+}
 
 #[test]
 fn seeds_and_past_crashes_do_not_panic() {
@@ -15,8 +25,8 @@ fn seeds_and_past_crashes_do_not_panic() {
             .join(target.name());
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
-                if e.path().extension().is_some_and(|x| x == "bin") {
-                    inputs.push(std::fs::read(e.path()).unwrap());
+                if e.path().extension().is_some_and(|x| x == "hex") {
+                    inputs.push(from_hex(&std::fs::read_to_string(e.path()).unwrap()));
                 }
             }
         }

@@ -107,14 +107,25 @@ pub fn fuzz(args: &[String]) -> Result<()> {
                 }
             }
         }
-        // Every crash input becomes a regression input.
+        // Every crash input becomes a regression input, stored as hex text (`NAME.hex`, 96
+        // digits per line) so that no binary file is committed.
         let reg = root.join("kvzip-fuzz/regressions").join(t);
         let mut crash_files = Vec::new();
         for e in std::fs::read_dir(work.join("crashes"))?.flatten() {
-            if e.path().extension().is_some_and(|x| x == "bin") {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "bin") {
                 std::fs::create_dir_all(&reg)?;
-                std::fs::copy(e.path(), reg.join(e.file_name()))?;
-                crash_files.push(e.file_name().to_string_lossy().into_owned());
+                let data = std::fs::read(&path)?;
+                let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+                let lines: Vec<&str> = hex
+                    .as_bytes()
+                    .chunks(96)
+                    .map(|c| std::str::from_utf8(c).unwrap_or_default())
+                    .collect();
+                let name = path.with_extension("hex");
+                let name = name.file_name().unwrap_or_default();
+                std::fs::write(reg.join(name), lines.join("\n") + "\n")?;
+                crash_files.push(name.to_string_lossy().into_owned());
             }
         }
         let report = json!({
