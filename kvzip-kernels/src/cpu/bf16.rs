@@ -135,6 +135,8 @@ pub fn linear_bf16(
 }
 
 /// Decode path: output features split over threads, each weight row dotted with every `x` row.
+/// Results are computed feature-major (`[out_dim, rows]`), which for one row is `y` itself (no
+/// allocation on the per-token path); more rows go through one buffer, transposed into `y`.
 fn gemv(
     x: &[f32],
     w: &[bf16],
@@ -144,31 +146,31 @@ fn gemv(
     out_dim: usize,
     y: &mut [f32],
 ) {
-    // Results per chunk land in a row-major [rows, chunk] buffer, then scatter to y's rows.
-    let chunks = out_dim.div_ceil(GEMV_CHUNK);
-    let parts: Vec<Vec<f32>> = (0..chunks)
-        .into_par_iter()
-        .map(|c| {
-            let start = c * GEMV_CHUNK;
-            let end = (start + GEMV_CHUNK).min(out_dim);
-            let mut part = vec![0.0f32; rows * (end - start)];
-            for o in start..end {
-                let wo = &w[o * in_dim..(o + 1) * in_dim];
-                let b = bias.map_or(0.0, |b| b[o]);
-                for r in 0..rows {
-                    part[r * (end - start) + (o - start)] =
-                        dot_bf16(&x[r * in_dim..(r + 1) * in_dim], wo) + b;
-                }
+    // `dst` holds outputs `first..` as `[n, rows]`.
+    let fill = |first: usize, dst: &mut [f32]| {
+        for (i, cell) in dst.chunks_exact_mut(rows).enumerate() {
+            let o = first + i;
+            let wo = &w[o * in_dim..(o + 1) * in_dim];
+            let b = bias.map_or(0.0, |b| b[o]);
+            for (r, c) in cell.iter_mut().enumerate() {
+                *c = dot_bf16(&x[r * in_dim..(r + 1) * in_dim], wo) + b;
             }
-            part
-        })
-        .collect();
-    for (c, part) in parts.iter().enumerate() {
-        let start = c * GEMV_CHUNK;
-        let width = part.len() / rows;
-        for r in 0..rows {
-            y[r * out_dim + start..r * out_dim + start + width]
-                .copy_from_slice(&part[r * width..(r + 1) * width]);
+        }
+    };
+    let run = |dst: &mut [f32]| {
+        dst.par_chunks_mut(GEMV_CHUNK * rows)
+            .enumerate()
+            .for_each(|(c, d)| fill(c * GEMV_CHUNK, d));
+    };
+    if rows == 1 {
+        run(y);
+        return;
+    }
+    let mut by_feature = vec![0.0f32; out_dim * rows];
+    run(&mut by_feature);
+    for (o, cell) in by_feature.chunks_exact(rows).enumerate() {
+        for (r, &v) in cell.iter().enumerate() {
+            y[r * out_dim + o] = v;
         }
     }
 }
