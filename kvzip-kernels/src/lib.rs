@@ -29,6 +29,7 @@ pub mod device;
 pub mod error;
 mod kv;
 pub mod pieces;
+pub mod quant;
 pub mod recon;
 pub mod reference;
 pub mod rope;
@@ -38,7 +39,7 @@ mod validate;
 pub use device::{
     greedy_rows, Activation, AttentionPlan, AttentionShape, DType, Device, GatherPlan, HostData,
     KvLayoutMirror, KvPiece, KvPieces, KvView, ScoreChunkShape, Tensor, TokenSampler, View,
-    ViewMut,
+    ViewMut, Weight,
 };
 pub use error::KernelError;
 pub use half::bf16;
@@ -56,8 +57,9 @@ pub mod host {
     use crate::reference as imp;
 
     pub use imp::{
-        act_mul_rows, add_assign, attention, attention_pieces, column_stats, embedding,
-        embedding_bf16, gelu_tanh_mul, linear, linear_bf16, matmul, max_value, rms_norm,
-        rope_inplace, silu_mul, softcap_inplace, softmax_rows, sum_exp_shifted,
+        act_mul_rows, add_assign, attention, attention_pieces, column_stats, dequantize_matrix,
+        embedding, embedding_bf16, embedding_quant, gelu_tanh_mul, linear, linear_bf16,
+        linear_quant, matmul, max_value, rms_norm, rope_inplace, silu_mul, softcap_inplace,
+        softmax_rows, sum_exp_shifted,
     };
 }

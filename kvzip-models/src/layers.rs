@@ -3,7 +3,7 @@
 //! Weight names mirror HF transformers; [`DecoderNames`] lets an architecture rename or fuse
 //! them.
 
-use kvzip_kernels::{Device, Tensor, View, ViewMut};
+use kvzip_kernels::{Device, Tensor, View, ViewMut, Weight};
 
 use crate::config::{LayerSpec, ModelSpec};
 use crate::error::Result;
@@ -12,8 +12,8 @@ use crate::loader::{f32_tensor, Init, WeightLoader};
 /// A projection `y = x · Wᵀ (+ b)` with `W: [out_dim, in_dim]` on the device. Stacked
 /// projections keep their parts' rows one after the other (q, k, v; gate, up).
 pub struct Linear {
-    /// `[out_dim, in_dim]`.
-    pub weight: Tensor,
+    /// `[out_dim, in_dim]`, dense or quantized as stored.
+    pub weight: Weight,
     /// `[out_dim]`.
     pub bias: Option<Tensor>,
     /// Input features.
@@ -85,7 +85,7 @@ impl Linear {
             ),
         };
         Ok(Self {
-            weight: w.stacked(&weights, Init::Matrix)?,
+            weight: w.matrix(&weights)?,
             bias: if bias {
                 Some(w.stacked(&biases, Init::Bias)?)
             } else {
@@ -105,9 +105,10 @@ impl Linear {
         rows: usize,
     ) -> Result<()> {
         let bias = self.bias.as_ref().map(Tensor::view);
-        dev.linear(
+        dev.linear_weight(
             x,
-            &self.weight.view(),
+            &self.weight,
+            0,
             bias.as_ref(),
             out,
             rows,
@@ -127,14 +128,21 @@ impl Linear {
         start: usize,
         n: usize,
     ) -> Result<()> {
-        let k = self.in_dim;
-        let w = self.weight.slice(start * k..(start + n) * k)?;
         let b = self
             .bias
             .as_ref()
             .map(|b| b.slice(start..start + n))
             .transpose()?;
-        dev.linear(x, &w, b.as_ref(), out, rows, n, k)?;
+        dev.linear_weight(
+            x,
+            &self.weight,
+            start,
+            b.as_ref(),
+            out,
+            rows,
+            n,
+            self.in_dim,
+        )?;
         Ok(())
     }
 

@@ -3,7 +3,10 @@
 
 use std::cell::Cell;
 
-use kvzip_kernels::{DType, Device, HostData, Tensor};
+use std::sync::Arc;
+
+use kvzip_kernels::quant::{QuantMatrix, QuantPart};
+use kvzip_kernels::{DType, Device, HostData, Tensor, Weight};
 
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
@@ -34,8 +37,8 @@ pub enum Init {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HostWeights {
     /// As the checkpoint stores them where the CPU kernels compute on that form directly:
-    /// bf16 matrices stay bf16 (half the bytes of f32; widened inside the GEMV/GEMM, exactly),
-    /// anything else becomes f32.
+    /// ggml-quantized rows stay quantized (memory-mapped, decoded inside the GEMV/GEMM) and bf16
+    /// matrices stay bf16 (widened on the fly, exactly); anything else becomes f32.
     #[default]
     AsStored,
     /// Every matrix widened to f32 at load (the reference path the compact one is tested
@@ -139,6 +142,46 @@ impl<'a> WeightLoader<'a> {
         let seed = self.next_seed();
         self.device.fill_uniform(&mut t.view_mut(), seed, lo, hi)?;
         Ok(())
+    }
+
+    /// The weight matrices `parts` (each `[rows_i, cols]`) stacked row-wise: kept quantized as
+    /// stored (borrowed from the memory map, no copy) when the device is the CPU, host weights
+    /// are [`HostWeights::AsStored`] and every part is quantized; otherwise a dense tensor as
+    /// [`stacked`](Self::stacked) makes it.
+    pub fn matrix(&self, parts: &[(String, Vec<usize>)]) -> Result<Weight> {
+        if let (WeightSource::Checkpoint(w), false, HostWeights::AsStored) =
+            (self.source, self.device.is_cuda(), self.host_weights)
+        {
+            let quantized = !parts.is_empty()
+                && parts
+                    .iter()
+                    .all(|(n, s)| s.len() == 2 && w.quant_type(n).is_some());
+            let cols = parts.first().map_or(0, |(_, s)| s[s.len() - 1]);
+            if quantized && parts.iter().all(|(_, s)| s[1] == cols) {
+                let mut qparts = Vec::with_capacity(parts.len());
+                for (name, shape) in parts {
+                    let (ty, data) = w.quant_rows(name, shape)?;
+                    qparts.push(QuantPart {
+                        ty,
+                        rows: shape[0],
+                        data,
+                    });
+                }
+                let label = parts.first().map_or("", |(n, _)| n.as_str());
+                let m = QuantMatrix::new(cols, qparts, label).map_err(|e| ModelError::Weights {
+                    path: Default::default(),
+                    tensor: label.to_owned(),
+                    msg: e.to_string(),
+                })?;
+                return Ok(Weight::Quant(Arc::new(m)));
+            }
+        }
+        Ok(Weight::Dense(self.stacked(parts, Init::Matrix)?))
+    }
+
+    /// Weight matrix `name` of `shape` `[rows, cols]` (see [`matrix`](Self::matrix)).
+    pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        self.matrix(&[(name.to_owned(), shape.to_vec())])
     }
 
     /// Tensor `name` of `shape` (`[rows, cols]` or `[n]`) on the device.

@@ -3,12 +3,12 @@
 //! `kvzip-kernels` device interface: the same code runs on the CPU (f32) and on CUDA (bf16).
 
 use kvzip_cache::KvCache;
-use kvzip_kernels::{AttentionShape, DType, Device, Tensor, View, ViewMut};
+use kvzip_kernels::{AttentionShape, DType, Device, Tensor, View, ViewMut, Weight};
 
 use crate::config::{Activation, ModelSpec};
 use crate::error::{ModelError, Result};
 use crate::layers::{DecoderLayer, DecoderNames, Linear, Norm};
-use crate::loader::{Init, WeightLoader};
+use crate::loader::WeightLoader;
 
 /// Which logits a forward pass should return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,20 +260,22 @@ impl Scratch {
             let (qd, kvd) = (s.n_heads * d, s.n_kv_heads * d);
             let r = rows.max(1);
             let f = dev.float_dtype();
+            // Zeroed once per size (not per step): every byte a kernel can read is defined,
+            // however the GEMM library stores its outputs (initcheck-clean).
             self.bufs = None;
             self.bufs = Some(Buffers {
-                x: dev.alloc(f, r * h)?,
-                delta: dev.alloc(f, r * h)?,
-                normed: dev.alloc(f, r * h)?,
-                q: dev.alloc(f, r * qd)?,
-                kv: dev.alloc(f, 2 * r * kvd)?,
-                head_tmp: dev.alloc(f, r * qd.max(kvd))?,
-                qkv: dev.alloc(f, qd + 2 * kvd)?,
-                attn: dev.alloc(f, r * qd)?,
-                gate_up: dev.alloc(f, r * 2 * i)?,
-                act: dev.alloc(f, r * i)?,
-                ids: dev.alloc(DType::U32, r)?,
-                positions: dev.alloc(DType::I32, r)?,
+                x: dev.zeros(f, r * h)?,
+                delta: dev.zeros(f, r * h)?,
+                normed: dev.zeros(f, r * h)?,
+                q: dev.zeros(f, r * qd)?,
+                kv: dev.zeros(f, 2 * r * kvd)?,
+                head_tmp: dev.zeros(f, r * qd.max(kvd))?,
+                qkv: dev.zeros(f, qd + 2 * kvd)?,
+                attn: dev.zeros(f, r * qd)?,
+                gate_up: dev.zeros(f, r * 2 * i)?,
+                act: dev.zeros(f, r * i)?,
+                ids: dev.zeros(DType::U32, r)?,
+                positions: dev.zeros(DType::I32, r)?,
             });
             self.rows = r;
         }
@@ -289,10 +291,10 @@ impl Scratch {
 pub struct DecoderStack {
     device: Device,
     spec: ModelSpec,
-    embed: Tensor,
+    embed: Weight,
     layers: Vec<DecoderLayer>,
     norm: Norm,
-    lm_head: Option<Tensor>,
+    lm_head: Option<Weight>,
 }
 
 /// Views of one step's q (`[t, n_heads, head_dim]`) and of k then v (`[t, n_kv, head_dim]`
@@ -387,11 +389,7 @@ impl DecoderStack {
     /// Loads every weight named by `names` onto the loader's device.
     pub fn load(w: &WeightLoader<'_>, names: &DecoderNames, spec: ModelSpec) -> Result<Self> {
         let (v, h) = (spec.vocab_size, spec.hidden_size);
-        let embed = w.tensor(
-            &format!("{}.embed_tokens.weight", names.prefix),
-            &[v, h],
-            Init::Matrix,
-        )?;
+        let embed = w.weight(&format!("{}.embed_tokens.weight", names.prefix), &[v, h])?;
         let layers = spec
             .layers
             .iter()
@@ -402,7 +400,7 @@ impl DecoderStack {
         let lm_head = if spec.tie_word_embeddings && !w.contains(&names.lm_head, false) {
             None
         } else {
-            Some(w.tensor(&names.lm_head, &[v, h], Init::Matrix)?)
+            Some(w.weight(&names.lm_head, &[v, h])?)
         };
         Ok(Self {
             device: w.device().clone(),
@@ -430,7 +428,7 @@ impl DecoderStack {
     }
 
     /// The LM head matrix `[vocab, hidden]` (the embedding when tied).
-    pub fn lm_head(&self) -> &Tensor {
+    pub fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
@@ -497,9 +495,9 @@ impl DecoderStack {
         dev.write_u32(&mut b.ids.slice_mut(0..t)?, ids)?;
         dev.write_i32(&mut b.positions.slice_mut(0..t)?, &positions)?;
 
-        dev.embedding(
+        dev.embedding_weight(
             &b.ids.slice(0..t)?,
-            &self.embed.view(),
+            &self.embed,
             &mut b.x.view_mut(),
             h,
             s.embed_scale,
@@ -640,9 +638,10 @@ impl DecoderStack {
         )?;
         let v = s.vocab_size;
         let mut logits = dev.alloc(DType::F32, rows * v)?;
-        dev.linear(
+        dev.linear_weight(
             &b.normed.slice(0..rows * h)?,
-            &self.lm_head().view(),
+            self.lm_head(),
+            0,
             None,
             &mut logits.view_mut(),
             rows,

@@ -1,9 +1,18 @@
 //! Safetensors weight loading through memory maps, single file or sharded
 //! (`model.safetensors.index.json`), converting F32/BF16/F16 tensors to f32.
+//!
+//! A tensor may also hold ggml-quantized rows kept as stored (what `kvzip import-gguf`
+//! writes): dtype `U8`, shape `[rows, row_bytes]`, and a metadata entry
+//! `"ggml_type.<tensor name>": "<TYPE>:<cols>"` (e.g. `"Q5_0:896"`). Its logical shape is
+//! `[rows, cols]`; [`Weights::quant_rows`] hands out its bytes without a copy, and the f32/bf16
+//! readers dequantize it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use kvzip_kernels::quant::{row_bytes, GgmlType, SharedBytes};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 
@@ -14,7 +23,10 @@ use crate::error::{ModelError, Result};
 struct TensorEntry {
     file: usize,
     dtype: Dtype,
+    /// Logical shape (`[rows, cols]` for quantized rows).
     shape: Vec<usize>,
+    /// ggml block type of quantized rows (dtype `U8`), `None` for plain tensors.
+    ggml: Option<GgmlType>,
     /// Absolute byte range inside the file.
     start: usize,
     end: usize,
@@ -22,7 +34,7 @@ struct TensorEntry {
 
 /// All tensors of a checkpoint, memory-mapped; tensors are converted to f32 on request.
 pub struct Weights {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     tensors: HashMap<String, TensorEntry>,
 }
 
@@ -135,10 +147,23 @@ impl Weights {
                         ),
                     ));
                 }
+                let key = format!("ggml_type.{name}");
+                let quant = meta.metadata().as_ref().and_then(|m| m.get(&key));
+                let (ggml, shape) = match quant {
+                    None => (None, info.shape.clone()),
+                    Some(spec) => {
+                        let (ty, cols) =
+                            parse_quant_spec(spec, info.dtype, &info.shape).map_err(|what| {
+                                weights_err(path, &name, format!("metadata {key:?}: {what}"))
+                            })?;
+                        (Some(ty), vec![info.shape[0], cols])
+                    }
+                };
                 let entry = TensorEntry {
                     file: fi,
                     dtype: info.dtype,
-                    shape: info.shape.clone(),
+                    shape,
+                    ggml,
                     start,
                     end,
                 };
@@ -150,7 +175,7 @@ impl Weights {
                     ));
                 }
             }
-            files.push((path.clone(), mmap));
+            files.push((path.clone(), Arc::new(mmap)));
         }
         Ok(Self { files, tensors })
     }
@@ -175,6 +200,25 @@ impl Weights {
         self.tensors
             .get(name)
             .is_some_and(|e| e.dtype == Dtype::BF16)
+    }
+
+    /// The ggml block type of tensor `name` if it holds quantized rows kept as stored.
+    pub fn quant_type(&self, name: &str) -> Option<GgmlType> {
+        self.tensors.get(name).and_then(|e| e.ggml)
+    }
+
+    /// The quantized rows of tensor `name` (checking its logical `shape`), borrowed from the
+    /// memory map: no copy; pages are read from the file as the kernels touch them.
+    pub fn quant_rows(&self, name: &str, shape: &[usize]) -> Result<(GgmlType, SharedBytes)> {
+        let entry = self.entry(name, shape)?;
+        let (path, map) = &self.files[entry.file];
+        let ty = entry
+            .ggml
+            .ok_or_else(|| weights_err(path, name, "is not a quantized tensor"))?;
+        let map: Arc<dyn AsRef<[u8]> + Send + Sync> = map.clone();
+        let bytes = SharedBytes::new(map, entry.start..entry.end)
+            .ok_or_else(|| weights_err(path, name, "data range lies outside the file"))?;
+        Ok((ty, bytes))
     }
 
     /// The file that would be reported for a missing tensor.
@@ -222,6 +266,21 @@ impl Weights {
         let entry = self.entry(name, shape)?;
         let path = &self.files[entry.file].0;
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        if let Some(ty) = entry.ggml {
+            let n: usize = entry.shape.iter().product();
+            if out.len() != n {
+                return Err(weights_err(
+                    path,
+                    name,
+                    format!("{n} values for a destination of {}", out.len()),
+                ));
+            }
+            let mut values = vec![0.0f32; n];
+            kvzip_kernels::quant::dequantize_into(ty, bytes, &mut values, name)
+                .map_err(|e| weights_err(path, name, e.to_string()))?;
+            out.iter_mut().zip(values).for_each(|(o, v)| *o = conv(v));
+            return Ok(());
+        }
         let n = bytes.len() / entry.dtype.size().max(1);
         if out.len() != n {
             return Err(weights_err(
@@ -300,5 +359,36 @@ impl Weights {
         } else {
             Ok(None)
         }
+    }
+}
+
+/// Parses a `"<TYPE>:<cols>"` quantization entry for a tensor of `dtype` and stored `shape`
+/// (`[rows, row_bytes]`, `U8`), returning the type and the logical column count.
+fn parse_quant_spec(
+    spec: &str,
+    dtype: Dtype,
+    shape: &[usize],
+) -> std::result::Result<(GgmlType, usize), String> {
+    let (ty, cols) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("{spec:?} is not \"<TYPE>:<cols>\""))?;
+    let ty = GgmlType::from_name(ty)
+        .filter(|t| kvzip_kernels::quant::is_kernel_type(*t))
+        .ok_or_else(|| format!("ggml type {ty:?} is not one the CPU kernels compute on"))?;
+    let cols: usize = cols
+        .parse()
+        .map_err(|_| format!("column count {cols:?} is not a number"))?;
+    if dtype != Dtype::U8 || shape.len() != 2 {
+        return Err(format!(
+            "quantized rows must be stored as U8 [rows, row_bytes], found {dtype:?} {shape:?}"
+        ));
+    }
+    match row_bytes(ty, cols) {
+        Some(rb) if rb == shape[1] => Ok((ty, cols)),
+        _ => Err(format!(
+            "{cols} columns of {} do not take {} bytes per row",
+            ty.name(),
+            shape[1]
+        )),
     }
 }

@@ -1,6 +1,11 @@
-//! [`import_gguf`]: GGUF file → HF-style directory (`config.json`, `model.safetensors` in BF16,
+//! [`import_gguf`]: GGUF file → HF-style directory (`config.json`, `model.safetensors`,
 //! `tokenizer.json`, `tokenizer_config.json`), built in a temporary directory next to the
 //! destination and renamed into place.
+//!
+//! Weight matrices in a block type the CPU kernels compute on (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K,
+//! Q5_K, Q6_K) are kept exactly as stored (rows of ggml blocks; see
+//! [`super::safetensors_out`]); everything else (norms, biases, F16/F32 matrices, other block
+//! types) is dequantized and stored as BF16.
 //!
 //! Conventions undone: llama.cpp's Q/K row permutation (architecture `llama`) and Gemma's
 //! `1 + w` RMSNorm weights. A file without `output.weight` gets `tie_word_embeddings: true`; a file
@@ -17,7 +22,7 @@ use serde_json::Value;
 use super::hf_config::{build_config, TensorFacts};
 use super::names::{hf_tensor_name, is_gemma_norm, unpermute_qk_rows, Arch};
 use super::reader::{GgufFile, TensorInfo};
-use super::safetensors_out::SafetensorsWriter;
+use super::safetensors_out::{SafetensorsWriter, TensorDecl};
 use super::tokenizer_json::{
     build_bpe_tokenizer_json, build_tokenizer_config, check_sentencepiece_vocab,
 };
@@ -42,8 +47,8 @@ pub struct ImportOptions {
 }
 
 /// Version of the directory layout [`import_gguf`] writes, recorded in [`IMPORT_MARKER`]:
-/// 2 = weights stored in bf16 (1 was f32, without the marker).
-pub const IMPORT_VERSION: u64 = 2;
+/// 3 = quantized matrices kept as stored, the rest bf16 (2 was all bf16, 1 all f32).
+pub const IMPORT_VERSION: u64 = 3;
 
 /// File in an imported directory recording [`IMPORT_VERSION`] and the source GGUF.
 pub const IMPORT_MARKER: &str = "kvzip_import.json";
@@ -195,9 +200,13 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
     }
     write_json(&tmp.path().join("config.json"), &config)?;
 
-    let decls: Vec<(String, Vec<usize>)> = plan
+    let decls: Vec<TensorDecl> = plan
         .iter()
-        .map(|(t, hf)| (hf.clone(), t.hf_shape()))
+        .map(|(t, hf)| TensorDecl {
+            name: hf.clone(),
+            shape: t.hf_shape(),
+            quant: kept_as_stored(t),
+        })
         .collect();
     let st_path = tmp.path().join("model.safetensors");
     let mut writer = SafetensorsWriter::create(
@@ -211,37 +220,49 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
     for (i, (t, hf)) in plan.iter().enumerate() {
         if opts.progress && (i % 16 == 0 || i + 1 == n_tensors) {
             eprint!(
-                "\rkvzip: importing {dir_name}: tensor {}/{n_tensors} (dequantize -> bf16)",
+                "\rkvzip: importing {dir_name}: tensor {}/{n_tensors}",
                 i + 1
             );
         }
-        let mut data = file.dequantize_tensor(t)?;
         let shape = t.hf_shape();
-        if arch == Arch::Llama {
-            let heads = if t.name.contains(".attn_q.") {
-                Some(n_heads)
-            } else if t.name.contains(".attn_k.") {
-                Some(n_kv)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                let cols = shape.get(1).copied().unwrap_or(1);
-                data = unpermute_qk_rows(&data, shape[0], cols, h).ok_or_else(|| {
-                    import_err(
-                        &file,
-                        format!(
-                            "{}: {} rows cannot be split into {h} heads of rotary pairs",
-                            t.name, shape[0]
-                        ),
-                    )
-                })?;
+        // llama.cpp interleaves the rotary halves of Q/K rows for `llama`; undo it row-wise.
+        let qk_heads = match arch {
+            Arch::Llama if t.name.contains(".attn_q.") => Some(n_heads),
+            Arch::Llama if t.name.contains(".attn_k.") => Some(n_kv),
+            _ => None,
+        };
+        let unpermute_err = |h: usize| {
+            import_err(
+                &file,
+                format!(
+                    "{}: {} rows cannot be split into {h} heads of rotary pairs",
+                    t.name, shape[0]
+                ),
+            )
+        };
+        if kept_as_stored(t).is_some() {
+            let bytes = file.tensor_bytes(t);
+            match qk_heads {
+                Some(h) => {
+                    let row = bytes.len() / shape[0].max(1);
+                    let rows = unpermute_qk_rows(bytes, shape[0], row, h)
+                        .ok_or_else(|| unpermute_err(h))?;
+                    writer.write_next_raw(hf, &rows)?;
+                }
+                None => writer.write_next_raw(hf, bytes)?,
             }
+        } else {
+            let mut data = file.dequantize_tensor(t)?;
+            if let Some(h) = qk_heads {
+                let cols = shape.get(1).copied().unwrap_or(1);
+                data =
+                    unpermute_qk_rows(&data, shape[0], cols, h).ok_or_else(|| unpermute_err(h))?;
+            }
+            if arch == Arch::Gemma3 && is_gemma_norm(&t.name) {
+                data.iter_mut().for_each(|w| *w -= 1.0);
+            }
+            writer.write_next(hf, &data)?;
         }
-        if arch == Arch::Gemma3 && is_gemma_norm(&t.name) {
-            data.iter_mut().for_each(|w| *w -= 1.0);
-        }
-        writer.write_next(hf, &data)?;
         *source_types
             .entry(t.ggml_type.name().to_string())
             .or_insert(0) += 1;
@@ -255,7 +276,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         &tmp.path().join(IMPORT_MARKER),
         &serde_json::json!({
             "version": IMPORT_VERSION,
-            "weights_dtype": "bfloat16",
+            "weights_dtype": "as-stored",
             "source": gguf_path.file_name().map(|n| n.to_string_lossy().into_owned()),
         }),
     )?;
@@ -279,6 +300,18 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, opts: &ImportOptions) -> Re
         tokenizer_source,
         n_parameters,
     })
+}
+
+/// The block type `t` keeps in the imported checkpoint: a 2-D weight matrix in a type the CPU
+/// kernels compute on stays as stored; `None` → dequantized to bf16.
+fn kept_as_stored(t: &TensorInfo) -> Option<super::GgmlType> {
+    let shape = t.hf_shape();
+    (shape.len() == 2
+        && kvzip_kernels::quant::is_kernel_type(t.ggml_type)
+        && kvzip_kernels::quant::row_bytes(t.ggml_type, shape[1])
+            .and_then(|r| r.checked_mul(shape[0]))
+            == Some(t.byte_len as usize))
+    .then_some(t.ggml_type)
 }
 
 /// Removes `.NAME.importing-*` / `.NAME.replaced-*` folders that an interrupted import of

@@ -2,14 +2,14 @@
 //!
 //! - [`reader`]: bounds-checked parsing of a memory-mapped GGUF v2/v3 file ([`GgufFile`]);
 //!   [`value`]: its metadata values ([`GgufValue`]).
-//! - [`dequant`]: ggml block formats → `f32` ([`GgmlType`], [`dequantize`]).
+//! - [`dequantize`]: ggml block formats → `f32` ([`GgmlType`]; the formats live in
+//!   [`kvzip_kernels::quant`], where the CPU kernels compute on them directly).
 //! - [`names`]: llama.cpp tensor names → HF names, and the llama Q/K row permutation.
 //! - [`hf_config`]: `config.json` from the GGUF metadata.
 //! - [`tokenizer_json`]: `tokenizer.json` / `tokenizer_config.json` from the GGUF vocabulary.
 //! - [`safetensors_out`]: a streaming `model.safetensors` writer.
 //! - [`import`]: [`import_gguf`], which ties it all together and writes atomically.
 
-pub mod dequant;
 pub mod hf_config;
 pub mod import;
 pub mod names;
@@ -18,7 +18,27 @@ pub mod safetensors_out;
 pub mod tokenizer_json;
 pub mod value;
 
-pub use dequant::{dequantize, GgmlType};
+pub use kvzip_kernels::quant::GgmlType;
+
+/// Dequantizes `n_elements` values of type `ty` stored in `bytes` to `f32` (see
+/// [`kvzip_kernels::quant::dequantize`]); `tensor` names the tensor in errors.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize, tensor: &str) -> Result<Vec<f32>> {
+    Ok(kvzip_kernels::quant::dequantize(
+        ty, bytes, n_elements, tensor,
+    )?)
+}
+
+impl From<kvzip_kernels::quant::QuantError> for GgufError {
+    fn from(e: kvzip_kernels::quant::QuantError) -> Self {
+        use kvzip_kernels::quant::QuantError;
+        match e {
+            QuantError::Unsupported { tensor, type_name } => {
+                GgufError::UnsupportedTensorType { tensor, type_name }
+            }
+            QuantError::BadData { tensor, what } => GgufError::BadTensorData { tensor, what },
+        }
+    }
+}
 pub use import::{
     import_gguf, is_current_import, ImportOptions, ImportReport, IMPORT_MARKER, IMPORT_VERSION,
 };

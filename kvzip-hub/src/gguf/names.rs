@@ -94,28 +94,29 @@ pub fn permute_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) ->
 }
 
 /// Inverse of [`permute_qk_rows`]: GGUF (interleaved) row order back to HF (half-split) order.
-pub fn unpermute_qk_rows(
-    data: &[f32],
+/// Rows are `cols` elements of any type (f32 values, or the bytes of quantized rows).
+pub fn unpermute_qk_rows<T: Copy + Default>(
+    data: &[T],
     rows: usize,
     cols: usize,
     n_head: usize,
-) -> Option<Vec<f32>> {
+) -> Option<Vec<T>> {
     remap_rows(data, rows, cols, n_head, false)
 }
 
-fn remap_rows(
-    data: &[f32],
+fn remap_rows<T: Copy + Default>(
+    data: &[T],
     rows: usize,
     cols: usize,
     n_head: usize,
     to_gguf: bool,
-) -> Option<Vec<f32>> {
+) -> Option<Vec<T>> {
     if n_head == 0 || rows % (2 * n_head) != 0 || rows.checked_mul(cols)? != data.len() {
         return None;
     }
     let head_rows = rows / n_head;
     let half = head_rows / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_head {
         for j in 0..2 {
             for i in 0..half {

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::dequant::{dequantize, GgmlType};
 pub use super::value::GgufValue;
+use super::{dequantize, GgmlType};
 use super::{GgufError, Result};
 
 /// Default alignment of the data section and of each tensor's data, in bytes.

@@ -278,17 +278,10 @@ fn run_item(
                     *v = c * (*v / c).tanh();
                 }
             }
-            let tile_max = srow[vis_lo..vis_hi]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
+            let tile_max = math::max_value(&srow[vis_lo..vis_hi]);
             let m_new = m[r].max(tile_max);
             let correction = math::exp(m[r] - m_new);
-            let mut sum = 0.0f32;
-            for v in &mut srow[vis_lo..vis_hi] {
-                *v = math::exp(*v - m_new);
-                sum += *v;
-            }
+            let sum = math::exp_shift_in_place(&mut srow[vis_lo..vis_hi], m_new);
             srow[..vis_lo].fill(0.0);
             srow[vis_hi..].fill(0.0);
             if correction != 1.0 {

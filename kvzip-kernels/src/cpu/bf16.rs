@@ -2,7 +2,7 @@
 //! f32 activations and f32 accumulation.
 //!
 //! - Decode (few rows): a fused widen-and-dot GEMV that streams each weight row once for all
-//!   rows of `x` (AVX2 + FMA at run time, a scalar reference otherwise).
+//!   rows of `x` (AVX + FMA at run time, a scalar reference otherwise).
 //! - Prefill (many rows): the weight matrix is widened in blocks of output features into a
 //!   small per-thread f32 panel (sized to stay in L2) and multiplied with the `gemm` crate, so
 //!   no f32 copy of the whole matrix ever exists.
@@ -15,6 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{gemm_into, MatRef};
+use super::simd::multiversion;
 use crate::{validate, Result};
 
 /// Rows at or below which [`linear_bf16`] uses the fused GEMV (each weight row is read once and
@@ -45,34 +46,40 @@ pub fn dot_bf16_reference(x: &[f32], w: &[bf16]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// [`dot_bf16_reference`] with AVX2 + FMA: 16 bf16 per step widened by a 16-bit shift.
+/// [`dot_bf16_reference`] with AVX + FMA: 16 bf16 per step, widened by interleaving zero
+/// halves below them (128-bit integer unpacks, so AVX2 is not needed), two 8-lane FMAs.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
+#[target_feature(enable = "avx,fma")]
+unsafe fn dot_bf16_avx(x: &[f32], w: &[bf16]) -> f32 {
     use std::arch::x86_64::*;
     let n = x.len().min(w.len());
     let (xp, wp) = (x.as_ptr(), w.as_ptr() as *const u16);
+    let zero = _mm_setzero_si128();
+    let widen8 = |raw: __m128i| -> __m256 {
+        let lo = _mm_castsi128_ps(_mm_unpacklo_epi16(zero, raw));
+        let hi = _mm_castsi128_ps(_mm_unpackhi_epi16(zero, raw));
+        _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1)
+    };
     let mut acc0 = _mm256_setzero_ps();
     let mut acc1 = _mm256_setzero_ps();
     let mut i = 0;
     while i + 16 <= n {
         // SAFETY: i + 16 <= n, so both 16-element reads are inside the slices.
-        let raw = _mm256_loadu_si256(wp.add(i) as *const __m256i);
-        let lo = _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)),
-            16,
-        ));
-        let hi = _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)),
-            16,
-        ));
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), lo, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), hi, acc1);
+        let (r0, r1) = unsafe {
+            (
+                _mm_loadu_si128(wp.add(i) as *const __m128i),
+                _mm_loadu_si128(wp.add(i + 8) as *const __m128i),
+            )
+        };
+        let (x0, x1) = unsafe { (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8))) };
+        acc0 = _mm256_fmadd_ps(x0, widen8(r0), acc0);
+        acc1 = _mm256_fmadd_ps(x1, widen8(r1), acc1);
         i += 16;
     }
     let acc = _mm256_add_ps(acc0, acc1);
     let mut lanes = [0.0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
     let mut total: f32 = lanes.iter().sum();
     while i < n {
         total += x[i] * w[i].to_f32();
@@ -81,23 +88,26 @@ unsafe fn dot_bf16_avx2(x: &[f32], w: &[bf16]) -> f32 {
     total
 }
 
-/// `Σ x[i] · w[i]` over the common length, `w` widened from bf16 (AVX2 + FMA when present).
+/// `Σ x[i] · w[i]` over the common length, `w` widened from bf16 (AVX + FMA when present).
 #[inline]
 pub fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::simd::has_avx_fma() {
             // SAFETY: the required CPU features were detected at run time.
-            return unsafe { dot_bf16_avx2(x, w) };
+            return unsafe { dot_bf16_avx(x, w) };
         }
     }
     dot_bf16_reference(x, w)
 }
 
-/// Widens `src` into `dst` (same length).
-fn widen(src: &[bf16], dst: &mut [f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+multiversion! {
+    /// Widens `src` into `dst` (same length); exact (bf16 is the top half of an f32).
+    fn widen<M>(src: &[bf16], dst: &mut [f32]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = f32::from_bits((s.to_bits() as u32) << 16));
+    }
 }
 
 /// `y[rows, out_dim] = x[rows, in_dim] · w[out_dim, in_dim]ᵀ (+ bias[out_dim])` with bf16 `w`.
@@ -131,7 +141,15 @@ pub fn linear_bf16(
         gemv(x, w, bias, rows, in_dim, out_dim, y);
         return Ok(());
     }
-    panel_gemm(x, w, bias, rows, in_dim, out_dim, y)
+    panel_gemm(
+        x,
+        &|o, dst| widen(&w[o * in_dim..(o + 1) * in_dim], dst),
+        bias,
+        rows,
+        in_dim,
+        out_dim,
+        y,
+    )
 }
 
 /// Decode path: output features split over threads, each weight row dotted with every `x` row.
@@ -175,11 +193,13 @@ fn gemv(
     }
 }
 
-/// Prefill path: blocks of output features widened into an f32 panel (in parallel), then one
-/// multi-threaded GEMM per panel writing its columns of `y` in place.
-fn panel_gemm(
+/// Prefill path over compact weights: blocks of output features decoded into an f32 panel (in
+/// parallel; `decode_row(o, dst)` writes weight row `o` into `dst`, `in_dim` floats), then one
+/// multi-threaded GEMM per panel writing its columns of `y` in place. No f32 copy of the whole
+/// matrix ever exists.
+pub(crate) fn panel_gemm(
     x: &[f32],
-    w: &[bf16],
+    decode_row: &(dyn Fn(usize, &mut [f32]) + Sync),
     bias: Option<&[f32]>,
     rows: usize,
     in_dim: usize,
@@ -208,8 +228,12 @@ fn panel_gemm(
         let panel = &mut panel[..width * in_dim];
         panel
             .par_chunks_mut(in_dim * 16)
-            .zip(w[start * in_dim..end * in_dim].par_chunks(in_dim * 16))
-            .for_each(|(d, s)| widen(s, d));
+            .enumerate()
+            .for_each(|(c, d)| {
+                for (i, row) in d.chunks_exact_mut(in_dim).enumerate() {
+                    decode_row(start + c * 16 + i, row);
+                }
+            });
         let rhs = MatRef {
             data: panel,
             rows: in_dim,

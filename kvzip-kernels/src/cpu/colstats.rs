@@ -177,11 +177,7 @@ fn row_tile_stats(
                         *o = o.max(x - l);
                     }
                 }
-                ColReduce::Sum => {
-                    for (o, &x) in dst.iter_mut().zip(s) {
-                        *o += (x - lse[i]).exp();
-                    }
-                }
+                ColReduce::Sum => super::math::add_exp_shifted(dst, s, lse[i]),
             }
         }
         k0 = k1;

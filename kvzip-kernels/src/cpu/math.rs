@@ -1,5 +1,7 @@
 //! Vectorisable scalar math shared by the CPU fast paths.
 
+use super::simd::multiversion;
+
 /// Natural exponential, branch-free and auto-vectorisable (Cephes-style range reduction with a
 /// degree-6 polynomial), max relative error about 2e-7 over the normal range.
 ///
@@ -34,12 +36,14 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// Lanes of the vectorised reductions below (one AVX2 register of f32).
+/// Lanes of the vectorised reductions below (one AVX register of f32).
 const LANES: usize = 8;
 
+multiversion! {
 /// `Σ exp(x_i − shift)` with [`exp`], accumulated in [`LANES`] independent lanes so the compiler
-/// vectorises it. Relative error about 2e-7 per term; `-inf` terms contribute 0.
-pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
+/// vectorises it (AVX + FMA when present). Relative error about 2e-7 per term; `-inf` terms
+/// contribute 0.
+pub fn sum_exp_shifted<M>(x: &[f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -54,10 +58,42 @@ pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
     }
     total
 }
+}
 
-/// Largest element of `x` (`-inf` for an empty slice); lane-wise so it vectorises. NaN inputs
-/// are ignored.
-pub fn max_value(x: &[f32]) -> f32 {
+multiversion! {
+/// `x_i ← exp(x_i − shift)` in place with [`exp`], returning `Σ x_i` (lane-wise, AVX + FMA when
+/// present): the probability step of an online softmax.
+pub fn exp_shift_in_place<M>(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp(*v - shift);
+            *a += *v;
+        }
+    }
+    let mut total: f32 = acc.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        total += *v;
+    }
+    total
+}
+}
+
+multiversion! {
+/// `acc_i += exp(x_i − shift)` over the common length with [`exp`] (AVX + FMA when present).
+pub fn add_exp_shifted<M>(acc: &mut [f32], x: &[f32], shift: f32) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a += exp(v - shift);
+    }
+}
+}
+
+multiversion! {
+/// Largest element of `x` (`-inf` for an empty slice); lane-wise so it vectorises (AVX when
+/// present). NaN inputs are ignored.
+pub fn max_value<M>(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -71,6 +107,7 @@ pub fn max_value(x: &[f32]) -> f32 {
         m = m.max(v);
     }
     m
+}
 }
 
 /// `x * sigmoid(x)`.
@@ -87,83 +124,34 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + exp(-2.0 * inner))
 }
 
-/// Dot product body: 16 independent accumulators so that it vectorises.
-#[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ta, tb) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..16 {
-            acc[l] += x[l] * y[l];
+multiversion! {
+    /// Sum of `a[i] * b[i]` over the common length: 32 independent lanes (four AVX registers)
+    /// so that it vectorises; AVX + FMA when the CPU has them.
+    pub(crate) fn dot<M>(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0.0f32; 32];
+        let (ac, bc) = (a.chunks_exact(32), b.chunks_exact(32));
+        let (ta, tb) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for l in 0..32 {
+                acc[l] = M::mul_add(x[l], y[l], acc[l]);
+            }
         }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ta.iter().zip(tb) {
-        tail += x * y;
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// [`dot_portable`] compiled for AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 32];
-    let (ac, bc) = (a.chunks_exact(32), b.chunks_exact(32));
-    let (ta, tb) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..32 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
+        let mut tail = 0.0f32;
+        for (x, y) in ta.iter().zip(tb) {
+            tail = M::mul_add(*x, *y, tail);
         }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ta.iter().zip(tb) {
-        tail = x.mul_add(*y, tail);
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Sum of `a[i] * b[i]` over the common length (AVX2 + FMA when the CPU has them).
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the required CPU features were detected at run time.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
-}
-
-/// [`axpy`] compiled for AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv = alpha.mul_add(xv, *yv);
+        acc.iter().sum::<f32>() + tail
     }
 }
 
-/// `y += alpha * x` over the common length (AVX2 + FMA when the CPU has them).
-#[inline]
-pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the required CPU features were detected at run time.
-            return unsafe { axpy_avx2(alpha, x, y) };
+multiversion! {
+    /// `y += alpha * x` over the common length (AVX + FMA when the CPU has them).
+    pub(crate) fn axpy<M>(alpha: f32, x: &[f32], y: &mut [f32]) {
+        for (yv, &xv) in y.iter_mut().zip(x) {
+            *yv = M::mul_add(alpha, xv, *yv);
         }
-    }
-    for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv += alpha * xv;
     }
 }
 

@@ -12,7 +12,9 @@ mod gemm;
 pub(crate) mod math;
 mod norm;
 mod pieces;
+mod quant;
 mod rope;
+pub(crate) mod simd;
 
 pub use act::{act_mul_rows, add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
 pub use attention::{attention, attention_tiled, AttentionArgs, AttentionTiling};
@@ -22,6 +24,7 @@ pub use gemm::{linear, matmul};
 pub use math::{max_value, sum_exp_shifted};
 pub use norm::{rms_norm, softmax_rows};
 pub use pieces::attention_pieces;
+pub use quant::{dequantize_matrix, embedding_quant, linear_quant};
 pub use rope::rope_inplace;
 
 /// Element count below which element-wise ops stay on the calling thread.

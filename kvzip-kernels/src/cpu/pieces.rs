@@ -77,12 +77,8 @@ pub fn attention_pieces(
                             row.fill(0.0);
                             continue;
                         }
-                        let rescale = (m[r] - new_m).exp();
-                        let mut sum = 0.0;
-                        for x in row.iter_mut() {
-                            *x = (*x - new_m).exp();
-                            sum += *x;
-                        }
+                        let rescale = super::math::exp(m[r] - new_m);
+                        let sum = super::math::exp_shift_in_place(row, new_m);
                         l[r] = l[r] * rescale + sum;
                         acc[r * d..(r + 1) * d]
                             .iter_mut()

@@ -14,11 +14,13 @@ mod kv;
 mod ops;
 mod sampler;
 mod tensor;
+mod weight;
 
 pub use kv::{AttentionPlan, GatherPlan, KvLayoutMirror, KvPiece, KvPieces, KvView};
 pub use ops::{Activation, AttentionShape, ScoreChunkShape};
 pub use sampler::{greedy_rows, TokenSampler};
 pub use tensor::{DType, Tensor, View, ViewMut};
+pub use weight::Weight;
 
 use std::sync::Arc;
 

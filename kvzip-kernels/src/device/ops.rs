@@ -190,7 +190,7 @@ impl ScoreChunkShape {
     }
 }
 
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
         return Err(KernelError::Shape(format!(
             "`{what}` holds {have} elements, the op needs {need}"

@@ -6,10 +6,12 @@
 
 mod attention;
 mod colstats;
+mod quant;
 
 pub use crate::pieces::attention_pieces_reference as attention_pieces;
 pub use attention::attention;
 pub use colstats::column_stats;
+pub use quant::{dequantize_matrix, embedding_quant, linear_quant};
 
 use half::bf16;
 

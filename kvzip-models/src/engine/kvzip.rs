@@ -431,7 +431,7 @@ impl Engine {
             let layer = self.model().layer(l).ok_or_else(|| {
                 ModelError::Input("KVzip+ needs a model built on the shared decoder".into())
             })?;
-            let w_o = self.device().host_f32_cow(&layer.o.weight.view())?;
+            let w_o = self.device().weight_f32(&layer.o.weight)?;
             let grams =
                 kvzip_score::kvzip_plus::output_grams(&w_o, layer.o.out_dim, n_kv * group, d)
                     .map_err(score_err)?;

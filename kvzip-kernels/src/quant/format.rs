@@ -1,17 +1,17 @@
-//! ggml storage types and their dequantization to `f32`.
+//! ggml storage types (block layouts) and their dequantization to `f32`: the scalar reference
+//! every fused kernel is tested against.
 //!
 //! Block layouts follow ggml (`ggml-common.h` / `ggml-quants.c`) and gguf-py's `quants.py`; the
 //! arithmetic is done in the same order as gguf-py so results are bit-identical to its numpy
 //! implementation (the reference transformers uses when it loads a GGUF). Work is split over
-//! groups of blocks with rayon.
+//! groups of blocks with rayon (feature `cpu-fast`).
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
-use super::{GgufError, Result};
+use super::QuantError;
 
 /// Super-block size of the k-quants, in elements.
-const QK_K: usize = 256;
+pub const QK_K: usize = 256;
 /// Elements per parallel work item (a multiple of every block size).
 const ELEMS_PER_TASK: usize = 1 << 16;
 
@@ -49,6 +49,14 @@ macro_rules! ggml_types {
             /// `(elements per block, bytes per block)`.
             pub fn block_layout(self) -> (u64, u64) {
                 match self { $( GgmlType::$variant => ($block, $size), )* }
+            }
+
+            /// The type named `name` (as [`name`](Self::name) spells it), or `None`.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $( $name => Some(GgmlType::$variant), )*
+                    _ => None,
+                }
             }
         }
     };
@@ -91,7 +99,8 @@ ggml_types! {
     Q1_0 = 41, "Q1_0", 128, 18;
 }
 
-type BlockFn = fn(&[u8], &mut [f32]);
+/// Decodes one block (`block_layout().1` bytes) into `block_layout().0` floats.
+pub type BlockFn = fn(&[u8], &mut [f32]);
 
 impl GgmlType {
     /// Whether [`dequantize`] supports this type.
@@ -99,7 +108,8 @@ impl GgmlType {
         self.block_fn().is_some()
     }
 
-    fn block_fn(self) -> Option<BlockFn> {
+    /// The scalar decoder of one block, if [`dequantize`] supports this type.
+    pub fn block_fn(self) -> Option<BlockFn> {
         Some(match self {
             GgmlType::F32 => block_f32,
             GgmlType::F16 => block_f16,
@@ -120,18 +130,34 @@ impl GgmlType {
 ///
 /// `tensor` names the tensor in errors. Fails if the type is unsupported or `bytes` does not hold
 /// exactly `n_elements` values (which must be a whole number of blocks).
-pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize, tensor: &str) -> Result<Vec<f32>> {
-    let block_fn = ty
-        .block_fn()
-        .ok_or_else(|| GgufError::UnsupportedTensorType {
-            tensor: tensor.to_string(),
-            type_name: ty.name().to_string(),
-        })?;
+pub fn dequantize(
+    ty: GgmlType,
+    bytes: &[u8],
+    n_elements: usize,
+    tensor: &str,
+) -> Result<Vec<f32>, QuantError> {
+    let mut out = vec![0f32; n_elements];
+    dequantize_into(ty, bytes, &mut out, tensor)?;
+    Ok(out)
+}
+
+/// [`dequantize`] into `out` (`out.len()` elements), in parallel over groups of blocks.
+pub fn dequantize_into(
+    ty: GgmlType,
+    bytes: &[u8],
+    out: &mut [f32],
+    tensor: &str,
+) -> Result<(), QuantError> {
+    let block_fn = ty.block_fn().ok_or_else(|| QuantError::Unsupported {
+        tensor: tensor.to_string(),
+        type_name: ty.name().to_string(),
+    })?;
+    let n_elements = out.len();
     let (block, size) = ty.block_layout();
     let (block, size) = (block as usize, size as usize);
     let expected = (n_elements / block).checked_mul(size);
     if n_elements % block != 0 || expected != Some(bytes.len()) {
-        return Err(GgufError::BadTensorData {
+        return Err(QuantError::BadData {
             tensor: tensor.to_string(),
             what: format!(
                 "type {} with {n_elements} elements needs {} bytes but has {}",
@@ -141,16 +167,24 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize, tensor: &str) -
             ),
         });
     }
-    let mut out = vec![0f32; n_elements];
     let blocks_per_task = (ELEMS_PER_TASK / block).max(1);
-    out.par_chunks_mut(blocks_per_task * block)
-        .zip(bytes.par_chunks(blocks_per_task * size))
-        .for_each(|(dst, src)| {
-            for (d, s) in dst.chunks_exact_mut(block).zip(src.chunks_exact(size)) {
-                block_fn(s, d);
-            }
-        });
-    Ok(out)
+    let task = |(dst, src): (&mut [f32], &[u8])| {
+        for (d, s) in dst.chunks_exact_mut(block).zip(src.chunks_exact(size)) {
+            block_fn(s, d);
+        }
+    };
+    #[cfg(feature = "cpu-fast")]
+    {
+        use rayon::prelude::*;
+        out.par_chunks_mut(blocks_per_task * block)
+            .zip(bytes.par_chunks(blocks_per_task * size))
+            .for_each(task);
+    }
+    #[cfg(not(feature = "cpu-fast"))]
+    out.chunks_mut(blocks_per_task * block)
+        .zip(bytes.chunks(blocks_per_task * size))
+        .for_each(task);
+    Ok(())
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {

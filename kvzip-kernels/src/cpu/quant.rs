@@ -1,0 +1,501 @@
+//! Linear layers and embeddings over ggml-quantized weights kept as stored ([`QuantMatrix`]),
+//! with f32 activations and f32 accumulation.
+//!
+//! - Decode (few rows): each weight row is decoded block by block into an L1-resident f32 row
+//!   and dotted with every row of `x` while it is there; the matrix is read once, in its
+//!   compact form (4.5–8.5 bits per weight instead of 32).
+//! - Prefill (many rows): blocks of output features are decoded into a per-call f32 panel sized
+//!   to stay in L2 and multiplied with the SIMD GEMM (the bf16 path's panel GEMM).
+//!
+//! The block decoders here are written so that they vectorise (AVX + FMA at run time through
+//! [`multiversion!`]); they compute exactly what the scalar reference of
+//! [`crate::quant::format`] computes (same operations, same order), so both paths equal
+//! [`super::linear`] on the dequantized weights up to the order of summation.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::bf16::panel_gemm;
+use super::math::dot;
+use super::simd::multiversion;
+use crate::quant::{GgmlType, QuantMatrix, QK_K};
+use crate::{validate, KernelError, Result};
+
+/// Rows at or below which [`linear_quant`] decodes each weight row once for all rows of `x`.
+const GEMV_MAX_ROWS: usize = 8;
+
+/// Output features per rayon task of the GEMV.
+const GEMV_CHUNK: usize = 32;
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// Bit `k` of byte `b` for each `k` in 0..8, as bytes of 0 or 16 (the 5th bit of a 5-bit value).
+const HIGH_BIT_BYTES: [[u8; 8]; 256] = {
+    let mut t = [[0u8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 8 {
+            t[b][k] = (((b >> k) & 1) << 4) as u8;
+            k += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+#[inline(always)]
+fn block_q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    let (lo, hi) = y[..32].split_at_mut(16);
+    for j in 0..16 {
+        lo[j] = d * ((qs[j] & 0x0F) as i32 - 8) as f32;
+        hi[j] = d * ((qs[j] >> 4) as i32 - 8) as f32;
+    }
+}
+
+#[inline(always)]
+fn block_q4_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qs = &b[4..20];
+    let (lo, hi) = y[..32].split_at_mut(16);
+    for j in 0..16 {
+        lo[j] = d * (qs[j] & 0x0F) as f32 + m;
+        hi[j] = d * (qs[j] >> 4) as f32 + m;
+    }
+}
+
+#[inline(always)]
+fn block_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    // The 32 fifth bits as bytes of 0/16: element j's bit is bit j of the little-endian qh.
+    let mut high = [0u8; 32];
+    for (i, chunk) in high.chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&HIGH_BIT_BYTES[b[2 + i] as usize]);
+    }
+    let qs = &b[6..22];
+    let (lo, hi) = y[..32].split_at_mut(16);
+    for j in 0..16 {
+        let l = (qs[j] & 0x0F) | high[j];
+        let h = (qs[j] >> 4) | high[j + 16];
+        lo[j] = d * (l as i32 - 16) as f32;
+        hi[j] = d * (h as i32 - 16) as f32;
+    }
+}
+
+#[inline(always)]
+fn block_q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (o, &q) in y[..32].iter_mut().zip(&b[2..34]) {
+        *o = (q as i8) as f32 * d;
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) from the 12 packed bytes of Q4_K / Q5_K.
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+#[inline(always)]
+fn block_q4_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for (s, out) in y[..QK_K].chunks_exact_mut(32).enumerate() {
+        let (sc, m) = scale_min_k4(s, scales);
+        let (d1, m1) = (d * sc as f32, dmin * m as f32);
+        let (src, shift) = (&qs[(s / 2) * 32..(s / 2) * 32 + 32], 4 * (s % 2));
+        for (o, &q) in out.iter_mut().zip(src) {
+            *o = d1 * ((q >> shift) & 0x0F) as f32 - m1;
+        }
+    }
+}
+
+#[inline(always)]
+fn block_q5_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for (s, out) in y[..QK_K].chunks_exact_mut(32).enumerate() {
+        let (sc, m) = scale_min_k4(s, scales);
+        let (d1, m1) = (d * sc as f32, dmin * m as f32);
+        let (src, shift) = (&qs[(s / 2) * 32..(s / 2) * 32 + 32], 4 * (s % 2));
+        for ((o, &q), &h) in out.iter_mut().zip(src).zip(qh) {
+            let v = ((q >> shift) & 0x0F) | (((h >> s) & 1) << 4);
+            *o = d1 * v as f32 - m1;
+        }
+    }
+}
+
+#[inline(always)]
+fn block_q6_k(b: &[u8], y: &mut [f32]) {
+    let ql = &b[0..128];
+    let qh = &b[128..192];
+    let scales = &b[192..208];
+    let d = f16_at(b, 208);
+    for h in 0..2 {
+        for k in 0..4 {
+            let lo_src = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
+            let hi_src = &qh[32 * h..32 * h + 32];
+            let base = 128 * h + 32 * k;
+            for half in 0..2 {
+                let sc = d * (scales[(base + 16 * half) / 16] as i8) as f32;
+                let range = 16 * half..16 * half + 16;
+                let out = &mut y[base + range.start..base + range.end];
+                for ((o, &l), &hb) in out
+                    .iter_mut()
+                    .zip(&lo_src[range.clone()])
+                    .zip(&hi_src[range])
+                {
+                    let lo = (l >> (4 * (k / 2))) & 0x0F;
+                    let hi = (hb >> (2 * k)) & 0x03;
+                    *o = sc * ((lo | (hi << 4)) as i32 - 32) as f32;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Decodes one row (`bytes` = a whole number of `ty` blocks) into `out` (its elements).
+    /// `ty` must be one of [`crate::quant::KERNEL_TYPES`].
+    fn decode_row<M>(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+        macro_rules! run {
+            ($f:ident, $block:expr, $size:expr) => {
+                for (y, b) in out.chunks_exact_mut($block).zip(bytes.chunks_exact($size)) {
+                    $f(b, y);
+                }
+            };
+        }
+        match ty {
+            GgmlType::Q4_0 => run!(block_q4_0, 32, 18),
+            GgmlType::Q4_1 => run!(block_q4_1, 32, 20),
+            GgmlType::Q5_0 => run!(block_q5_0, 32, 22),
+            GgmlType::Q8_0 => run!(block_q8_0, 32, 34),
+            GgmlType::Q4_K => run!(block_q4_k, QK_K, 144),
+            GgmlType::Q5_K => run!(block_q5_k, QK_K, 176),
+            GgmlType::Q6_K => run!(block_q6_k, QK_K, 210),
+            _ => out.fill(f32::NAN),
+        }
+    }
+}
+
+/// Row `r` of `m` decoded into `out` (`m.cols()` floats) with the vectorised decoders.
+fn decode(m: &QuantMatrix, r: usize, out: &mut [f32]) {
+    if let Some((ty, bytes)) = m.row(r) {
+        decode_row(ty, bytes, out);
+    }
+}
+
+/// `y[rows, out_dim] = x[rows, in_dim] · W[first_row.., :]ᵀ (+ bias[out_dim])` where `W` is the
+/// quantized `m` (`in_dim == m.cols()`) and only its rows `first_row..first_row + out_dim` are
+/// used (one part of a stacked projection).
+///
+/// Same validation as [`super::linear`]; `m` is never expanded as a whole.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_quant(
+    x: &[f32],
+    m: &QuantMatrix,
+    first_row: usize,
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    if m.cols() != in_dim || first_row.checked_add(out_dim).is_none_or(|e| e > m.rows()) {
+        return Err(KernelError::Shape(format!(
+            "linear_quant: rows {first_row}..{} of a [{}, {}] quantized matrix with in_dim {in_dim}",
+            first_row.saturating_add(out_dim),
+            m.rows(),
+            m.cols()
+        )));
+    }
+    validate::linear(
+        x.len(),
+        out_dim * in_dim,
+        bias.map(<[f32]>::len),
+        rows,
+        in_dim,
+        out_dim,
+        y.len(),
+    )?;
+    if rows == 0 || out_dim == 0 {
+        return Ok(());
+    }
+    let x = &x[..rows * in_dim];
+    let y = &mut y[..rows * out_dim];
+    if rows <= GEMV_MAX_ROWS {
+        gemv(x, m, first_row, bias, rows, in_dim, out_dim, y);
+        return Ok(());
+    }
+    panel_gemm(
+        x,
+        &|o, dst| decode(m, first_row + o, dst),
+        bias,
+        rows,
+        in_dim,
+        out_dim,
+        y,
+    )
+}
+
+/// Decode path: output features split over threads; each weight row decoded once into a
+/// per-task f32 row and dotted with every `x` row (feature-major results as in the bf16 GEMV).
+#[allow(clippy::too_many_arguments)]
+fn gemv(
+    x: &[f32],
+    m: &QuantMatrix,
+    first_row: usize,
+    bias: Option<&[f32]>,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) {
+    let fill = |first: usize, dst: &mut [f32]| {
+        let mut w = vec![0.0f32; in_dim];
+        for (i, cell) in dst.chunks_exact_mut(rows).enumerate() {
+            let o = first + i;
+            decode(m, first_row + o, &mut w);
+            let b = bias.map_or(0.0, |b| b[o]);
+            for (r, c) in cell.iter_mut().enumerate() {
+                *c = dot(&x[r * in_dim..(r + 1) * in_dim], &w) + b;
+            }
+        }
+    };
+    let run = |dst: &mut [f32]| {
+        dst.par_chunks_mut(GEMV_CHUNK * rows)
+            .enumerate()
+            .for_each(|(c, d)| fill(c * GEMV_CHUNK, d));
+    };
+    if rows == 1 {
+        run(y);
+        return;
+    }
+    let mut by_feature = vec![0.0f32; out_dim * rows];
+    run(&mut by_feature);
+    for (o, cell) in by_feature.chunks_exact(rows).enumerate() {
+        for (r, &v) in cell.iter().enumerate() {
+            y[r * out_dim + o] = v;
+        }
+    }
+}
+
+/// `out[i, :] = table[ids[i], :] * scale` with a quantized table `[vocab, dim]` (see
+/// [`super::embedding`]): only the looked-up rows are decoded.
+pub fn embedding_quant(
+    ids: &[u32],
+    table: &QuantMatrix,
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    if table.cols() != dim {
+        return Err(KernelError::Shape(format!(
+            "embedding_quant: table has {} columns, dim is {dim}",
+            table.cols()
+        )));
+    }
+    validate::len("embedding out", out.len(), ids.len() * dim, "ids * dim")?;
+    let vocab = table.rows();
+    if let Some((position, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        return Err(KernelError::TokenOutOfRange {
+            id,
+            position,
+            vocab,
+        });
+    }
+    if dim == 0 {
+        return Ok(());
+    }
+    for (o, &id) in out.chunks_exact_mut(dim).zip(ids) {
+        decode(table, id as usize, o);
+        if scale != 1.0 {
+            o.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+    Ok(())
+}
+
+/// The whole matrix dequantized to f32 `[rows, cols]` with the vectorised decoders (for
+/// consumers that need dense f32 weights, e.g. head-level scoring's output projection).
+pub fn dequantize_matrix(m: &QuantMatrix) -> Vec<f32> {
+    let cols = m.cols();
+    let mut out = vec![0.0f32; m.len()];
+    if cols > 0 {
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| decode(m, r, row));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{row_bytes, QuantPart, SharedBytes, KERNEL_TYPES};
+
+    /// Deterministic pseudo-random bytes.
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Offsets of the f16 scale fields of one block of `ty`.
+    fn scale_offsets(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            _ => &[0],
+        }
+    }
+
+    /// `rows` random rows of `ty` with finite, small scales (valid blocks).
+    fn random_rows(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let rb = row_bytes(ty, cols).unwrap();
+        let mut b = bytes(rows * rb, seed);
+        let size = ty.block_layout().1 as usize;
+        for (i, block) in b.chunks_exact_mut(size).enumerate() {
+            for (j, &off) in scale_offsets(ty).iter().enumerate() {
+                let v = 0.001 + 0.01 * ((i * 7 + j * 3) % 11) as f32;
+                let v = if (i + j) % 3 == 0 { -v } else { v };
+                block[off..off + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        b
+    }
+
+    fn matrix(parts: &[(GgmlType, usize)], cols: usize) -> QuantMatrix {
+        let parts = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(ty, rows))| QuantPart {
+                ty,
+                rows,
+                data: SharedBytes::owned(random_rows(ty, rows, cols, 17 + i as u64)),
+            })
+            .collect();
+        QuantMatrix::new(cols, parts, "test").unwrap()
+    }
+
+    fn dense(m: &QuantMatrix) -> Vec<f32> {
+        let mut out = vec![0.0; m.len()];
+        for r in 0..m.rows() {
+            m.dequantize_row_reference(r, &mut out[r * m.cols()..(r + 1) * m.cols()])
+                .unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn vectorised_decoders_equal_the_reference_bit_for_bit() {
+        for ty in KERNEL_TYPES {
+            let m = matrix(&[(ty, 3)], 512);
+            let want = dense(&m);
+            let got = dequantize_matrix(&m);
+            for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{} element {i}: {a} vs {b}",
+                    ty.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_linear_equals_f32_linear_on_dequantized_weights() {
+        let cols = 512;
+        for ty in KERNEL_TYPES {
+            // A stacked projection whose parts were quantized differently (as in real GGUFs).
+            let m = matrix(&[(ty, 40), (GgmlType::Q8_0, 24)], cols);
+            let w = dense(&m);
+            let x: Vec<f32> = bytes(40 * cols, 5)
+                .iter()
+                .map(|&b| b as f32 / 255.0 - 0.5)
+                .collect();
+            let bias: Vec<f32> = (0..64).map(|i| i as f32 * 0.01).collect();
+            for rows in [1, 2, 5, 8, 9, 40] {
+                for (first, n) in [(0, 64), (8, 40), (40, 24)] {
+                    let xs = &x[..rows * cols];
+                    let mut want = vec![0.0; rows * n];
+                    let mut got = vec![f32::NAN; rows * n];
+                    let b = Some(&bias[first..first + n]);
+                    crate::reference::linear(
+                        xs,
+                        &w[first * cols..(first + n) * cols],
+                        b,
+                        rows,
+                        cols,
+                        n,
+                        &mut want,
+                    )
+                    .unwrap();
+                    linear_quant(xs, &m, first, b, rows, cols, n, &mut got).unwrap();
+                    for (a, g) in want.iter().zip(&got) {
+                        assert!(
+                            (a - g).abs() <= 1e-4 * (1.0 + a.abs()),
+                            "{} rows {rows} part {first}..{}: {a} vs {g}",
+                            ty.name(),
+                            first + n
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_embedding_decodes_rows_and_refuses_bad_ids() {
+        let m = matrix(&[(GgmlType::Q5_0, 6)], 64);
+        let w = dense(&m);
+        let mut out = vec![0.0; 128];
+        embedding_quant(&[4, 1], &m, 64, 2.0, &mut out).unwrap();
+        for j in 0..64 {
+            assert_eq!(out[j], w[4 * 64 + j] * 2.0);
+            assert_eq!(out[64 + j], w[64 + j] * 2.0);
+        }
+        assert!(embedding_quant(&[6], &m, 64, 1.0, &mut out[..64]).is_err());
+    }
+
+    #[test]
+    fn out_of_range_rows_and_bad_parts_are_errors() {
+        let m = matrix(&[(GgmlType::Q8_0, 4)], 32);
+        let mut y = vec![0.0; 4];
+        assert!(linear_quant(&[0.0; 32], &m, 2, None, 1, 32, 4, &mut y).is_err());
+        let short = QuantPart {
+            ty: GgmlType::Q8_0,
+            rows: 2,
+            data: SharedBytes::owned(vec![0; 34]),
+        };
+        assert!(QuantMatrix::new(32, vec![short], "t").is_err());
+        let odd = QuantPart {
+            ty: GgmlType::Q4_K,
+            rows: 1,
+            data: SharedBytes::owned(vec![0; 144]),
+        };
+        assert!(QuantMatrix::new(100, vec![odd], "t").is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! Run-time SIMD dispatch for the CPU hot loops.
+//!
+//! The crate is compiled for the baseline target (SSE2 on x86-64), so a hot loop is compiled a
+//! second time with the wider instruction set enabled and chosen at run time:
+//!
+//! - x86-64 with AVX + FMA (256-bit float lanes; integer work stays 128-bit, so AVX2 is not
+//!   needed — common on virtual machines that mask AVX2),
+//! - everything else: the portable body (NEON is the aarch64 baseline, so it is used there).
+//!
+//! [`multiversion!`] declares such a function once; [`has_avx_fma`] is the cached test.
+
+use std::sync::OnceLock;
+
+/// Whether the CPU has AVX and FMA (cached after the first call).
+#[inline]
+pub(crate) fn has_avx_fma() -> bool {
+    static LEVEL: OnceLock<bool> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `a * b + c`, as one fused instruction where the enclosing [`multiversion!`] variant has FMA
+/// (`Fused`) and as a multiply then an add otherwise (`Split`: never a slow software `fmaf`).
+pub(crate) trait MulAdd {
+    /// `a * b + c`.
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// [`MulAdd`] with a fused multiply-add instruction (only used inside FMA-enabled code).
+pub(crate) struct Fused;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// [`MulAdd`] as a multiply and an add (baseline targets).
+pub(crate) struct Split;
+
+impl MulAdd for Split {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// Declares `fn name<M>(args) -> ret { body }` whose body is compiled twice: once with AVX + FMA
+/// enabled and `M = Fused` (used when [`has_avx_fma`]) and once for the baseline target with
+/// `M = Split`. The body is safe, portable Rust that writes `M::mul_add(a, b, c)` for `a * b + c`;
+/// the wider instruction set only changes how it is vectorised.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$m:ident>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[inline]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::needless_lifetimes)]
+            fn body<$m: $crate::cpu::simd::MulAdd>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx,fma")]
+                fn wide($($arg: $ty),*) $(-> $ret)? {
+                    body::<$crate::cpu::simd::Fused>($($arg),*)
+                }
+                if $crate::cpu::simd::has_avx_fma() {
+                    // SAFETY: AVX and FMA were detected at run time.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body::<$crate::cpu::simd::Split>($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
