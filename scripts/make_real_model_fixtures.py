@@ -30,7 +30,9 @@ writes, per model, to tests/fixtures/real/<model>/:
     (smollm2 4 rows, qwen2.5 2 rows, gemma3 1 row).
 
 The weights are the imported directories (`--models-dir`, default `~/.cache/kvzip/models`):
-kvzip stores the dequantized GGUF tensors in bf16, and transformers upcasts them to float32.
+imports before layout version 3 stored the dequantized GGUF tensors in bf16 (today they keep the
+GGUF blocks; the tests load them rounded to bf16 with HostWeights::Bf16 to match), and
+transformers upcasts them to float32.
 
 Usage (CPU, float32, deterministic; ~2 minutes):
     /work/pyenv/venv/bin/python scripts/make_real_model_fixtures.py \

@@ -117,11 +117,17 @@ pub fn run(args: &CpuArgs) -> Result<serde_json::Value> {
     }))
 }
 
-/// How host weights are held (`KVZIP_HOST_WEIGHTS`).
+/// How host weights are held (`KVZIP_HOST_WEIGHTS`) and activations multiplied
+/// (`KVZIP_ACTIVATIONS`).
 fn weight_form() -> &'static str {
-    match kvzip_models::HostWeights::from_env() {
-        kvzip_models::HostWeights::AsStored => "as-stored",
-        kvzip_models::HostWeights::F32 => "f32",
+    match (
+        kvzip_models::HostWeights::from_env(),
+        kvzip_models::q8_activations_from_env(),
+    ) {
+        (kvzip_models::HostWeights::AsStored, false) => "as-stored",
+        (kvzip_models::HostWeights::AsStored, true) => "as-stored+q8-activations",
+        (kvzip_models::HostWeights::F32, _) => "f32",
+        (kvzip_models::HostWeights::Bf16, _) => "bf16",
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use gguf_common::{q8_0_blocks, GgufBuilder};
 use kvzip_hub::gguf::names::permute_qk_rows;
-use kvzip_hub::gguf::{import_gguf, ImportOptions};
+use kvzip_hub::gguf::{dequantize, import_gguf, GgmlType, ImportOptions};
 use serde_json::Value;
 
 /// GPT-2's byte → printable character map.
@@ -131,10 +131,22 @@ fn tiny_llama() -> (Vec<u8>, Vec<f32>, Vec<f32>, Vec<String>) {
 fn read_tensors(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let quant = meta.metadata().clone().unwrap_or_default();
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            // Imports store bf16 (the dequantized values rounded to nearest even).
+            // Imports keep quantized matrices as stored (U8 rows + "ggml_type.<name>":
+            // "<TYPE>:<cols>") and store the rest as bf16 (rounded to nearest even).
+            if let Some(spec) = quant.get(&format!("ggml_type.{name}")) {
+                assert_eq!(view.dtype(), safetensors::Dtype::U8);
+                let (ty, cols) = spec.split_once(':').unwrap();
+                let ty = GgmlType::from_name(ty).unwrap();
+                let cols: usize = cols.parse().unwrap();
+                let rows = view.shape()[0];
+                let data = dequantize(ty, view.data(), rows * cols, &name).unwrap();
+                return (name, (vec![rows, cols], data));
+            }
             assert_eq!(view.dtype(), safetensors::Dtype::BF16);
             let data = view
                 .data()

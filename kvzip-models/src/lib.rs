@@ -26,6 +26,6 @@ pub use config::{ModelSpec, RawConfig};
 pub use error::{ModelError, Result};
 pub use kvzip_cache::KvCache;
 pub use kvzip_kernels::Device;
-pub use loader::HostWeights;
+pub use loader::{q8_activations_from_env, HostWeights};
 pub use model::{AttentionHook, CacheStep, CausalLm, ForwardOptions, LogitsMode, Scratch, StepKv};
 pub use models::{load_model_dir, load_model_dir_on, load_model_dir_with};

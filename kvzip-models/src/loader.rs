@@ -44,17 +44,29 @@ pub enum HostWeights {
     /// Every matrix widened to f32 at load (the reference path the compact one is tested
     /// against; `KVZIP_HOST_WEIGHTS=f32`).
     F32,
+    /// Every matrix rounded to bf16 at load and kept as bf16 (quantized ones dequantized first):
+    /// what older imports stored, and the weights the real-model transformers fixtures were
+    /// made from (`KVZIP_HOST_WEIGHTS=bf16`).
+    Bf16,
 }
 
 impl HostWeights {
-    /// `KVZIP_HOST_WEIGHTS=f32` selects [`HostWeights::F32`]; unset or anything else
-    /// [`HostWeights::AsStored`].
+    /// `KVZIP_HOST_WEIGHTS=f32` selects [`HostWeights::F32`], `bf16` [`HostWeights::Bf16`];
+    /// unset or anything else [`HostWeights::AsStored`].
     pub fn from_env() -> Self {
         match std::env::var("KVZIP_HOST_WEIGHTS").as_deref() {
             Ok("f32") => HostWeights::F32,
+            Ok("bf16") => HostWeights::Bf16,
             _ => HostWeights::AsStored,
         }
     }
+}
+
+/// `KVZIP_ACTIVATIONS=q8`: decode-time products with quantized weights run on activations
+/// quantized to 8 bits per 32-element block (integer dot products, as llama.cpp does; faster,
+/// not bit-comparable with the f32 path). Unset or anything else: f32 activations.
+pub fn q8_activations_from_env() -> bool {
+    std::env::var("KVZIP_ACTIVATIONS").as_deref() == Ok("q8")
 }
 
 /// Loads named tensors of a [`WeightSource`] into tensors of a device's compute type.
@@ -91,11 +103,13 @@ impl<'a> WeightLoader<'a> {
     /// that on the host bf16-stored matrices stay bf16 under [`HostWeights::AsStored`].
     fn dtype_for(&self, parts: &[(String, Vec<usize>)], init: Init) -> DType {
         let float = self.device.float_dtype();
-        if self.device.is_cuda()
-            || init != Init::Matrix
-            || self.host_weights != HostWeights::AsStored
-        {
+        if self.device.is_cuda() || init != Init::Matrix {
             return float;
+        }
+        match self.host_weights {
+            HostWeights::F32 => return float,
+            HostWeights::Bf16 => return DType::Bf16,
+            HostWeights::AsStored => {}
         }
         match self.source {
             WeightSource::Checkpoint(w) if parts.iter().all(|(n, _)| w.is_bf16(n)) => DType::Bf16,
@@ -173,7 +187,9 @@ impl<'a> WeightLoader<'a> {
                     tensor: label.to_owned(),
                     msg: e.to_string(),
                 })?;
-                return Ok(Weight::Quant(Arc::new(m)));
+                return Ok(Weight::Quant(Arc::new(
+                    m.with_q8_activations(q8_activations_from_env()),
+                )));
             }
         }
         Ok(Weight::Dense(self.stacked(parts, Init::Matrix)?))

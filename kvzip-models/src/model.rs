@@ -261,7 +261,8 @@ impl Scratch {
             let r = rows.max(1);
             let f = dev.float_dtype();
             // Zeroed once per size (not per step): every byte a kernel can read is defined,
-            // however the GEMM library stores its outputs (initcheck-clean).
+            // however the GEMM library stores its outputs (initcheck does not track cuBLAS's
+            // stores and reported RoPE reading q/k "uninitialized" before this).
             self.bufs = None;
             self.bufs = Some(Buffers {
                 x: dev.zeros(f, r * h)?,
@@ -637,7 +638,10 @@ impl DecoderStack {
             rows,
         )?;
         let v = s.vocab_size;
-        let mut logits = dev.alloc(DType::F32, rows * v)?;
+        // Zeroed (one memset per call): compute-sanitizer's initcheck does not see cuBLAS's
+        // stores, so a sampler reading the GEMM's output would be reported as reading
+        // uninitialized memory; with the memset every byte is defined either way.
+        let mut logits = dev.zeros(DType::F32, rows * v)?;
         dev.linear_weight(
             &b.normed.slice(0..rows * h)?,
             self.lm_head(),

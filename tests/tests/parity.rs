@@ -233,3 +233,136 @@ fn bf16_weights_as_stored_equal_widened_f32() {
         );
     }
 }
+
+/// The fixture in `src` copied to a temp dir with every weight matrix whose rows are whole
+/// 32-element blocks quantized as a GGUF import stores it (`U8` ggml rows + `ggml_type.*`
+/// metadata): `v_proj` and the embedding in Q8_0, everything else in Q4_0 (so stacked q/k/v
+/// mix block types, as real Q4_K_M files do).
+fn quantized_copy(src: &Path) -> tempfile::TempDir {
+    let dir = copy_to_temp(src);
+    for entry in std::fs::read_dir(dir.path()).expect("temp dir") {
+        let path = entry.expect("dir entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("model") && name.ends_with(".safetensors") {
+            rewrite_quantized(&path);
+        }
+    }
+    dir
+}
+
+/// Rewrites the f32 safetensors file `path` with its matrices quantized (see
+/// [`quantized_copy`]).
+fn rewrite_quantized(path: &Path) {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+    let bytes = std::fs::read(path).expect("fixture weights");
+    let st = SafeTensors::deserialize(&bytes).expect("fixture safetensors");
+    let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut meta = std::collections::HashMap::new();
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if shape.len() != 2 || shape[1] % 32 != 0 {
+            out.push((name, Dtype::F32, shape, view.data().to_vec()));
+            continue;
+        }
+        let q8 = name.contains("v_proj") || name.contains("embed_tokens");
+        let rows: Vec<u8> = values
+            .chunks_exact(32)
+            .flat_map(|b| {
+                if q8 {
+                    quantize_q8_0(b)
+                } else {
+                    quantize_q4_0(b)
+                }
+            })
+            .collect();
+        let ty = if q8 { "Q8_0" } else { "Q4_0" };
+        meta.insert(format!("ggml_type.{name}"), format!("{ty}:{}", shape[1]));
+        let row_bytes = rows.len() / shape[0];
+        out.push((name, Dtype::U8, vec![shape[0], row_bytes], rows));
+    }
+    let views: Vec<(String, TensorView<'_>)> = out
+        .iter()
+        .map(|(n, t, s, d)| (n.clone(), TensorView::new(*t, s.clone(), d).expect("view")))
+        .collect();
+    safetensors::serialize_to_file(views, &Some(meta), path).expect("write quantized weights");
+}
+
+/// One Q8_0 block: `d = max|x| / 127` (f16), 32 `i8`.
+fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut b = half::f16::from_f32(d).to_le_bytes().to_vec();
+    b.extend(x.iter().map(|v| ((v * inv).round() as i8) as u8));
+    b
+}
+
+/// One Q4_0 block: `d = max|x| / 7` (f16), nibbles `q + 8` (element j low, j + 16 high).
+fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 7.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let q = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
+    let mut b = half::f16::from_f32(d).to_le_bytes().to_vec();
+    b.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+    b
+}
+
+/// GGUF-quantized checkpoints run on the CPU with their matrices kept as stored (fused
+/// decode-and-dot GEMV, decode-into-panel GEMM): logits at every prefill position and every
+/// greedy decode step equal those of the same weights dequantized to f32 at load, within 1e-4,
+/// the greedy tokens are identical, and the weights take a fraction of the f32 bytes.
+#[test]
+fn quantized_weights_as_stored_equal_dequantized_f32() {
+    use kvzip_models::{load_model_dir_with, HostWeights};
+    for name in ["llama", "qwen2", "gemma3", "phi3"] {
+        let dir = quantized_copy(&parity_dir(name));
+        let golden = Golden::open(&parity_dir(name).join("golden.safetensors"));
+        let ids = golden.token_ids("input_ids");
+        let run = |hw: HostWeights| {
+            let model = load_model_dir_with(dir.path(), &kvzip_models::Device::Cpu, hw)
+                .expect("quantized copy loads");
+            let engine = Engine::new(model);
+            let mut cache = engine.new_cache().expect("cache");
+            let logits = engine
+                .prefill(&mut cache, &ids, LogitsMode::All)
+                .expect("prefill runs");
+            let mut cache = engine.new_cache().expect("cache");
+            let mut opts = GenerateOptions::greedy(engine.spec(), 8);
+            opts.stop_tokens.clear();
+            let gen = engine
+                .generate(&mut cache, &ids, &opts, true, &mut |_| true)
+                .expect("generate runs");
+            (
+                logits,
+                gen.tokens,
+                gen.step_logits.concat(),
+                engine.model().weight_bytes(),
+            )
+        };
+        let (compact, f32_path) = (run(HostWeights::AsStored), run(HostWeights::F32));
+        let prefill = max_abs_diff(&compact.0, &f32_path.0);
+        let decode = max_abs_diff(&compact.2, &f32_path.2);
+        assert!(
+            prefill <= 1e-4,
+            "{name}: prefill logits differ by {prefill}"
+        );
+        assert!(decode <= 1e-4, "{name}: decode logits differ by {decode}");
+        assert_eq!(compact.1, f32_path.1, "{name}: greedy tokens differ");
+        assert!(
+            compact.3 * 3 < f32_path.3,
+            "{name}: quantized weights should take under a third of the f32 bytes ({} vs {})",
+            compact.3,
+            f32_path.3
+        );
+        eprintln!(
+            "{name}: quantized as stored vs f32: prefill {prefill:.2e}, decode {decode:.2e}, weights {} vs {} bytes",
+            compact.3, f32_path.3
+        );
+    }
+}

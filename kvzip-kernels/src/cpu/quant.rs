@@ -253,8 +253,10 @@ pub fn linear_quant(
     )
 }
 
-/// Decode path: output features split over threads; each weight row decoded once into a
-/// per-task f32 row and dotted with every `x` row (feature-major results as in the bf16 GEMV).
+/// Decode path: output features split over threads. Each weight row is dotted with every `x`
+/// row straight from its blocks ([`dot_row`]: AVX + FMA, nothing written but the result), or on
+/// other CPUs decoded once into a per-task f32 row and dotted. Feature-major results as in the
+/// bf16 GEMV.
 #[allow(clippy::too_many_arguments)]
 fn gemv(
     x: &[f32],
@@ -266,22 +268,70 @@ fn gemv(
     out_dim: usize,
     y: &mut [f32],
 ) {
+    // Σx over every 32-element sub-block of every x row (the `- m·Σx` term of Q4_1 / K-quants).
+    let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum::<f32>()).collect();
+    let per_row = in_dim / 32;
+    let fused = super::simd::has_avx_fma();
+    #[cfg(target_arch = "x86_64")]
+    if fused && m.q8_activations() {
+        let xq: Vec<avx_q8::Q8Row> = x.chunks_exact(in_dim).map(avx_q8::Q8Row::new).collect();
+        let fill = |first: usize, dst: &mut [f32]| {
+            for (i, cell) in dst.chunks_exact_mut(rows).enumerate() {
+                let o = first + i;
+                let b = bias.map_or(0.0, |b| b[o]);
+                let Some((ty, bytes)) = m.row(first_row + o) else {
+                    cell.fill(f32::NAN);
+                    continue;
+                };
+                for (c, xr) in cell.iter_mut().zip(&xq) {
+                    // SAFETY: AVX + FMA were detected; `row` checks lengths.
+                    *c = unsafe { avx_q8::row(ty, bytes, xr) } + b;
+                }
+            }
+        };
+        return feature_major(y, rows, out_dim, |dst| {
+            dst.par_chunks_mut(GEMV_CHUNK * rows)
+                .enumerate()
+                .for_each(|(c, d)| fill(c * GEMV_CHUNK, d))
+        });
+    }
     let fill = |first: usize, dst: &mut [f32]| {
-        let mut w = vec![0.0f32; in_dim];
+        let mut w = if fused {
+            Vec::new()
+        } else {
+            vec![0.0f32; in_dim]
+        };
         for (i, cell) in dst.chunks_exact_mut(rows).enumerate() {
             let o = first + i;
-            decode(m, first_row + o, &mut w);
             let b = bias.map_or(0.0, |b| b[o]);
-            for (r, c) in cell.iter_mut().enumerate() {
-                *c = dot(&x[r * in_dim..(r + 1) * in_dim], &w) + b;
+            let Some((ty, bytes)) = m.row(first_row + o) else {
+                cell.fill(f32::NAN);
+                continue;
+            };
+            if fused {
+                for (r, c) in cell.iter_mut().enumerate() {
+                    let xr = &x[r * in_dim..(r + 1) * in_dim];
+                    let sr = &sums[r * per_row..(r + 1) * per_row];
+                    *c = dot_row(ty, bytes, xr, sr) + b;
+                }
+            } else {
+                decode_row(ty, bytes, &mut w);
+                for (r, c) in cell.iter_mut().enumerate() {
+                    *c = dot(&x[r * in_dim..(r + 1) * in_dim], &w) + b;
+                }
             }
         }
     };
-    let run = |dst: &mut [f32]| {
+    feature_major(y, rows, out_dim, |dst| {
         dst.par_chunks_mut(GEMV_CHUNK * rows)
             .enumerate()
-            .for_each(|(c, d)| fill(c * GEMV_CHUNK, d));
-    };
+            .for_each(|(c, d)| fill(c * GEMV_CHUNK, d))
+    });
+}
+
+/// Runs `run` on a feature-major `[out_dim, rows]` buffer and stores it into `y`
+/// (`[rows, out_dim]`); one row needs no buffer.
+fn feature_major(y: &mut [f32], rows: usize, out_dim: usize, run: impl Fn(&mut [f32])) {
     if rows == 1 {
         run(y);
         return;
@@ -292,6 +342,453 @@ fn gemv(
         for (r, &v) in cell.iter().enumerate() {
             y[r * out_dim + o] = v;
         }
+    }
+}
+
+/// `Σ_i w[i] · x[i]` for one quantized row (`bytes`, type `ty`) and one f32 row `x`, with
+/// `sums[j] = Σ x[32j..32j+32]`. Only called when [`super::simd::has_avx_fma`].
+#[inline]
+fn dot_row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: callers checked AVX + FMA at run time; `avx_dot::row` checks lengths.
+        unsafe { avx_dot::row(ty, bytes, x, sums) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = sums;
+        let mut w = vec![0.0f32; x.len()];
+        decode_row(ty, bytes, &mut w);
+        dot(x, &w)
+    }
+}
+
+/// Fused decode-and-dot over ggml blocks with AVX + FMA (128-bit integer unpacking, so AVX2 is
+/// not needed): 16 quantized values become two 8-lane float vectors that are multiplied into
+/// the block's accumulator; the block scale is applied once per block (`d · Σ q·x`, and
+/// `- m · Σx` for the types with a min).
+#[cfg(target_arch = "x86_64")]
+mod avx_dot {
+    use std::arch::x86_64::*;
+
+    use crate::quant::{GgmlType, QK_K};
+
+    /// The f16 at byte `i` of `b`, converted with F16C (no run-time feature test per call).
+    #[inline]
+    #[target_feature(enable = "avx,f16c")]
+    fn f16_at(b: &[u8], i: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// `acc + q[0..16] · x[0..16]` with `q` 16 signed bytes.
+    #[inline]
+    #[target_feature(enable = "avx,fma")]
+    unsafe fn fma16(q: __m128i, x: *const f32, acc: __m256) -> __m256 {
+        let lo = _mm_cvtepi8_epi32(q);
+        let lo2 = _mm_cvtepi8_epi32(_mm_srli_si128(q, 4));
+        let hi = _mm_cvtepi8_epi32(_mm_srli_si128(q, 8));
+        let hi2 = _mm_cvtepi8_epi32(_mm_srli_si128(q, 12));
+        let a = _mm256_cvtepi32_ps(_mm256_insertf128_si256(_mm256_castsi128_si256(lo), lo2, 1));
+        let b = _mm256_cvtepi32_ps(_mm256_insertf128_si256(_mm256_castsi128_si256(hi), hi2, 1));
+        // SAFETY: the caller guarantees 16 readable floats at `x`.
+        let acc = unsafe { _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc) };
+        unsafe { _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), acc) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn load16(p: &[u8]) -> __m128i {
+        debug_assert!(p.len() >= 16);
+        // SAFETY: 16 bytes are readable (checked by the slice length in debug builds; every
+        // caller slices whole blocks).
+        unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) }
+    }
+
+    /// The 32 fifth bits of Q5_0 (`qh`, little-endian) as bytes of 0x10 / 0, elements 0..16 and
+    /// 16..32.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn high_bits(qh: u32) -> (__m128i, __m128i) {
+        let bits = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let v = _mm_cvtsi32_si128(qh as i32);
+        let lo = _mm_shuffle_epi8(
+            v,
+            _mm_set_epi8(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+        );
+        let hi = _mm_shuffle_epi8(
+            v,
+            _mm_set_epi8(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+        );
+        let set = |m: __m128i| {
+            _mm_and_si128(
+                _mm_cmpeq_epi8(_mm_and_si128(m, bits), bits),
+                _mm_set1_epi8(0x10),
+            )
+        };
+        (set(lo), set(hi))
+    }
+
+    /// Horizontal sum of 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// See [`super::dot_row`]. Rows of the wrong length give NaN.
+    #[target_feature(enable = "avx,fma,f16c")]
+    pub(super) unsafe fn row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+        let (block, size) = ty.block_layout();
+        let (block, size) = (block as usize, size as usize);
+        let n = bytes.len() / size * block;
+        if bytes.len() % size != 0 || n != x.len() || sums.len() * 32 != n {
+            return f32::NAN;
+        }
+        let low4 = _mm_set1_epi8(0x0F);
+        let mut total = _mm256_setzero_ps();
+        let mut offset = 0.0f32;
+        let xp = x.as_ptr();
+        for (bi, b) in bytes.chunks_exact(size).enumerate() {
+            // SAFETY: block `bi` covers x[bi*block .. (bi+1)*block], inside `x` (checked above).
+            let xb = unsafe { xp.add(bi * block) };
+            unsafe {
+                match ty {
+                    GgmlType::Q8_0 => {
+                        let acc = fma16(load16(&b[2..]), xb, _mm256_setzero_ps());
+                        let acc = fma16(load16(&b[18..]), xb.add(16), acc);
+                        total = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0)), acc, total);
+                    }
+                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 => {
+                        let (qs, sub) = match ty {
+                            GgmlType::Q4_0 => (&b[2..18], 8),
+                            GgmlType::Q4_1 => (&b[4..20], 0),
+                            _ => (&b[6..22], 16),
+                        };
+                        let raw = load16(qs);
+                        let mut lo = _mm_and_si128(raw, low4);
+                        let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+                        if ty == GgmlType::Q5_0 {
+                            let (h0, h1) = high_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+                            lo = _mm_or_si128(lo, h0);
+                            hi = _mm_or_si128(hi, h1);
+                        }
+                        let sub = _mm_set1_epi8(sub);
+                        let acc = fma16(_mm_sub_epi8(lo, sub), xb, _mm256_setzero_ps());
+                        let acc = fma16(_mm_sub_epi8(hi, sub), xb.add(16), acc);
+                        total = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0)), acc, total);
+                        if ty == GgmlType::Q4_1 {
+                            offset += f16_at(b, 2) * sums[bi];
+                        }
+                    }
+                    GgmlType::Q4_K | GgmlType::Q5_K => {
+                        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                        let scales = &b[4..16];
+                        let (qh, qs) = if ty == GgmlType::Q5_K {
+                            (Some(&b[16..48]), &b[48..176])
+                        } else {
+                            (None, &b[16..144])
+                        };
+                        for s in 0..8 {
+                            let (sc, m) = super::scale_min_k4(s, scales);
+                            let src = &qs[(s / 2) * 32..];
+                            let shift = _mm_cvtsi32_si128(4 * (s % 2) as i32);
+                            let mut q0 = _mm_and_si128(_mm_srl_epi16(load16(src), shift), low4);
+                            let mut q1 =
+                                _mm_and_si128(_mm_srl_epi16(load16(&src[16..]), shift), low4);
+                            if let Some(qh) = qh {
+                                let bit = _mm_set1_epi8(1 << s);
+                                let h = |v: __m128i| {
+                                    _mm_and_si128(
+                                        _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
+                                        _mm_set1_epi8(0x10),
+                                    )
+                                };
+                                q0 = _mm_or_si128(q0, h(load16(qh)));
+                                q1 = _mm_or_si128(q1, h(load16(&qh[16..])));
+                            }
+                            let xs = xb.add(32 * s);
+                            let acc = fma16(q0, xs, _mm256_setzero_ps());
+                            let acc = fma16(q1, xs.add(16), acc);
+                            total = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32), acc, total);
+                            offset -= dmin * m as f32 * sums[bi * 8 + s];
+                        }
+                    }
+                    GgmlType::Q6_K => {
+                        let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+                        let d = f16_at(b, 208);
+                        let m32 = _mm_set1_epi8(32);
+                        let three = _mm_set1_epi8(3);
+                        for h in 0..2 {
+                            for k in 0..4 {
+                                let lo_src = &ql[64 * h + 32 * (k % 2)..];
+                                let hi_src = &qh[32 * h..];
+                                let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
+                                let hshift = _mm_cvtsi32_si128(2 * k as i32);
+                                for half in 0..2 {
+                                    let lo = _mm_and_si128(
+                                        _mm_srl_epi16(load16(&lo_src[16 * half..]), lshift),
+                                        low4,
+                                    );
+                                    let hi = _mm_and_si128(
+                                        _mm_srl_epi16(load16(&hi_src[16 * half..]), hshift),
+                                        three,
+                                    );
+                                    let q =
+                                        _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), m32);
+                                    let e = 128 * h + 32 * k + 16 * half;
+                                    let acc = fma16(q, xb.add(e), _mm256_setzero_ps());
+                                    let sc = d * (scales[e / 16] as i8) as f32;
+                                    total = _mm256_fmadd_ps(_mm256_set1_ps(sc), acc, total);
+                                }
+                            }
+                        }
+                        debug_assert_eq!(block, QK_K);
+                    }
+                    _ => return f32::NAN,
+                }
+            }
+        }
+        // SAFETY: AVX is enabled in this function.
+        unsafe { hsum(total) + offset }
+    }
+}
+
+/// Decode products on 8-bit activations ([`QuantMatrix::with_q8_activations`]): each x row is
+/// quantized once per call to blocks of 32 (`d = max|x| / 127`, `q = round(x / d)`), and each
+/// weight block is multiplied with integer instructions (`pmaddubsw` on unsigned weight codes ×
+/// signed activation codes, `pmaddwd` to 32-bit), scaled once per block; codes with an offset
+/// (`q − 8`, `q − 16`, `q − 32`, mins) use the per-16 activation-code sums.
+#[cfg(target_arch = "x86_64")]
+mod avx_q8 {
+    use std::arch::x86_64::*;
+
+    use crate::quant::GgmlType;
+
+    /// One activation row quantized to blocks of 32.
+    pub(super) struct Q8Row {
+        /// Scale per block.
+        d: Vec<f32>,
+        /// Codes, `[len]`.
+        q: Vec<i8>,
+        /// Sum of the codes of each 16 elements.
+        s16: Vec<i32>,
+    }
+
+    impl Q8Row {
+        /// Quantizes `x` (a whole number of 32-blocks).
+        pub(super) fn new(x: &[f32]) -> Self {
+            let mut d = Vec::with_capacity(x.len() / 32);
+            let mut q = Vec::with_capacity(x.len());
+            let mut s16 = Vec::with_capacity(x.len() / 16);
+            for b in x.chunks_exact(32) {
+                let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                d.push(scale);
+                for half in b.chunks_exact(16) {
+                    let mut sum = 0i32;
+                    for &v in half {
+                        let c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                        sum += c as i32;
+                        q.push(c);
+                    }
+                    s16.push(sum);
+                }
+            }
+            Self { d, q, s16 }
+        }
+    }
+
+    /// The f16 at byte `i` of `b`, converted with F16C (no run-time feature test per call).
+    #[inline]
+    #[target_feature(enable = "avx,f16c")]
+    fn f16_at(b: &[u8], i: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn load16(p: &[u8]) -> __m128i {
+        debug_assert!(p.len() >= 16);
+        // SAFETY: every caller slices at least 16 bytes inside one block.
+        unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) }
+    }
+
+    /// `Σ u[i] · x[i]` over 16 lanes as four i32 partial sums (`u` unsigned codes ≤ 127 in
+    /// pairs that cannot saturate, `x` signed codes).
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn udot16(u: __m128i, x: &[i8]) -> __m128i {
+        debug_assert!(x.len() >= 16);
+        // SAFETY: 16 codes are readable at `x`.
+        let xv = unsafe { _mm_loadu_si128(x.as_ptr() as *const __m128i) };
+        _mm_madd_epi16(_mm_maddubs_epi16(u, xv), _mm_set1_epi16(1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn hsum_i32(v: __m128i) -> i32 {
+        let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// The 32 fifth bits of Q5_0 (`qh`) as bytes of 0x10 / 0 (elements 0..16, 16..32).
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn high_bits(qh: u32) -> (__m128i, __m128i) {
+        let bits = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let v = _mm_cvtsi32_si128(qh as i32);
+        let lo = _mm_shuffle_epi8(
+            v,
+            _mm_set_epi8(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+        );
+        let hi = _mm_shuffle_epi8(
+            v,
+            _mm_set_epi8(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+        );
+        let set = |m: __m128i| {
+            _mm_and_si128(
+                _mm_cmpeq_epi8(_mm_and_si128(m, bits), bits),
+                _mm_set1_epi8(0x10),
+            )
+        };
+        (set(lo), set(hi))
+    }
+
+    /// `Σ_i w[i] · x[i]` for one quantized row and one quantized activation row (NaN when the
+    /// lengths do not match).
+    #[target_feature(enable = "avx,fma,f16c")]
+    pub(super) unsafe fn row(ty: GgmlType, bytes: &[u8], x: &Q8Row) -> f32 {
+        let (block, size) = ty.block_layout();
+        let (block, size) = (block as usize, size as usize);
+        if bytes.len() % size != 0 || bytes.len() / size * block != x.q.len() {
+            return f32::NAN;
+        }
+        let low4 = _mm_set1_epi8(0x0F);
+        let mut total = 0.0f32;
+        for (bi, b) in bytes.chunks_exact(size).enumerate() {
+            let e0 = bi * block;
+            // SAFETY: AVX is enabled here; every slice below lies inside block `bi` of `b`
+            // and of `x` (lengths checked above).
+            unsafe {
+                match ty {
+                    GgmlType::Q8_0 => {
+                        let (w0, w1) = (load16(&b[2..]), load16(&b[18..]));
+                        let xq = &x.q[e0..e0 + 32];
+                        let x0 = _mm_loadu_si128(xq.as_ptr() as *const __m128i);
+                        let x1 = _mm_loadu_si128(xq[16..].as_ptr() as *const __m128i);
+                        let p0 = _mm_madd_epi16(
+                            _mm_maddubs_epi16(_mm_abs_epi8(w0), _mm_sign_epi8(x0, w0)),
+                            _mm_set1_epi16(1),
+                        );
+                        let p1 = _mm_madd_epi16(
+                            _mm_maddubs_epi16(_mm_abs_epi8(w1), _mm_sign_epi8(x1, w1)),
+                            _mm_set1_epi16(1),
+                        );
+                        let isum = hsum_i32(_mm_add_epi32(p0, p1));
+                        total += f16_at(b, 0) * x.d[bi] * isum as f32;
+                    }
+                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 => {
+                        let qs = match ty {
+                            GgmlType::Q4_0 => &b[2..18],
+                            GgmlType::Q4_1 => &b[4..20],
+                            _ => &b[6..22],
+                        };
+                        let raw = load16(qs);
+                        let mut lo = _mm_and_si128(raw, low4);
+                        let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+                        if ty == GgmlType::Q5_0 {
+                            let (h0, h1) = high_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+                            lo = _mm_or_si128(lo, h0);
+                            hi = _mm_or_si128(hi, h1);
+                        }
+                        let xq = &x.q[e0..e0 + 32];
+                        let isum = hsum_i32(_mm_add_epi32(udot16(lo, xq), udot16(hi, &xq[16..])));
+                        let xs = x.s16[2 * bi] + x.s16[2 * bi + 1];
+                        let (d, dx) = (f16_at(b, 0), x.d[bi]);
+                        total += match ty {
+                            GgmlType::Q4_0 => d * dx * (isum - 8 * xs) as f32,
+                            GgmlType::Q5_0 => d * dx * (isum - 16 * xs) as f32,
+                            _ => d * dx * isum as f32 + f16_at(b, 2) * dx * xs as f32,
+                        };
+                    }
+                    GgmlType::Q4_K | GgmlType::Q5_K => {
+                        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                        let scales = &b[4..16];
+                        let (qh, qs) = if ty == GgmlType::Q5_K {
+                            (Some(&b[16..48]), &b[48..176])
+                        } else {
+                            (None, &b[16..144])
+                        };
+                        for s in 0..8 {
+                            let (sc, m) = super::scale_min_k4(s, scales);
+                            let src = &qs[(s / 2) * 32..];
+                            let shift = _mm_cvtsi32_si128(4 * (s % 2) as i32);
+                            let mut q0 = _mm_and_si128(_mm_srl_epi16(load16(src), shift), low4);
+                            let mut q1 =
+                                _mm_and_si128(_mm_srl_epi16(load16(&src[16..]), shift), low4);
+                            if let Some(qh) = qh {
+                                let bit = _mm_set1_epi8(1 << s);
+                                let h = |v: __m128i| {
+                                    _mm_and_si128(
+                                        _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
+                                        _mm_set1_epi8(0x10),
+                                    )
+                                };
+                                q0 = _mm_or_si128(q0, h(load16(qh)));
+                                q1 = _mm_or_si128(q1, h(load16(&qh[16..])));
+                            }
+                            let xb = e0 / 32 + s;
+                            let xq = &x.q[32 * xb..32 * xb + 32];
+                            let isum =
+                                hsum_i32(_mm_add_epi32(udot16(q0, xq), udot16(q1, &xq[16..])));
+                            let xs = x.s16[2 * xb] + x.s16[2 * xb + 1];
+                            let dx = x.d[xb];
+                            total +=
+                                d * sc as f32 * dx * isum as f32 - dmin * m as f32 * dx * xs as f32;
+                        }
+                    }
+                    GgmlType::Q6_K => {
+                        let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+                        let d = f16_at(b, 208);
+                        let three = _mm_set1_epi8(3);
+                        for h in 0..2 {
+                            for k in 0..4 {
+                                let lo_src = &ql[64 * h + 32 * (k % 2)..];
+                                let hi_src = &qh[32 * h..];
+                                let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
+                                let hshift = _mm_cvtsi32_si128(2 * k as i32);
+                                let xb = e0 / 32 + 4 * h + k;
+                                for half in 0..2 {
+                                    let lo = _mm_and_si128(
+                                        _mm_srl_epi16(load16(&lo_src[16 * half..]), lshift),
+                                        low4,
+                                    );
+                                    let hi = _mm_and_si128(
+                                        _mm_srl_epi16(load16(&hi_src[16 * half..]), hshift),
+                                        three,
+                                    );
+                                    let u = _mm_or_si128(lo, _mm_slli_epi16(hi, 4));
+                                    let e = 32 * xb + 16 * half;
+                                    let isum = hsum_i32(udot16(u, &x.q[e..e + 16]));
+                                    let xs = x.s16[2 * xb + half];
+                                    let sc = d * (scales[(e - e0) / 16] as i8) as f32;
+                                    total += sc * x.d[xb] * (isum - 32 * xs) as f32;
+                                }
+                            }
+                        }
+                    }
+                    _ => return f32::NAN,
+                }
+            }
+        }
+        total
     }
 }
 
@@ -462,6 +959,57 @@ mod tests {
                             first + n
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The 8-bit activation path equals the f32 product of the same weights with the
+    /// activations rounded the way it rounds them (q8 blocks of 32): the integer arithmetic is
+    /// exact, so only the order of summation differs.
+    #[test]
+    fn q8_activation_products_equal_f32_products_of_rounded_activations() {
+        if !super::super::simd::has_avx_fma() {
+            return;
+        }
+        let cols = 512;
+        for ty in KERNEL_TYPES {
+            let m = matrix(&[(ty, 24), (GgmlType::Q8_0, 8)], cols).with_q8_activations(true);
+            let w = dense(&m);
+            let x: Vec<f32> = bytes(3 * cols, 9)
+                .iter()
+                .map(|&b| b as f32 / 255.0 - 0.5)
+                .collect();
+            let rounded: Vec<f32> = x
+                .chunks_exact(32)
+                .flat_map(|b| {
+                    let d = b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    b.iter()
+                        .map(move |v| (v * inv).round().clamp(-127.0, 127.0) * d)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for rows in [1, 3] {
+                let mut want = vec![0.0; rows * 32];
+                let mut got = vec![f32::NAN; rows * 32];
+                crate::reference::linear(
+                    &rounded[..rows * cols],
+                    &w,
+                    None,
+                    rows,
+                    cols,
+                    32,
+                    &mut want,
+                )
+                .unwrap();
+                linear_quant(&x[..rows * cols], &m, 0, None, rows, cols, 32, &mut got).unwrap();
+                for (a, g) in want.iter().zip(&got) {
+                    assert!(
+                        (a - g).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{} rows {rows}: {a} vs {g}",
+                        ty.name()
+                    );
                 }
             }
         }

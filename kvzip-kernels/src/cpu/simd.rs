@@ -11,14 +11,17 @@
 
 use std::sync::OnceLock;
 
-/// Whether the CPU has AVX and FMA (cached after the first call).
+/// Whether the CPU has AVX, FMA and F16C (cached after the first call; every x86-64 CPU with
+/// FMA has F16C).
 #[inline]
 pub(crate) fn has_avx_fma() -> bool {
     static LEVEL: OnceLock<bool> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

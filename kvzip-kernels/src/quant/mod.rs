@@ -113,6 +113,7 @@ pub struct QuantMatrix {
     cols: usize,
     rows: usize,
     parts: Vec<QuantPart>,
+    q8_activations: bool,
 }
 
 impl QuantMatrix {
@@ -151,7 +152,25 @@ impl QuantMatrix {
                 .checked_add(p.rows)
                 .ok_or_else(|| bad("row count overflows".into()))?;
         }
-        Ok(Self { cols, rows, parts })
+        Ok(Self {
+            cols,
+            rows,
+            parts,
+            q8_activations: false,
+        })
+    }
+
+    /// The same matrix with decode (few-row) products computed on activations quantized to 8
+    /// bits per 32-element block (integer dot products, as llama.cpp does): faster, not equal
+    /// to the f32 path (activation rounding error about 0.4 % of each block's largest value).
+    pub fn with_q8_activations(mut self, on: bool) -> Self {
+        self.q8_activations = on;
+        self
+    }
+
+    /// Whether [`with_q8_activations`](Self::with_q8_activations) is on.
+    pub fn q8_activations(&self) -> bool {
+        self.q8_activations
     }
 
     /// Columns (input features).
