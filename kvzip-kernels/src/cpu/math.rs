@@ -1,6 +1,6 @@
 //! Vectorisable scalar math shared by the CPU fast paths.
 
-use super::simd::multiversion;
+use super::simd::{multiversion, MulAdd};
 
 /// Natural exponential, branch-free and auto-vectorisable (Cephes-style range reduction with a
 /// degree-6 polynomial), max relative error about 2e-7 over the normal range.
@@ -9,6 +9,14 @@ use super::simd::multiversion;
 /// `exp(88.3)`; NaN propagates.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
+    exp_with::<super::simd::Split>(x)
+}
+
+/// [`exp`] with the multiply-adds of `M` (fused inside [`multiversion!`] bodies). `2^n` is
+/// built with float operations and one float→int conversion (no integer shift), so the whole
+/// function vectorises on AVX without AVX2.
+#[inline(always)]
+pub(crate) fn exp_with<M: MulAdd>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -16,16 +24,17 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LOW: f32 = -87.336_55;
     const HIGH: f32 = 88.3;
     let xc = x.clamp(LOW, HIGH);
-    let n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let n = M::mul_add(xc, LOG2E, ROUND_MAGIC) - ROUND_MAGIC;
+    let r = M::mul_add(n, -LN2_LO, M::mul_add(n, -LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let poly = p * r * r + r + 1.0;
-    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p = M::mul_add(p, r, 1.398_199_9e-3);
+    p = M::mul_add(p, r, 8.333_452e-3);
+    p = M::mul_add(p, r, 4.166_579_6e-2);
+    p = M::mul_add(p, r, 1.666_666_5e-1);
+    p = M::mul_add(p, r, 0.5);
+    let poly = M::mul_add(p * r, r, r + 1.0);
+    // (n + 127) · 2^23 is the bit pattern of 2^n; it is exact in f32 for the clamped range.
+    let pow2n = f32::from_bits(((n + 127.0) * 8_388_608.0) as i32 as u32);
     let y = poly * pow2n;
     if x < LOW {
         0.0
@@ -49,12 +58,12 @@ pub fn sum_exp_shifted<M>(x: &[f32], shift: f32) -> f32 {
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += exp(v - shift);
+            *a += exp_with::<M>(v - shift);
         }
     }
     let mut total: f32 = acc.iter().sum();
     for &v in tail {
-        total += exp(v - shift);
+        total += exp_with::<M>(v - shift);
     }
     total
 }
@@ -68,13 +77,13 @@ pub fn exp_shift_in_place<M>(x: &mut [f32], shift: f32) -> f32 {
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
-            *v = exp(*v - shift);
+            *v = exp_with::<M>(*v - shift);
             *a += *v;
         }
     }
     let mut total: f32 = acc.iter().sum();
     for v in chunks.into_remainder() {
-        *v = exp(*v - shift);
+        *v = exp_with::<M>(*v - shift);
         total += *v;
     }
     total
@@ -85,7 +94,7 @@ multiversion! {
 /// `acc_i += exp(x_i − shift)` over the common length with [`exp`] (AVX + FMA when present).
 pub fn add_exp_shifted<M>(acc: &mut [f32], x: &[f32], shift: f32) {
     for (a, &v) in acc.iter_mut().zip(x) {
-        *a += exp(v - shift);
+        *a += exp_with::<M>(v - shift);
     }
 }
 }
@@ -168,9 +177,11 @@ mod tests {
         let mut worst = 0.0f64;
         let mut x = -87.0f32;
         while x < 88.0 {
-            let got = super::exp(x) as f64;
             let want = (x as f64).exp();
+            let got = super::exp(x) as f64;
             worst = worst.max(((got - want) / want).abs());
+            let fused = super::exp_with::<super::super::simd::Fused>(x) as f64;
+            worst = worst.max(((fused - want) / want).abs());
             x += 0.0137;
         }
         assert!(worst < 4e-7, "worst relative error {worst}");

@@ -371,7 +371,7 @@ fn dot_row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
 mod avx_dot {
     use std::arch::x86_64::*;
 
-    use crate::quant::{GgmlType, QK_K};
+    use crate::quant::GgmlType;
 
     /// The f16 at byte `i` of `b`, converted with F16C (no run-time feature test per call).
     #[inline]
@@ -439,7 +439,8 @@ mod avx_dot {
         _mm_cvtss_f32(s)
     }
 
-    /// See [`super::dot_row`]. Rows of the wrong length give NaN.
+    /// See [`super::dot_row`]. Rows of the wrong length give NaN. One loop per block type, two
+    /// independent accumulators (even / odd blocks), the min terms in a third.
     #[target_feature(enable = "avx,fma,f16c")]
     pub(super) unsafe fn row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let (block, size) = ty.block_layout();
@@ -448,112 +449,190 @@ mod avx_dot {
         if bytes.len() % size != 0 || n != x.len() || sums.len() * 32 != n {
             return f32::NAN;
         }
-        let low4 = _mm_set1_epi8(0x0F);
-        let mut total = _mm256_setzero_ps();
-        let mut offset = 0.0f32;
-        let xp = x.as_ptr();
-        for (bi, b) in bytes.chunks_exact(size).enumerate() {
-            // SAFETY: block `bi` covers x[bi*block .. (bi+1)*block], inside `x` (checked above).
-            let xb = unsafe { xp.add(bi * block) };
+        // SAFETY (all arms): lengths checked above; block `bi` reads bytes
+        // `bi*size..(bi+1)*size` and floats `bi*block..(bi+1)*block` of `x`.
+        let (acc, mins) = unsafe {
+            match ty {
+                GgmlType::Q8_0 => (q8_0(bytes, x), 0.0),
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 => q4_5(ty, bytes, x, sums),
+                GgmlType::Q4_K | GgmlType::Q5_K => q45_k(ty, bytes, x, sums),
+                GgmlType::Q6_K => (q6_k(bytes, x), 0.0),
+                _ => return f32::NAN,
+            }
+        };
+        // SAFETY: AVX is enabled in this function.
+        unsafe { hsum(acc) + mins }
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q8_0(bytes: &[u8], x: &[f32]) -> __m256 {
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (bi, b) in bytes.chunks_exact(34).enumerate() {
+            // SAFETY: see `row`.
             unsafe {
-                match ty {
-                    GgmlType::Q8_0 => {
-                        let acc = fma16(load16(&b[2..]), xb, _mm256_setzero_ps());
-                        let acc = fma16(load16(&b[18..]), xb.add(16), acc);
-                        total = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0)), acc, total);
-                    }
-                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 => {
-                        let (qs, sub) = match ty {
-                            GgmlType::Q4_0 => (&b[2..18], 8),
-                            GgmlType::Q4_1 => (&b[4..20], 0),
-                            _ => (&b[6..22], 16),
-                        };
-                        let raw = load16(qs);
-                        let mut lo = _mm_and_si128(raw, low4);
-                        let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-                        if ty == GgmlType::Q5_0 {
-                            let (h0, h1) = high_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
-                            lo = _mm_or_si128(lo, h0);
-                            hi = _mm_or_si128(hi, h1);
-                        }
-                        let sub = _mm_set1_epi8(sub);
-                        let acc = fma16(_mm_sub_epi8(lo, sub), xb, _mm256_setzero_ps());
-                        let acc = fma16(_mm_sub_epi8(hi, sub), xb.add(16), acc);
-                        total = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b, 0)), acc, total);
-                        if ty == GgmlType::Q4_1 {
-                            offset += f16_at(b, 2) * sums[bi];
-                        }
-                    }
-                    GgmlType::Q4_K | GgmlType::Q5_K => {
-                        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                        let scales = &b[4..16];
-                        let (qh, qs) = if ty == GgmlType::Q5_K {
-                            (Some(&b[16..48]), &b[48..176])
-                        } else {
-                            (None, &b[16..144])
-                        };
-                        for s in 0..8 {
-                            let (sc, m) = super::scale_min_k4(s, scales);
-                            let src = &qs[(s / 2) * 32..];
-                            let shift = _mm_cvtsi32_si128(4 * (s % 2) as i32);
-                            let mut q0 = _mm_and_si128(_mm_srl_epi16(load16(src), shift), low4);
-                            let mut q1 =
-                                _mm_and_si128(_mm_srl_epi16(load16(&src[16..]), shift), low4);
-                            if let Some(qh) = qh {
-                                let bit = _mm_set1_epi8(1 << s);
-                                let h = |v: __m128i| {
-                                    _mm_and_si128(
-                                        _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
-                                        _mm_set1_epi8(0x10),
-                                    )
-                                };
-                                q0 = _mm_or_si128(q0, h(load16(qh)));
-                                q1 = _mm_or_si128(q1, h(load16(&qh[16..])));
-                            }
-                            let xs = xb.add(32 * s);
-                            let acc = fma16(q0, xs, _mm256_setzero_ps());
-                            let acc = fma16(q1, xs.add(16), acc);
-                            total = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32), acc, total);
-                            offset -= dmin * m as f32 * sums[bi * 8 + s];
-                        }
-                    }
-                    GgmlType::Q6_K => {
-                        let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
-                        let d = f16_at(b, 208);
-                        let m32 = _mm_set1_epi8(32);
-                        let three = _mm_set1_epi8(3);
-                        for h in 0..2 {
-                            for k in 0..4 {
-                                let lo_src = &ql[64 * h + 32 * (k % 2)..];
-                                let hi_src = &qh[32 * h..];
-                                let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
-                                let hshift = _mm_cvtsi32_si128(2 * k as i32);
-                                for half in 0..2 {
-                                    let lo = _mm_and_si128(
-                                        _mm_srl_epi16(load16(&lo_src[16 * half..]), lshift),
-                                        low4,
-                                    );
-                                    let hi = _mm_and_si128(
-                                        _mm_srl_epi16(load16(&hi_src[16 * half..]), hshift),
-                                        three,
-                                    );
-                                    let q =
-                                        _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), m32);
-                                    let e = 128 * h + 32 * k + 16 * half;
-                                    let acc = fma16(q, xb.add(e), _mm256_setzero_ps());
-                                    let sc = d * (scales[e / 16] as i8) as f32;
-                                    total = _mm256_fmadd_ps(_mm256_set1_ps(sc), acc, total);
-                                }
-                            }
-                        }
-                        debug_assert_eq!(block, QK_K);
-                    }
-                    _ => return f32::NAN,
+                let xb = x.as_ptr().add(32 * bi);
+                let acc = fma16(load16(&b[2..18]), xb, _mm256_setzero_ps());
+                let acc = fma16(load16(&b[18..34]), xb.add(16), acc);
+                let d = _mm256_set1_ps(f16_at(b, 0));
+                if bi % 2 == 0 {
+                    a0 = _mm256_fmadd_ps(d, acc, a0);
+                } else {
+                    a1 = _mm256_fmadd_ps(d, acc, a1);
                 }
             }
         }
-        // SAFETY: AVX is enabled in this function.
-        unsafe { hsum(total) + offset }
+        _mm256_add_ps(a0, a1)
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q4_5(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> (__m256, f32) {
+        let size = ty.block_layout().1 as usize;
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut mins = _mm_setzero_ps();
+        let low4 = _mm_set1_epi8(0x0F);
+        let (qs_at, offset) = match ty {
+            GgmlType::Q4_0 => (2, 8),
+            GgmlType::Q4_1 => (4, 0),
+            _ => (6, 16),
+        };
+        let sub = _mm_set1_epi8(offset);
+        for (bi, b) in bytes.chunks_exact(size).enumerate() {
+            // SAFETY: see `row`.
+            unsafe {
+                let raw = load16(&b[qs_at..qs_at + 16]);
+                let mut lo = _mm_and_si128(raw, low4);
+                let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+                if offset == 16 {
+                    let (h0, h1) = high_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+                    lo = _mm_or_si128(lo, h0);
+                    hi = _mm_or_si128(hi, h1);
+                }
+                let xb = x.as_ptr().add(32 * bi);
+                let acc = fma16(_mm_sub_epi8(lo, sub), xb, _mm256_setzero_ps());
+                let acc = fma16(_mm_sub_epi8(hi, sub), xb.add(16), acc);
+                let d = _mm256_set1_ps(f16_at(b, 0));
+                if bi % 2 == 0 {
+                    a0 = _mm256_fmadd_ps(d, acc, a0);
+                } else {
+                    a1 = _mm256_fmadd_ps(d, acc, a1);
+                }
+                if offset == 0 {
+                    mins = _mm_fmadd_ss(
+                        _mm_set_ss(f16_at(b, 2)),
+                        _mm_set_ss(*sums.get_unchecked(bi)),
+                        mins,
+                    );
+                }
+            }
+        }
+        (_mm256_add_ps(a0, a1), _mm_cvtss_f32(mins))
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q45_k(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> (__m256, f32) {
+        let size = ty.block_layout().1 as usize;
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut mins = _mm_setzero_ps();
+        let low4 = _mm_set1_epi8(0x0F);
+        let five = ty == GgmlType::Q5_K;
+        for (bi, b) in bytes.chunks_exact(size).enumerate() {
+            // SAFETY: see `row`.
+            unsafe {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let (qh, qs) = if five {
+                    (&b[16..48], &b[48..176])
+                } else {
+                    (&b[16..16], &b[16..144])
+                };
+                for pair in 0..4 {
+                    let r0 = load16(&qs[32 * pair..32 * pair + 16]);
+                    let r1 = load16(&qs[32 * pair + 16..32 * pair + 32]);
+                    for half in 0..2 {
+                        let s = 2 * pair + half;
+                        let (sc, m) = super::scale_min_k4(s, scales);
+                        let (mut q0, mut q1) = if half == 0 {
+                            (_mm_and_si128(r0, low4), _mm_and_si128(r1, low4))
+                        } else {
+                            (
+                                _mm_and_si128(_mm_srli_epi16(r0, 4), low4),
+                                _mm_and_si128(_mm_srli_epi16(r1, 4), low4),
+                            )
+                        };
+                        if five {
+                            let bit = _mm_set1_epi8(1 << s);
+                            let h = |v: __m128i| {
+                                _mm_and_si128(
+                                    _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
+                                    _mm_set1_epi8(0x10),
+                                )
+                            };
+                            q0 = _mm_or_si128(q0, h(load16(&qh[..16])));
+                            q1 = _mm_or_si128(q1, h(load16(&qh[16..32])));
+                        }
+                        let xs = x.as_ptr().add(256 * bi + 32 * s);
+                        let acc = fma16(q0, xs, _mm256_setzero_ps());
+                        let acc = fma16(q1, xs.add(16), acc);
+                        let scale = _mm256_set1_ps(d * sc as f32);
+                        if half == 0 {
+                            a0 = _mm256_fmadd_ps(scale, acc, a0);
+                        } else {
+                            a1 = _mm256_fmadd_ps(scale, acc, a1);
+                        }
+                        mins = _mm_fmadd_ss(
+                            _mm_set_ss(-dmin * m as f32),
+                            _mm_set_ss(*sums.get_unchecked(8 * bi + s)),
+                            mins,
+                        );
+                    }
+                }
+            }
+        }
+        (_mm256_add_ps(a0, a1), _mm_cvtss_f32(mins))
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q6_k(bytes: &[u8], x: &[f32]) -> __m256 {
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let low4 = _mm_set1_epi8(0x0F);
+        let three = _mm_set1_epi8(3);
+        let m32 = _mm_set1_epi8(32);
+        for (bi, b) in bytes.chunks_exact(210).enumerate() {
+            // SAFETY: see `row`.
+            unsafe {
+                let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                for h in 0..2 {
+                    for k in 0..4 {
+                        let lo_src = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
+                        let hi_src = &qh[32 * h..32 * h + 32];
+                        let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
+                        let hshift = _mm_cvtsi32_si128(2 * k as i32);
+                        for half in 0..2 {
+                            let lo = _mm_and_si128(
+                                _mm_srl_epi16(load16(&lo_src[16 * half..16 * half + 16]), lshift),
+                                low4,
+                            );
+                            let hi = _mm_and_si128(
+                                _mm_srl_epi16(load16(&hi_src[16 * half..16 * half + 16]), hshift),
+                                three,
+                            );
+                            let q = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), m32);
+                            let e = 256 * bi + 128 * h + 32 * k + 16 * half;
+                            let acc = fma16(q, x.as_ptr().add(e), _mm256_setzero_ps());
+                            let sc =
+                                _mm256_set1_ps(d * (scales[(4 * h + k) * 2 + half] as i8) as f32);
+                            if half == 0 {
+                                a0 = _mm256_fmadd_ps(sc, acc, a0);
+                            } else {
+                                a1 = _mm256_fmadd_ps(sc, acc, a1);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        _mm256_add_ps(a0, a1)
     }
 }
 
@@ -619,25 +698,6 @@ mod avx_q8 {
         unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) }
     }
 
-    /// `Σ u[i] · x[i]` over 16 lanes as four i32 partial sums (`u` unsigned codes ≤ 127 in
-    /// pairs that cannot saturate, `x` signed codes).
-    #[inline]
-    #[target_feature(enable = "avx")]
-    unsafe fn udot16(u: __m128i, x: &[i8]) -> __m128i {
-        debug_assert!(x.len() >= 16);
-        // SAFETY: 16 codes are readable at `x`.
-        let xv = unsafe { _mm_loadu_si128(x.as_ptr() as *const __m128i) };
-        _mm_madd_epi16(_mm_maddubs_epi16(u, xv), _mm_set1_epi16(1))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx")]
-    unsafe fn hsum_i32(v: __m128i) -> i32 {
-        let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    }
-
     /// The 32 fifth bits of Q5_0 (`qh`) as bytes of 0x10 / 0 (elements 0..16, 16..32).
     #[inline]
     #[target_feature(enable = "avx")]
@@ -662,7 +722,9 @@ mod avx_q8 {
     }
 
     /// `Σ_i w[i] · x[i]` for one quantized row and one quantized activation row (NaN when the
-    /// lengths do not match).
+    /// lengths do not match). One loop per block type; the integer block sums stay in vector
+    /// lanes and are scaled into two independent float accumulators (no per-block horizontal
+    /// sum, no serial scalar chain).
     #[target_feature(enable = "avx,fma,f16c")]
     pub(super) unsafe fn row(ty: GgmlType, bytes: &[u8], x: &Q8Row) -> f32 {
         let (block, size) = ty.block_layout();
@@ -670,125 +732,227 @@ mod avx_q8 {
         if bytes.len() % size != 0 || bytes.len() / size * block != x.q.len() {
             return f32::NAN;
         }
-        let low4 = _mm_set1_epi8(0x0F);
-        let mut total = 0.0f32;
-        for (bi, b) in bytes.chunks_exact(size).enumerate() {
-            let e0 = bi * block;
-            // SAFETY: AVX is enabled here; every slice below lies inside block `bi` of `b`
-            // and of `x` (lengths checked above).
+        // SAFETY (all arms): lengths checked above; every block `bi` reads bytes
+        // `bi*size..(bi+1)*size` of `bytes` and codes `bi*block..(bi+1)*block` of `x.q`.
+        let acc = unsafe {
+            match ty {
+                GgmlType::Q8_0 => q8_0(bytes, x),
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 => q4_5(ty, bytes, x),
+                GgmlType::Q4_K | GgmlType::Q5_K => q45_k(ty, bytes, x),
+                GgmlType::Q6_K => q6_k(bytes, x),
+                _ => return f32::NAN,
+            }
+        };
+        let s = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Four i32 lanes of `Σ u·x` over 32 codes (`u` in two registers, `x` at `xq`).
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn udot32(u0: __m128i, u1: __m128i, xq: *const i8) -> __m128i {
+        let ones = _mm_set1_epi16(1);
+        // SAFETY: 32 codes are readable at `xq` (callers index whole blocks).
+        let (x0, x1) = unsafe {
+            (
+                _mm_loadu_si128(xq as *const __m128i),
+                _mm_loadu_si128(xq.add(16) as *const __m128i),
+            )
+        };
+        let p0 = _mm_madd_epi16(_mm_maddubs_epi16(u0, x0), ones);
+        let p1 = _mm_madd_epi16(_mm_maddubs_epi16(u1, x1), ones);
+        _mm_add_epi32(p0, p1)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx,fma")]
+    unsafe fn scale_into(isum: __m128i, scale: f32, acc: __m128) -> __m128 {
+        _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(scale), acc)
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q8_0(bytes: &[u8], x: &Q8Row) -> __m128 {
+        let (mut a0, mut a1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let ones = _mm_set1_epi16(1);
+        for (bi, b) in bytes.chunks_exact(34).enumerate() {
+            // SAFETY: see `row`.
             unsafe {
-                match ty {
-                    GgmlType::Q8_0 => {
-                        let (w0, w1) = (load16(&b[2..]), load16(&b[18..]));
-                        let xq = &x.q[e0..e0 + 32];
-                        let x0 = _mm_loadu_si128(xq.as_ptr() as *const __m128i);
-                        let x1 = _mm_loadu_si128(xq[16..].as_ptr() as *const __m128i);
-                        let p0 = _mm_madd_epi16(
-                            _mm_maddubs_epi16(_mm_abs_epi8(w0), _mm_sign_epi8(x0, w0)),
-                            _mm_set1_epi16(1),
-                        );
-                        let p1 = _mm_madd_epi16(
-                            _mm_maddubs_epi16(_mm_abs_epi8(w1), _mm_sign_epi8(x1, w1)),
-                            _mm_set1_epi16(1),
-                        );
-                        let isum = hsum_i32(_mm_add_epi32(p0, p1));
-                        total += f16_at(b, 0) * x.d[bi] * isum as f32;
-                    }
-                    GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 => {
-                        let qs = match ty {
-                            GgmlType::Q4_0 => &b[2..18],
-                            GgmlType::Q4_1 => &b[4..20],
-                            _ => &b[6..22],
-                        };
-                        let raw = load16(qs);
-                        let mut lo = _mm_and_si128(raw, low4);
-                        let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-                        if ty == GgmlType::Q5_0 {
-                            let (h0, h1) = high_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
-                            lo = _mm_or_si128(lo, h0);
-                            hi = _mm_or_si128(hi, h1);
-                        }
-                        let xq = &x.q[e0..e0 + 32];
-                        let isum = hsum_i32(_mm_add_epi32(udot16(lo, xq), udot16(hi, &xq[16..])));
-                        let xs = x.s16[2 * bi] + x.s16[2 * bi + 1];
-                        let (d, dx) = (f16_at(b, 0), x.d[bi]);
-                        total += match ty {
-                            GgmlType::Q4_0 => d * dx * (isum - 8 * xs) as f32,
-                            GgmlType::Q5_0 => d * dx * (isum - 16 * xs) as f32,
-                            _ => d * dx * isum as f32 + f16_at(b, 2) * dx * xs as f32,
-                        };
-                    }
-                    GgmlType::Q4_K | GgmlType::Q5_K => {
-                        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                        let scales = &b[4..16];
-                        let (qh, qs) = if ty == GgmlType::Q5_K {
-                            (Some(&b[16..48]), &b[48..176])
-                        } else {
-                            (None, &b[16..144])
-                        };
-                        for s in 0..8 {
-                            let (sc, m) = super::scale_min_k4(s, scales);
-                            let src = &qs[(s / 2) * 32..];
-                            let shift = _mm_cvtsi32_si128(4 * (s % 2) as i32);
-                            let mut q0 = _mm_and_si128(_mm_srl_epi16(load16(src), shift), low4);
-                            let mut q1 =
-                                _mm_and_si128(_mm_srl_epi16(load16(&src[16..]), shift), low4);
-                            if let Some(qh) = qh {
-                                let bit = _mm_set1_epi8(1 << s);
-                                let h = |v: __m128i| {
-                                    _mm_and_si128(
-                                        _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
-                                        _mm_set1_epi8(0x10),
-                                    )
-                                };
-                                q0 = _mm_or_si128(q0, h(load16(qh)));
-                                q1 = _mm_or_si128(q1, h(load16(&qh[16..])));
-                            }
-                            let xb = e0 / 32 + s;
-                            let xq = &x.q[32 * xb..32 * xb + 32];
-                            let isum =
-                                hsum_i32(_mm_add_epi32(udot16(q0, xq), udot16(q1, &xq[16..])));
-                            let xs = x.s16[2 * xb] + x.s16[2 * xb + 1];
-                            let dx = x.d[xb];
-                            total +=
-                                d * sc as f32 * dx * isum as f32 - dmin * m as f32 * dx * xs as f32;
-                        }
-                    }
-                    GgmlType::Q6_K => {
-                        let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
-                        let d = f16_at(b, 208);
-                        let three = _mm_set1_epi8(3);
-                        for h in 0..2 {
-                            for k in 0..4 {
-                                let lo_src = &ql[64 * h + 32 * (k % 2)..];
-                                let hi_src = &qh[32 * h..];
-                                let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
-                                let hshift = _mm_cvtsi32_si128(2 * k as i32);
-                                let xb = e0 / 32 + 4 * h + k;
-                                for half in 0..2 {
-                                    let lo = _mm_and_si128(
-                                        _mm_srl_epi16(load16(&lo_src[16 * half..]), lshift),
-                                        low4,
-                                    );
-                                    let hi = _mm_and_si128(
-                                        _mm_srl_epi16(load16(&hi_src[16 * half..]), hshift),
-                                        three,
-                                    );
-                                    let u = _mm_or_si128(lo, _mm_slli_epi16(hi, 4));
-                                    let e = 32 * xb + 16 * half;
-                                    let isum = hsum_i32(udot16(u, &x.q[e..e + 16]));
-                                    let xs = x.s16[2 * xb + half];
-                                    let sc = d * (scales[(e - e0) / 16] as i8) as f32;
-                                    total += sc * x.d[xb] * (isum - 32 * xs) as f32;
-                                }
-                            }
-                        }
-                    }
-                    _ => return f32::NAN,
+                let w0 = load16(&b[2..18]);
+                let w1 = load16(&b[18..34]);
+                let xq = x.q.as_ptr().add(32 * bi);
+                let x0 = _mm_loadu_si128(xq as *const __m128i);
+                let x1 = _mm_loadu_si128(xq.add(16) as *const __m128i);
+                let p0 = _mm_madd_epi16(
+                    _mm_maddubs_epi16(_mm_abs_epi8(w0), _mm_sign_epi8(x0, w0)),
+                    ones,
+                );
+                let p1 = _mm_madd_epi16(
+                    _mm_maddubs_epi16(_mm_abs_epi8(w1), _mm_sign_epi8(x1, w1)),
+                    ones,
+                );
+                let scale = f16_at(b, 0) * *x.d.get_unchecked(bi);
+                if bi % 2 == 0 {
+                    a0 = scale_into(_mm_add_epi32(p0, p1), scale, a0);
+                } else {
+                    a1 = scale_into(_mm_add_epi32(p0, p1), scale, a1);
                 }
             }
         }
-        total
+        _mm_add_ps(a0, a1)
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q4_5(ty: GgmlType, bytes: &[u8], x: &Q8Row) -> __m128 {
+        let size = ty.block_layout().1 as usize;
+        let (mut a0, mut a1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let mut mins = _mm_setzero_ps();
+        let low4 = _mm_set1_epi8(0x0F);
+        let (qs_at, offset) = match ty {
+            GgmlType::Q4_0 => (2, 8),
+            GgmlType::Q4_1 => (4, 0),
+            _ => (6, 16),
+        };
+        for (bi, b) in bytes.chunks_exact(size).enumerate() {
+            // SAFETY: see `row`.
+            unsafe {
+                let raw = load16(&b[qs_at..qs_at + 16]);
+                let mut lo = _mm_and_si128(raw, low4);
+                let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+                if offset == 16 {
+                    let (h0, h1) = high_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+                    lo = _mm_or_si128(lo, h0);
+                    hi = _mm_or_si128(hi, h1);
+                }
+                let xs = *x.s16.get_unchecked(2 * bi) + *x.s16.get_unchecked(2 * bi + 1);
+                // Σ (u - offset)·x = Σ u·x - offset·Σx: the correction goes into lane 0.
+                let isum = _mm_sub_epi32(
+                    udot32(lo, hi, x.q.as_ptr().add(32 * bi)),
+                    _mm_cvtsi32_si128(offset * xs),
+                );
+                let dx = *x.d.get_unchecked(bi);
+                if bi % 2 == 0 {
+                    a0 = scale_into(isum, f16_at(b, 0) * dx, a0);
+                } else {
+                    a1 = scale_into(isum, f16_at(b, 0) * dx, a1);
+                }
+                if offset == 0 {
+                    mins = _mm_fmadd_ss(_mm_set_ss(f16_at(b, 2) * dx), _mm_set_ss(xs as f32), mins);
+                }
+            }
+        }
+        _mm_add_ps(_mm_add_ps(a0, a1), mins)
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q45_k(ty: GgmlType, bytes: &[u8], x: &Q8Row) -> __m128 {
+        let size = ty.block_layout().1 as usize;
+        let (mut a0, mut a1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let mut mins = _mm_setzero_ps();
+        let low4 = _mm_set1_epi8(0x0F);
+        let five = ty == GgmlType::Q5_K;
+        for (bi, b) in bytes.chunks_exact(size).enumerate() {
+            // SAFETY: see `row`.
+            unsafe {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let (qh, qs) = if five {
+                    (&b[16..48], &b[48..176])
+                } else {
+                    (&b[16..16], &b[16..144])
+                };
+                for pair in 0..4 {
+                    let r0 = load16(&qs[32 * pair..32 * pair + 16]);
+                    let r1 = load16(&qs[32 * pair + 16..32 * pair + 32]);
+                    for half in 0..2 {
+                        let s = 2 * pair + half;
+                        let (sc, m) = super::scale_min_k4(s, scales);
+                        let (mut q0, mut q1) = if half == 0 {
+                            (_mm_and_si128(r0, low4), _mm_and_si128(r1, low4))
+                        } else {
+                            (
+                                _mm_and_si128(_mm_srli_epi16(r0, 4), low4),
+                                _mm_and_si128(_mm_srli_epi16(r1, 4), low4),
+                            )
+                        };
+                        if five {
+                            let bit = _mm_set1_epi8(1 << s);
+                            let h = |v: __m128i| {
+                                _mm_and_si128(
+                                    _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
+                                    _mm_set1_epi8(0x10),
+                                )
+                            };
+                            q0 = _mm_or_si128(q0, h(load16(&qh[..16])));
+                            q1 = _mm_or_si128(q1, h(load16(&qh[16..32])));
+                        }
+                        let xb = 8 * bi + s;
+                        let isum = udot32(q0, q1, x.q.as_ptr().add(32 * xb));
+                        let dx = *x.d.get_unchecked(xb);
+                        let xs = *x.s16.get_unchecked(2 * xb) + *x.s16.get_unchecked(2 * xb + 1);
+                        if half == 0 {
+                            a0 = scale_into(isum, d * sc as f32 * dx, a0);
+                        } else {
+                            a1 = scale_into(isum, d * sc as f32 * dx, a1);
+                        }
+                        mins = _mm_fmadd_ss(
+                            _mm_set_ss(-dmin * m as f32 * dx),
+                            _mm_set_ss(xs as f32),
+                            mins,
+                        );
+                    }
+                }
+            }
+        }
+        _mm_add_ps(_mm_add_ps(a0, a1), mins)
+    }
+
+    #[target_feature(enable = "avx,fma,f16c")]
+    unsafe fn q6_k(bytes: &[u8], x: &Q8Row) -> __m128 {
+        let (mut a0, mut a1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let low4 = _mm_set1_epi8(0x0F);
+        let three = _mm_set1_epi8(3);
+        let ones = _mm_set1_epi16(1);
+        for (bi, b) in bytes.chunks_exact(210).enumerate() {
+            // SAFETY: see `row`.
+            unsafe {
+                let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                for h in 0..2 {
+                    for k in 0..4 {
+                        let lo_src = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
+                        let hi_src = &qh[32 * h..32 * h + 32];
+                        let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
+                        let hshift = _mm_cvtsi32_si128(2 * k as i32);
+                        let xb = 8 * bi + 4 * h + k;
+                        let dx = *x.d.get_unchecked(xb);
+                        for half in 0..2 {
+                            let lo = _mm_and_si128(
+                                _mm_srl_epi16(load16(&lo_src[16 * half..16 * half + 16]), lshift),
+                                low4,
+                            );
+                            let hi = _mm_and_si128(
+                                _mm_srl_epi16(load16(&hi_src[16 * half..16 * half + 16]), hshift),
+                                three,
+                            );
+                            let u = _mm_or_si128(lo, _mm_slli_epi16(hi, 4));
+                            let xq = x.q.as_ptr().add(32 * xb + 16 * half);
+                            let xv = _mm_loadu_si128(xq as *const __m128i);
+                            let p = _mm_madd_epi16(_mm_maddubs_epi16(u, xv), ones);
+                            let xs = *x.s16.get_unchecked(2 * xb + half);
+                            let isum = _mm_sub_epi32(p, _mm_cvtsi32_si128(32 * xs));
+                            let sc = d * (scales[(4 * h + k) * 2 + half] as i8) as f32 * dx;
+                            if half == 0 {
+                                a0 = scale_into(isum, sc, a0);
+                            } else {
+                                a1 = scale_into(isum, sc, a1);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        _mm_add_ps(a0, a1)
     }
 }
 
