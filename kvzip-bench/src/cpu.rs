@@ -124,7 +124,8 @@ fn weight_form() -> &'static str {
         kvzip_models::HostWeights::from_env(),
         kvzip_models::q8_activations_from_env(),
     ) {
-        (kvzip_models::HostWeights::AsStored, false) => "as-stored",
+        (kvzip_models::HostWeights::AsStored, false)
+        | (kvzip_models::HostWeights::AsStoredExact, _) => "as-stored",
         (kvzip_models::HostWeights::AsStored, true) => "as-stored+q8-activations",
         (kvzip_models::HostWeights::F32, _) => "f32",
         (kvzip_models::HostWeights::Bf16, _) => "bf16",

@@ -2,6 +2,7 @@
 //! a 2-core machine). Throughput is reported in bytes read (memory-bound ops) or elements.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kvzip_kernels::quant::{row_bytes, GgmlType, QuantMatrix, QuantPart, SharedBytes};
 use kvzip_kernels::sampling::Rng;
 use kvzip_kernels::{cpu, KvSegments};
 use std::hint::black_box;
@@ -27,6 +28,57 @@ fn bench_linear(c: &mut Criterion) {
         g.bench_function(id, |b| {
             b.iter(|| cpu::linear(black_box(&x), &w, None, rows, in_dim, out_dim, &mut y).unwrap())
         });
+    }
+    g.finish();
+}
+
+/// Decode-time products with GGUF-quantized weights (one activation row; `f32` and `q8`
+/// activations), at a cache-resident size and a memory-streaming size: throughput in weight
+/// bytes read, to set against the machine's copy bandwidth.
+fn bench_linear_quant(c: &mut Criterion) {
+    let mut rng = Rng::new(5);
+    let mut g = c.benchmark_group("linear_quant");
+    g.sample_size(10);
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let (block, size) = ty.block_layout();
+        // Qwen2.5-0.5B shapes: 896 inputs (attention, up/gate, lm_head) and 4864 (down; the
+        // K-quants' 256-element blocks need it).
+        let cols = if block == 256 { 4864 } else { 896 };
+        let x = rng.uniform_vec(cols, -1.0, 1.0);
+        for rows in [1024usize, 65536 * 896 / cols] {
+            let rb = row_bytes(ty, cols).expect("whole blocks");
+            // Random codes; each block's leading f16 scale set to a small normal value.
+            let mut bytes: Vec<u8> = (0..rows * rb).map(|_| rng.next_u64() as u8).collect();
+            for b in bytes.chunks_exact_mut(size as usize) {
+                let at = if ty == GgmlType::Q6_K { 208 } else { 0 };
+                b[at..at + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+            }
+            let part = QuantPart {
+                ty,
+                rows,
+                data: SharedBytes::owned(bytes),
+            };
+            let m = QuantMatrix::new(cols, vec![part], "bench").expect("matrix");
+            let mut y = vec![0.0; rows];
+            g.throughput(Throughput::Bytes((rows * rb) as u64));
+            for q8 in [false, true] {
+                let m = m.clone().with_q8_activations(q8);
+                let act = if q8 { "q8" } else { "f32" };
+                let id = BenchmarkId::from_parameter(format!("{}-{rows}x{cols}-{act}", ty.name()));
+                g.bench_function(id, |b| {
+                    b.iter(|| {
+                        cpu::linear_quant(black_box(&x), &m, 0, None, 1, cols, rows, &mut y)
+                            .unwrap()
+                    })
+                });
+            }
+        }
     }
     g.finish();
 }
@@ -135,6 +187,7 @@ fn bench_rope(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_linear,
+    bench_linear_quant,
     bench_attention,
     bench_rms_norm,
     bench_rope

@@ -39,8 +39,13 @@ pub enum HostWeights {
     /// As the checkpoint stores them where the CPU kernels compute on that form directly:
     /// ggml-quantized rows stay quantized (memory-mapped, decoded inside the GEMV/GEMM) and bf16
     /// matrices stay bf16 (widened on the fly, exactly); anything else becomes f32.
+    /// Decode-time products with quantized rows use 8-bit activations (as llama.cpp does)
+    /// when `KVZIP_ACTIVATIONS=q8`.
     #[default]
     AsStored,
+    /// [`HostWeights::AsStored`] with every product on f32 activations whatever
+    /// `KVZIP_ACTIVATIONS` says: equal to the F32 path up to summation order.
+    AsStoredExact,
     /// Every matrix widened to f32 at load (the reference path the compact one is tested
     /// against; `KVZIP_HOST_WEIGHTS=f32`).
     F32,
@@ -62,9 +67,11 @@ impl HostWeights {
     }
 }
 
-/// `KVZIP_ACTIVATIONS=q8`: decode-time products with quantized weights run on activations
-/// quantized to 8 bits per 32-element block (integer dot products, as llama.cpp does; faster,
-/// not bit-comparable with the f32 path). Unset or anything else: f32 activations.
+/// `KVZIP_ACTIVATIONS=q8`: decode-time (few-row) products with quantized weights run on
+/// activations quantized to 8 bits per 32-element block (integer dot products, as llama.cpp
+/// does; faster decode, not bit-comparable with the f32 path, and a row's result then depends on
+/// how many rows share the product, so batched and single decoding may differ). Unset or
+/// anything else: f32 activations.
 pub fn q8_activations_from_env() -> bool {
     std::env::var("KVZIP_ACTIVATIONS").as_deref() == Ok("q8")
 }
@@ -109,7 +116,7 @@ impl<'a> WeightLoader<'a> {
         match self.host_weights {
             HostWeights::F32 => return float,
             HostWeights::Bf16 => return DType::Bf16,
-            HostWeights::AsStored => {}
+            HostWeights::AsStored | HostWeights::AsStoredExact => {}
         }
         match self.source {
             WeightSource::Checkpoint(w) if parts.iter().all(|(n, _)| w.is_bf16(n)) => DType::Bf16,
@@ -163,8 +170,12 @@ impl<'a> WeightLoader<'a> {
     /// are [`HostWeights::AsStored`] and every part is quantized; otherwise a dense tensor as
     /// [`stacked`](Self::stacked) makes it.
     pub fn matrix(&self, parts: &[(String, Vec<usize>)]) -> Result<Weight> {
-        if let (WeightSource::Checkpoint(w), false, HostWeights::AsStored) =
-            (self.source, self.device.is_cuda(), self.host_weights)
+        let as_stored = matches!(
+            self.host_weights,
+            HostWeights::AsStored | HostWeights::AsStoredExact
+        );
+        if let (WeightSource::Checkpoint(w), false, true) =
+            (self.source, self.device.is_cuda(), as_stored)
         {
             let quantized = !parts.is_empty()
                 && parts
@@ -187,9 +198,9 @@ impl<'a> WeightLoader<'a> {
                     tensor: label.to_owned(),
                     msg: e.to_string(),
                 })?;
-                return Ok(Weight::Quant(Arc::new(
-                    m.with_q8_activations(q8_activations_from_env()),
-                )));
+                return Ok(Weight::Quant(Arc::new(m.with_q8_activations(
+                    self.host_weights == HostWeights::AsStored && q8_activations_from_env(),
+                ))));
             }
         }
         Ok(Weight::Dense(self.stacked(parts, Init::Matrix)?))

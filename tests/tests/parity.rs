@@ -212,7 +212,7 @@ fn bf16_weights_as_stored_equal_widened_f32() {
                 engine.model().weight_bytes(),
             )
         };
-        let (compact, f32_path) = (run(HostWeights::AsStored), run(HostWeights::F32));
+        let (compact, f32_path) = (run(HostWeights::AsStoredExact), run(HostWeights::F32));
         let prefill = max_abs_diff(&compact.0, &f32_path.0);
         let decode = max_abs_diff(&compact.2, &f32_path.2);
         assert!(
@@ -345,7 +345,7 @@ fn quantized_weights_as_stored_equal_dequantized_f32() {
                 engine.model().weight_bytes(),
             )
         };
-        let (compact, f32_path) = (run(HostWeights::AsStored), run(HostWeights::F32));
+        let (compact, f32_path) = (run(HostWeights::AsStoredExact), run(HostWeights::F32));
         let prefill = max_abs_diff(&compact.0, &f32_path.0);
         let decode = max_abs_diff(&compact.2, &f32_path.2);
         assert!(

@@ -306,11 +306,7 @@ const SMALL_ROWS: usize = 8;
 fn scores_tile(qb: &[f32], rows: usize, hd: usize, keys: &[f32], s: &mut [f32]) -> Result<()> {
     let nk = keys.len() / hd;
     if rows <= SMALL_ROWS {
-        for (j, kr) in keys.chunks_exact(hd).enumerate() {
-            for (r, qr) in qb.chunks_exact(hd).enumerate() {
-                s[r * nk + j] = math::dot(qr, kr);
-            }
-        }
+        math::dot_rows(&qb[..rows * hd], keys, hd, &mut s[..rows * nk]);
         return Ok(());
     }
     let lhs = MatRef {
@@ -334,14 +330,7 @@ fn scores_tile(qb: &[f32], rows: usize, hd: usize, keys: &[f32], s: &mut [f32]) 
 fn pv_tile(p: &[f32], rows: usize, values: &[f32], hd: usize, o: &mut [f32]) -> Result<()> {
     let nk = values.len() / hd;
     if rows <= SMALL_ROWS {
-        for (j, vr) in values.chunks_exact(hd).enumerate() {
-            for (r, orow) in o.chunks_exact_mut(hd).enumerate() {
-                let pj = p[r * nk + j];
-                if pj != 0.0 {
-                    math::axpy(pj, vr, orow);
-                }
-            }
-        }
+        math::axpy_rows(&p[..rows * nk], values, hd, &mut o[..rows * hd]);
         return Ok(());
     }
     let p = MatRef {

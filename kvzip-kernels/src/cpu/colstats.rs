@@ -1,9 +1,10 @@
 //! Tiled causal-softmax column statistics (fast path; types in [`crate::colstats`]): for a block of query rows and a set of key segments,
 //! the max (or sum) over rows of the softmax probability at each key of a target range.
 //!
-//! Two passes per row tile, nothing larger than a `ROW_TILE x KEY_TILE` logit tile held:
-//! pass 1 computes each row's log-sum-exp over all visible keys (online max/sum), pass 2
-//! recomputes logits of the target keys and reduces `exp(s - lse)` over rows.
+//! Two passes per row tile: pass 1 computes each row's log-sum-exp over all visible keys
+//! (online max/sum over `ROW_TILE x KEY_TILE` logit tiles) and keeps the logits of the target
+//! keys (`ROW_TILE x target` floats), pass 2 reduces `exp(s - lse)` of those over rows (no
+//! second GEMM).
 //! Visibility is causal by position: a key at position `kp` is visible to a row at position
 //! `p` iff `kp <= p`.
 
@@ -130,6 +131,10 @@ fn row_tile_stats(
     let mut tile = vec![0.0f32; nr * KEY_TILE];
     let mut run_max = vec![f32::NEG_INFINITY; nr];
     let mut run_sum = vec![0.0f32; nr];
+    // Logits of the target keys any row can see, kept from pass 1 for pass 2.
+    let t_end = target.end.min(max_pos + 1);
+    let t_len = t_end.saturating_sub(target.start);
+    let mut kept = vec![0.0f32; nr * t_len];
 
     // Pass 1: online log-sum-exp over every visible key of every segment.
     for seg in segments {
@@ -138,6 +143,14 @@ fn row_tile_stats(
             let k1 = (k0 + KEY_TILE).min(seg.end);
             let nk = k1 - k0;
             matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale)?;
+            let (lo, hi) = (k0.max(target.start), k1.min(t_end));
+            if lo < hi {
+                for i in 0..nr {
+                    let dst = i * t_len + lo - target.start;
+                    kept[dst..dst + hi - lo]
+                        .copy_from_slice(&tile[i * nk + lo - k0..i * nk + hi - k0]);
+                }
+            }
             for (i, &p) in pos.iter().enumerate() {
                 let visible = nk.min((p + 1).saturating_sub(k0));
                 if visible == 0 {
@@ -161,26 +174,19 @@ fn row_tile_stats(
         .collect();
 
     // Pass 2: probabilities at the target keys, reduced over rows.
-    let mut k0 = target.start;
-    while k0 < target.end && k0 <= max_pos {
-        let k1 = (k0 + KEY_TILE).min(target.end);
-        let nk = k1 - k0;
-        matmul_nt(nr, nk, d, q, &unit.keys[k0 * d..k1 * d], &mut tile, scale)?;
-        let dst = &mut acc[k0 - target.start..k1 - target.start];
-        for (i, &p) in pos.iter().enumerate() {
-            let visible = nk.min((p + 1).saturating_sub(k0));
-            let s = &tile[i * nk..i * nk + visible];
-            match reduce {
-                ColReduce::Max => {
-                    let l = lse[i];
-                    for (o, &x) in dst.iter_mut().zip(s) {
-                        *o = o.max(x - l);
-                    }
+    for (i, &p) in pos.iter().enumerate() {
+        let visible = t_len.min((p + 1).saturating_sub(target.start));
+        let s = &kept[i * t_len..i * t_len + visible];
+        let dst = &mut acc[..visible];
+        match reduce {
+            ColReduce::Max => {
+                let l = lse[i];
+                for (o, &x) in dst.iter_mut().zip(s) {
+                    *o = o.max(x - l);
                 }
-                ColReduce::Sum => super::math::add_exp_shifted(dst, s, lse[i]),
             }
+            ColReduce::Sum => super::math::add_exp_shifted(dst, s, lse[i]),
         }
-        k0 = k1;
     }
     Ok(())
 }

@@ -155,11 +155,55 @@ multiversion! {
     }
 }
 
+/// `Σ a[i]·b[i]` in 16 lanes, inlined into the [`multiversion!`] bodies that loop over rows.
+#[inline(always)]
+fn dot16<M: MulAdd>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ta, tb) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] = M::mul_add(x[l], y[l], acc[l]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ta.iter().zip(tb) {
+        tail = M::mul_add(*x, *y, tail);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 multiversion! {
-    /// `y += alpha * x` over the common length (AVX + FMA when the CPU has them).
-    pub(crate) fn axpy<M>(alpha: f32, x: &[f32], y: &mut [f32]) {
-        for (yv, &xv) in y.iter_mut().zip(x) {
-            *yv = M::mul_add(alpha, xv, *yv);
+    /// `s[r * nk + j] = q_r · k_j` for the `q.len() / d` rows of `q` (`[rows, d]`) and the
+    /// `nk = keys.len() / d` rows of `keys`: a few query rows against a tile of keys in one
+    /// call (decode attention scores; each key row is read once for all query rows).
+    pub(crate) fn dot_rows<M>(q: &[f32], keys: &[f32], d: usize, s: &mut [f32]) {
+        let nk = keys.len() / d.max(1);
+        for (j, kr) in keys.chunks_exact(d.max(1)).enumerate() {
+            for (r, qr) in q.chunks_exact(d.max(1)).enumerate() {
+                s[r * nk + j] = dot16::<M>(qr, kr);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `o_r += Σ_j p[r * nk + j] · v_j` for the `o.len() / d` rows of `o` (`[rows, d]`) and
+    /// the `nk = values.len() / d` value rows (decode attention: probabilities times values;
+    /// zero probabilities are skipped).
+    pub(crate) fn axpy_rows<M>(p: &[f32], values: &[f32], d: usize, o: &mut [f32]) {
+        let nk = values.len() / d.max(1);
+        for (j, vr) in values.chunks_exact(d.max(1)).enumerate() {
+            for (r, orow) in o.chunks_exact_mut(d.max(1)).enumerate() {
+                let pj = p[r * nk + j];
+                if pj != 0.0 {
+                    for (y, &x) in orow.iter_mut().zip(vr) {
+                        *y = M::mul_add(pj, x, *y);
+                    }
+                }
+            }
         }
     }
 }

@@ -13,6 +13,8 @@ pub(crate) mod math;
 mod norm;
 mod pieces;
 mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx2;
 mod rope;
 pub(crate) mod simd;
 

@@ -97,7 +97,7 @@ fn block_q8_0(b: &[u8], y: &mut [f32]) {
 
 /// The 6-bit scale and min of sub-block `j` (0..8) from the 12 packed bytes of Q4_K / Q5_K.
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -274,18 +274,19 @@ fn gemv(
     let fused = super::simd::has_avx_fma();
     #[cfg(target_arch = "x86_64")]
     if fused && m.q8_activations() {
-        let xq: Vec<avx_q8::Q8Row> = x.chunks_exact(in_dim).map(avx_q8::Q8Row::new).collect();
+        let xq: Vec<Q8Row> = x.chunks_exact(in_dim).map(Q8Row::new).collect();
+        let avx2 = super::simd::has_avx2();
         let fill = |first: usize, dst: &mut [f32]| {
-            for (i, cell) in dst.chunks_exact_mut(rows).enumerate() {
-                let o = first + i;
-                let b = bias.map_or(0.0, |b| b[o]);
-                let Some((ty, bytes)) = m.row(first_row + o) else {
-                    cell.fill(f32::NAN);
-                    continue;
-                };
+            let cells = dst.chunks_exact_mut(rows).enumerate();
+            for ((i, cell), (ty, bytes)) in cells.zip(m.rows_from(first_row + first)) {
+                let b = bias.map_or(0.0, |b| b[first + i]);
                 for (c, xr) in cell.iter_mut().zip(&xq) {
-                    // SAFETY: AVX + FMA were detected; `row` checks lengths.
-                    *c = unsafe { avx_q8::row(ty, bytes, xr) } + b;
+                    // SAFETY: AVX2 / AVX + FMA + F16C were detected; `row` checks lengths.
+                    *c = if avx2 {
+                        unsafe { super::quant_avx2::row(ty, bytes, xr) }
+                    } else {
+                        unsafe { avx_q8::row(ty, bytes, xr) }
+                    } + b;
                 }
             }
         };
@@ -636,6 +637,9 @@ mod avx_dot {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx_q8::Q8Row;
+
 /// Decode products on 8-bit activations ([`QuantMatrix::with_q8_activations`]): each x row is
 /// quantized once per call to blocks of 32 (`d = max|x| / 127`, `q = round(x / d)`), and each
 /// weight block is multiplied with integer instructions (`pmaddubsw` on unsigned weight codes ×
@@ -648,18 +652,18 @@ mod avx_q8 {
     use crate::quant::GgmlType;
 
     /// One activation row quantized to blocks of 32.
-    pub(super) struct Q8Row {
+    pub(crate) struct Q8Row {
         /// Scale per block.
-        d: Vec<f32>,
+        pub(crate) d: Vec<f32>,
         /// Codes, `[len]`.
-        q: Vec<i8>,
+        pub(crate) q: Vec<i8>,
         /// Sum of the codes of each 16 elements.
-        s16: Vec<i32>,
+        pub(crate) s16: Vec<i32>,
     }
 
     impl Q8Row {
         /// Quantizes `x` (a whole number of 32-blocks).
-        pub(super) fn new(x: &[f32]) -> Self {
+        pub(crate) fn new(x: &[f32]) -> Self {
             let mut d = Vec::with_capacity(x.len() / 32);
             let mut q = Vec::with_capacity(x.len());
             let mut s16 = Vec::with_capacity(x.len() / 16);
@@ -1172,6 +1176,42 @@ mod tests {
                     assert!(
                         (a - g).abs() <= 1e-4 * (1.0 + a.abs()),
                         "{} rows {rows}: {a} vs {g}",
+                        ty.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The AVX2 and AVX variants of the 8-bit activation products agree on every kernel type
+    /// (the dispatch picks one per CPU, so the other would otherwise go untested here).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_avx_q8_products_agree() {
+        if !super::super::simd::has_avx2() {
+            return;
+        }
+        let cols = 512;
+        for ty in KERNEL_TYPES {
+            let m = matrix(&[(ty, 16)], cols);
+            for seed in 0..3u64 {
+                let x: Vec<f32> = bytes(cols, 20 + seed)
+                    .iter()
+                    .map(|&b| b as f32 / 127.0 - 1.0)
+                    .collect();
+                let xq = Q8Row::new(&x);
+                for r in 0..16 {
+                    let (t, row) = m.row(r).unwrap();
+                    // SAFETY: AVX2 (and so AVX, FMA, F16C) was detected.
+                    let (a, b) = unsafe {
+                        (
+                            avx_q8::row(t, row, &xq),
+                            super::super::quant_avx2::row(t, row, &xq),
+                        )
+                    };
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{} row {r}: avx {a} vs avx2 {b}",
                         ty.name()
                     );
                 }

@@ -5,6 +5,9 @@
 //!
 //! - x86-64 with AVX + FMA (256-bit float lanes; integer work stays 128-bit, so AVX2 is not
 //!   needed — common on virtual machines that mask AVX2),
+//! - x86-64 with AVX2 as well ([`has_avx2`]): the 8-bit activation products of quantized
+//!   weights take 256-bit integer lanes (`quant_avx2.rs`; `KVZIP_NO_AVX2=1` forces the AVX
+//!   variants, for comparison),
 //! - everything else: the portable body (NEON is the aarch64 baseline, so it is used there).
 //!
 //! [`multiversion!`] declares such a function once; [`has_avx_fma`] is the cached test.
@@ -22,6 +25,25 @@ pub(crate) fn has_avx_fma() -> bool {
             std::arch::is_x86_feature_detected!("avx")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether the CPU has AVX2 besides [`has_avx_fma`]'s features (cached): 256-bit integer lanes
+/// for the 8-bit activation products.
+#[inline]
+pub(crate) fn has_avx2() -> bool {
+    static LEVEL: OnceLock<bool> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx_fma()
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::env::var("KVZIP_NO_AVX2").is_err()
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

@@ -215,6 +215,23 @@ impl QuantMatrix {
         None
     }
 
+    /// Rows `r..` as `(type, bytes)`, in order (the part and row size are found once, not per
+    /// row as [`row`](Self::row) does).
+    pub fn rows_from(&self, r: usize) -> impl Iterator<Item = (GgmlType, &[u8])> + '_ {
+        let cols = self.cols;
+        let mut skip = r;
+        self.parts.iter().flat_map(move |p| {
+            let start = skip.min(p.rows);
+            skip -= start;
+            row_bytes(p.ty, cols)
+                .filter(|&rb| rb > 0)
+                .map(|rb| p.data.bytes()[start * rb..].chunks_exact(rb))
+                .into_iter()
+                .flatten()
+                .map(move |b| (p.ty, b))
+        })
+    }
+
     /// Row `r` dequantized into `out` (`cols` floats) with the scalar reference decoders.
     pub fn dequantize_row_reference(&self, r: usize, out: &mut [f32]) -> Result<(), QuantError> {
         let (ty, bytes) = self.row(r).ok_or_else(|| QuantError::BadData {
