@@ -23,7 +23,9 @@ pub(crate) fn exp_with<M: MulAdd>(x: f32) -> f32 {
     const ROUND_MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     const LOW: f32 = -87.336_55;
     const HIGH: f32 = 88.3;
-    let xc = x.clamp(LOW, HIGH);
+    // Not `clamp`: `max` maps a NaN input to LOW, so nothing below sees a NaN.
+    #[allow(clippy::manual_clamp)]
+    let xc = x.max(LOW).min(HIGH);
     let n = M::mul_add(xc, LOG2E, ROUND_MAGIC) - ROUND_MAGIC;
     let r = M::mul_add(n, -LN2_LO, M::mul_add(n, -LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;
@@ -34,11 +36,15 @@ pub(crate) fn exp_with<M: MulAdd>(x: f32) -> f32 {
     p = M::mul_add(p, r, 0.5);
     let poly = M::mul_add(p * r, r, r + 1.0);
     // (n + 127) · 2^23 is the bit pattern of 2^n; it is exact in f32 for the clamped range.
-    let pow2n = f32::from_bits(((n + 127.0) * 8_388_608.0) as i32 as u32);
-    let y = poly * pow2n;
-    if x < LOW {
-        0.0
-    } else if x.is_nan() {
+    // SAFETY: `xc` is never NaN (`max` drops a NaN operand) and lies in [LOW, HIGH], so n is an
+    // integer in [-126, 128] and (n + 127) · 2^23 is in [2^23, 255 · 2^23], inside i32. The
+    // unchecked conversion is one `cvttps2dq` per lane: the saturating `as` would keep the loop
+    // scalar.
+    let bits = unsafe { ((n + 127.0) * 8_388_608.0).to_int_unchecked::<i32>() };
+    let y = poly * f32::from_bits(bits as u32);
+    // Selects, not branches, so the loops around this vectorise.
+    let y = if x < LOW { 0.0 } else { y };
+    if x.is_nan() {
         x
     } else {
         y
@@ -52,7 +58,7 @@ multiversion! {
 /// `Σ exp(x_i − shift)` with [`exp`], accumulated in [`LANES`] independent lanes so the compiler
 /// vectorises it (AVX + FMA when present). Relative error about 2e-7 per term; `-inf` terms
 /// contribute 0.
-pub fn sum_exp_shifted<M>(x: &[f32], shift: f32) -> f32 {
+fn sum_exp_shifted_portable<M>(x: &[f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -72,7 +78,7 @@ pub fn sum_exp_shifted<M>(x: &[f32], shift: f32) -> f32 {
 multiversion! {
 /// `x_i ← exp(x_i − shift)` in place with [`exp`], returning `Σ x_i` (lane-wise, AVX + FMA when
 /// present): the probability step of an online softmax.
-pub fn exp_shift_in_place<M>(x: &mut [f32], shift: f32) -> f32 {
+fn exp_shift_in_place_portable<M>(x: &mut [f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -92,11 +98,45 @@ pub fn exp_shift_in_place<M>(x: &mut [f32], shift: f32) -> f32 {
 
 multiversion! {
 /// `acc_i += exp(x_i − shift)` over the common length with [`exp`] (AVX + FMA when present).
-pub fn add_exp_shifted<M>(acc: &mut [f32], x: &[f32], shift: f32) {
+fn add_exp_shifted_portable<M>(acc: &mut [f32], x: &[f32], shift: f32) {
     for (a, &v) in acc.iter_mut().zip(x) {
         *a += exp_with::<M>(v - shift);
     }
 }
+}
+
+/// `Σ exp(x_i − shift)` with [`exp`] (AVX + FMA intrinsics on eight lanes when present,
+/// otherwise a lane-wise portable loop). Relative error about 2e-7 per term; `-inf` terms
+/// contribute 0.
+pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx_fma() {
+        // SAFETY: AVX and FMA were detected at run time.
+        return unsafe { super::exp_avx::sum_exp_shifted(x, shift) };
+    }
+    sum_exp_shifted_portable(x, shift)
+}
+
+/// `x_i ← exp(x_i − shift)` in place with [`exp`], returning `Σ x_i` (AVX + FMA intrinsics when
+/// present): the probability step of an online softmax.
+pub fn exp_shift_in_place(x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx_fma() {
+        // SAFETY: AVX and FMA were detected at run time.
+        return unsafe { super::exp_avx::exp_shift_in_place(x, shift) };
+    }
+    exp_shift_in_place_portable(x, shift)
+}
+
+/// `acc_i += exp(x_i − shift)` over the common length with [`exp`] (AVX + FMA intrinsics when
+/// present).
+pub fn add_exp_shifted(acc: &mut [f32], x: &[f32], shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx_fma() {
+        // SAFETY: AVX and FMA were detected at run time.
+        return unsafe { super::exp_avx::add_exp_shifted(acc, x, shift) };
+    }
+    add_exp_shifted_portable(acc, x, shift)
 }
 
 multiversion! {

@@ -8,6 +8,8 @@ mod act;
 mod attention;
 mod bf16;
 mod colstats;
+#[cfg(target_arch = "x86_64")]
+mod exp_avx;
 mod gemm;
 pub(crate) mod math;
 mod norm;
