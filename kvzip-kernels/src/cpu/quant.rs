@@ -302,13 +302,9 @@ fn gemv(
         } else {
             vec![0.0f32; in_dim]
         };
-        for (i, cell) in dst.chunks_exact_mut(rows).enumerate() {
-            let o = first + i;
-            let b = bias.map_or(0.0, |b| b[o]);
-            let Some((ty, bytes)) = m.row(first_row + o) else {
-                cell.fill(f32::NAN);
-                continue;
-            };
+        let cells = dst.chunks_exact_mut(rows).enumerate();
+        for ((i, cell), (ty, bytes)) in cells.zip(m.rows_from(first_row + first)) {
+            let b = bias.map_or(0.0, |b| b[first + i]);
             if fused {
                 for (r, c) in cell.iter_mut().enumerate() {
                     let xr = &x[r * in_dim..(r + 1) * in_dim];
@@ -352,6 +348,12 @@ fn feature_major(y: &mut [f32], rows: usize, out_dim: usize, run: impl Fn(&mut [
 fn dot_row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
+        if super::simd::has_avx2() {
+            // SAFETY: AVX2 (with FMA and F16C) was detected; `row_f32` checks lengths.
+            if let Some(v) = unsafe { super::quant_avx2::row_f32(ty, bytes, x, sums) } {
+                return v;
+            }
+        }
         // SAFETY: callers checked AVX + FMA at run time; `avx_dot::row` checks lengths.
         unsafe { avx_dot::row(ty, bytes, x, sums) }
     }
@@ -1215,6 +1217,45 @@ mod tests {
                         ty.name()
                     );
                 }
+            }
+        }
+    }
+
+    /// The AVX2 f32-activation kernels (legacy block types) agree with the AVX ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_avx_f32_products_agree() {
+        if !super::super::simd::has_avx2() {
+            return;
+        }
+        let cols = 512;
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+        ] {
+            let m = matrix(&[(ty, 16)], cols);
+            let x: Vec<f32> = bytes(cols, 31)
+                .iter()
+                .map(|&b| b as f32 / 127.0 - 1.0)
+                .collect();
+            let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+            for r in 0..16 {
+                let (t, row) = m.row(r).unwrap();
+                // SAFETY: AVX2 (and so AVX, FMA, F16C) was detected.
+                let (a, b) = unsafe {
+                    (
+                        avx_dot::row(t, row, &x, &sums),
+                        super::super::quant_avx2::row_f32(t, row, &x, &sums),
+                    )
+                };
+                let b = b.expect("legacy types have an AVX2 kernel");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                    "{} row {r}: avx {a} vs avx2 {b}",
+                    ty.name()
+                );
             }
         }
     }

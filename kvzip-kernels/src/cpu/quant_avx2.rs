@@ -122,7 +122,7 @@ unsafe fn q8_0(bytes: &[u8], x: &Q8Row) -> f32 {
 unsafe fn q4_5<const QS_AT: usize, const OFFSET: i32>(bytes: &[u8], x: &Q8Row) -> f32 {
     let size = QS_AT + 16;
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut mins = [0.0f32; 2];
+    let (mut m0, mut m1) = (0.0f32, 0.0f32);
     let low4 = _mm256_set1_epi8(0x0F);
     for (bi, b) in bytes.chunks_exact(size).enumerate() {
         let raw = load16(b, QS_AT);
@@ -145,7 +145,11 @@ unsafe fn q4_5<const QS_AT: usize, const OFFSET: i32>(bytes: &[u8], x: &Q8Row) -
         };
         if OFFSET == 0 {
             // Q4_1: w = d·u + m, so Σ w·x adds m·dx·Σx (two accumulators: no serial chain).
-            mins[bi % 2] = f16_at(b, 2).mul_add(dx * xs as f32, mins[bi % 2]);
+            if bi % 2 == 0 {
+                m0 = f16_at(b, 2).mul_add(dx * xs as f32, m0);
+            } else {
+                m1 = f16_at(b, 2).mul_add(dx * xs as f32, m1);
+            }
         } else {
             // Σ (u - offset)·x = Σ u·x - offset·Σx, exact in the integer lanes.
             p = _mm256_sub_epi32(p, _mm256_setr_epi32(OFFSET * xs, 0, 0, 0, 0, 0, 0, 0));
@@ -157,7 +161,7 @@ unsafe fn q4_5<const QS_AT: usize, const OFFSET: i32>(bytes: &[u8], x: &Q8Row) -
             a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, a1);
         }
     }
-    hsum(_mm256_add_ps(a0, a1)) + mins[0] + mins[1]
+    hsum(_mm256_add_ps(a0, a1)) + m0 + m1
 }
 
 /// Q4_K (`FIVE` false) and Q5_K (true).
@@ -274,4 +278,127 @@ unsafe fn q6_k(bytes: &[u8], x: &Q8Row) -> f32 {
         }
     }
     hsum(_mm256_add_ps(a0, a1))
+}
+
+/// `Σ_i w[i] · x[i]` with f32 activations for the legacy block types (Q8_0, Q4_0, Q4_1, Q5_0):
+/// codes widened straight to eight i32 lanes (`vpmovzxbd` / `vpmovsxbd`), converted and
+/// multiplied into the block accumulator; `sums[j] = Σ x[32j..32j+32]` carries the offset and
+/// min terms. `None` for the other types (the AVX kernels take them) and NaN for rows of the
+/// wrong length.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn row_f32(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> Option<f32> {
+    let size = match ty {
+        GgmlType::Q8_0 => 34,
+        GgmlType::Q4_0 => 18,
+        GgmlType::Q4_1 => 20,
+        GgmlType::Q5_0 => 22,
+        _ => return None,
+    };
+    if bytes.len() / size * 32 != x.len() || bytes.len() % size != 0 || sums.len() * 32 != x.len() {
+        return Some(f32::NAN);
+    }
+    // SAFETY: lengths checked; block `bi` reads bytes `bi*size..(bi+1)*size` and floats
+    // `32*bi..32*bi+32` of `x`.
+    Some(unsafe {
+        match ty {
+            GgmlType::Q8_0 => f32_q8_0(bytes, x),
+            GgmlType::Q4_0 => f32_q4_5::<2, 8>(bytes, x, sums),
+            GgmlType::Q4_1 => f32_q4_5::<4, 0>(bytes, x, sums),
+            _ => f32_q4_5::<6, 16>(bytes, x, sums),
+        }
+    })
+}
+
+/// `acc + codes · x[0..8]` for eight i32 codes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma8(codes: __m256i, x: *const f32, acc: __m256) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable floats at `x`.
+    unsafe { _mm256_fmadd_ps(_mm256_cvtepi32_ps(codes), _mm256_loadu_ps(x), acc) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_q8_0(bytes: &[u8], x: &[f32]) -> f32 {
+    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (bi, b) in bytes.chunks_exact(34).enumerate() {
+        // SAFETY: see `row_f32`; 32 code bytes at 2.
+        unsafe {
+            let (p, xb) = (b.as_ptr().add(2), x.as_ptr().add(32 * bi));
+            let mut acc = _mm256_setzero_ps();
+            for k in 0..4 {
+                let c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k) as *const __m128i));
+                acc = fma8(c, xb.add(8 * k), acc);
+            }
+            // Two accumulators in registers (an array indexed by `bi % 2` would live on the stack).
+            let d = _mm256_set1_ps(f16_at(b, 0));
+            if bi % 2 == 0 {
+                t0 = _mm256_fmadd_ps(d, acc, t0);
+            } else {
+                t1 = _mm256_fmadd_ps(d, acc, t1);
+            }
+        }
+    }
+    hsum(_mm256_add_ps(t0, t1))
+}
+
+/// Q4_0 (`QS_AT` 2, `OFFSET` 8), Q4_1 (4, 0: a min per block) and Q5_0 (6, 16).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_q4_5<const QS_AT: usize, const OFFSET: i32>(
+    bytes: &[u8],
+    x: &[f32],
+    sums: &[f32],
+) -> f32 {
+    let size = QS_AT + 16;
+    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut c0, mut c1) = (0.0f32, 0.0f32);
+    let low4 = _mm256_set1_epi32(0x0F);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (bi, b) in bytes.chunks_exact(size).enumerate() {
+        let raw = load16(b, QS_AT);
+        // Elements 0..8 / 8..16 are the low nibbles of bytes 0..8 / 8..16, 16..24 / 24..32 the
+        // high ones.
+        let w0 = _mm256_cvtepu8_epi32(raw);
+        let w1 = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(raw));
+        let mut c = [
+            _mm256_and_si256(w0, low4),
+            _mm256_and_si256(w1, low4),
+            _mm256_srli_epi32::<4>(w0),
+            _mm256_srli_epi32::<4>(w1),
+        ];
+        if OFFSET == 16 {
+            // Fifth bit of element j is bit j of `qh`.
+            let qh = _mm256_set1_epi32(i32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+            for (k, ck) in c.iter_mut().enumerate() {
+                let shift = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * k as i32));
+                let bit = _mm256_and_si256(_mm256_srlv_epi32(qh, shift), _mm256_set1_epi32(1));
+                *ck = _mm256_or_si256(*ck, _mm256_slli_epi32::<4>(bit));
+            }
+        }
+        // SAFETY: see `row_f32`.
+        let xb = unsafe { x.as_ptr().add(32 * bi) };
+        let mut acc = _mm256_setzero_ps();
+        for (k, ck) in c.iter().enumerate() {
+            // SAFETY: 32 floats at `xb`.
+            acc = unsafe { fma8(*ck, xb.add(8 * k), acc) };
+        }
+        let d = f16_at(b, 0);
+        // SAFETY: `sums` holds one value per block (checked in `row_f32`).
+        let sx = unsafe { *sums.get_unchecked(bi) };
+        let k = if OFFSET == 0 {
+            f16_at(b, 2)
+        } else {
+            -d * OFFSET as f32
+        };
+        if bi % 2 == 0 {
+            c0 = k.mul_add(sx, c0);
+            t0 = _mm256_fmadd_ps(_mm256_set1_ps(d), acc, t0);
+        } else {
+            c1 = k.mul_add(sx, c1);
+            t1 = _mm256_fmadd_ps(_mm256_set1_ps(d), acc, t1);
+        }
+    }
+    hsum(_mm256_add_ps(t0, t1)) + c0 + c1
 }
