@@ -4,6 +4,8 @@
 
 use std::arch::x86_64::*;
 
+use super::simd::x86::hsum;
+
 /// `exp` of eight lanes (see [`super::math::exp_with`] for the method and constants).
 #[inline]
 #[target_feature(enable = "avx,fma")]
@@ -38,15 +40,6 @@ fn exp8(x: __m256) -> __m256 {
     // 0 below LOW (and for NaN, put back just after), NaN stays NaN.
     let y = _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_GE_OQ>(x, set(LOW)));
     _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
-}
-
-/// The sum of the eight lanes of `v`.
-#[inline]
-#[target_feature(enable = "avx")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
 /// `Σ exp(x_i − shift)`.

@@ -6,15 +6,8 @@
 use std::arch::x86_64::*;
 
 use super::quant::{scale_min_k4, Q8Row};
+use super::simd::x86::{f16_at, hsum};
 use crate::quant::GgmlType;
-
-/// The f16 at byte `i` of `b`, converted with F16C.
-#[inline]
-#[target_feature(enable = "avx,f16c")]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
 
 /// 32 bytes at `p` (callers slice whole blocks, so 32 bytes are readable).
 #[inline]
@@ -56,16 +49,6 @@ fn spread_bits(bits: u32, set: i8) -> __m256i {
     let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let b = _mm256_and_si256(_mm256_shuffle_epi8(v, pick), mask);
     _mm256_and_si256(_mm256_cmpeq_epi8(b, mask), _mm256_set1_epi8(set))
-}
-
-/// The sum of the eight lanes of `v`.
-#[inline]
-#[target_feature(enable = "avx")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// `Σ_i w[i] · x[i]` for one quantized row and one quantized activation row (NaN when the

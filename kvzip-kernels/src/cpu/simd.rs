@@ -107,3 +107,28 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// Small AVX helpers shared by the hand-written x86 kernels (`quant.rs`, `quant_avx2.rs`,
+/// `exp_avx.rs`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The little-endian f16 at byte `i` of `b`, converted with F16C (no run-time feature test
+    /// per call).
+    #[inline]
+    #[target_feature(enable = "avx,f16c")]
+    pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// The sum of the eight lanes of `v`.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub(crate) fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
