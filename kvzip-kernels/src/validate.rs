@@ -41,6 +41,25 @@ pub(crate) fn rows_of(name: &str, actual: usize, dim: usize) -> Result<usize> {
     Ok(actual / dim)
 }
 
+/// Checks that rows `first_row..first_row + out_dim` exist in a `[rows, cols]` quantized
+/// matrix and that its columns are the product's `in_dim` (both `linear_quant` backends).
+pub(crate) fn quant_rows(
+    rows: usize,
+    cols: usize,
+    first_row: usize,
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<()> {
+    if cols != in_dim || first_row.checked_add(out_dim).is_none_or(|e| e > rows) {
+        return Err(KernelError::Shape(format!(
+            "linear_quant: rows {first_row}..{} of a [{rows}, {cols}] quantized matrix with \
+             in_dim {in_dim}",
+            first_row.saturating_add(out_dim),
+        )));
+    }
+    Ok(())
+}
+
 /// Validates `linear`.
 pub(crate) fn linear(
     x: usize,

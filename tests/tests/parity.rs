@@ -181,37 +181,46 @@ fn rewrite_as_bf16(path: &Path) {
     safetensors::serialize_to_file(views, &None, path).expect("write bf16 weights");
 }
 
+/// Loads `dir` on the CPU with `hw` host weights (`what` labels the load) and returns the
+/// prefill logits of every position of `ids`, 8 greedy tokens after `ids`, their step logits
+/// and the weight bytes held: what the as-stored-vs-f32 tests compare.
+fn logits_and_greedy(
+    dir: &Path,
+    ids: &[u32],
+    hw: kvzip_models::HostWeights,
+    what: &str,
+) -> (Vec<f32>, Vec<u32>, Vec<f32>, usize) {
+    let model = kvzip_models::load_model_dir_with(dir, &kvzip_models::Device::Cpu, hw).expect(what);
+    let engine = Engine::new(model);
+    let mut cache = engine.new_cache().expect("cache");
+    let logits = engine
+        .prefill(&mut cache, ids, LogitsMode::All)
+        .expect("prefill runs");
+    let mut cache = engine.new_cache().expect("cache");
+    let mut opts = GenerateOptions::greedy(engine.spec(), 8);
+    opts.stop_tokens.clear();
+    let gen = engine
+        .generate(&mut cache, ids, &opts, true, &mut |_| true)
+        .expect("generate runs");
+    (
+        logits,
+        gen.tokens,
+        gen.step_logits.concat(),
+        engine.model().weight_bytes(),
+    )
+}
+
 /// bf16 checkpoints run on the CPU with their matrices kept as bf16 (fused widen-and-dot GEMV,
 /// panel GEMM): logits at every prefill position and every greedy decode step equal those of
 /// the same weights widened to f32 at load, within 1e-4, and the greedy tokens are identical.
 #[test]
 fn bf16_weights_as_stored_equal_widened_f32() {
-    use kvzip_models::{load_model_dir_with, HostWeights};
+    use kvzip_models::HostWeights;
     for name in ["llama", "qwen2", "gemma3", "phi3"] {
         let dir = bf16_copy(&parity_dir(name));
         let golden = Golden::open(&parity_dir(name).join("golden.safetensors"));
         let ids = golden.token_ids("input_ids");
-        let run = |hw: HostWeights| {
-            let model = load_model_dir_with(dir.path(), &kvzip_models::Device::Cpu, hw)
-                .expect("bf16 copy loads");
-            let engine = Engine::new(model);
-            let mut cache = engine.new_cache().expect("cache");
-            let logits = engine
-                .prefill(&mut cache, &ids, LogitsMode::All)
-                .expect("prefill runs");
-            let mut cache = engine.new_cache().expect("cache");
-            let mut opts = GenerateOptions::greedy(engine.spec(), 8);
-            opts.stop_tokens.clear();
-            let gen = engine
-                .generate(&mut cache, &ids, &opts, true, &mut |_| true)
-                .expect("generate runs");
-            (
-                logits,
-                gen.tokens,
-                gen.step_logits.concat(),
-                engine.model().weight_bytes(),
-            )
-        };
+        let run = |hw: HostWeights| logits_and_greedy(dir.path(), &ids, hw, "bf16 copy loads");
         let (compact, f32_path) = (run(HostWeights::AsStoredExact), run(HostWeights::F32));
         let prefill = max_abs_diff(&compact.0, &f32_path.0);
         let decode = max_abs_diff(&compact.2, &f32_path.2);
@@ -319,32 +328,12 @@ fn quantize_q4_0(x: &[f32]) -> Vec<u8> {
 /// the greedy tokens are identical, and the weights take a fraction of the f32 bytes.
 #[test]
 fn quantized_weights_as_stored_equal_dequantized_f32() {
-    use kvzip_models::{load_model_dir_with, HostWeights};
+    use kvzip_models::HostWeights;
     for name in ["llama", "qwen2", "gemma3", "phi3"] {
         let dir = quantized_copy(&parity_dir(name));
         let golden = Golden::open(&parity_dir(name).join("golden.safetensors"));
         let ids = golden.token_ids("input_ids");
-        let run = |hw: HostWeights| {
-            let model = load_model_dir_with(dir.path(), &kvzip_models::Device::Cpu, hw)
-                .expect("quantized copy loads");
-            let engine = Engine::new(model);
-            let mut cache = engine.new_cache().expect("cache");
-            let logits = engine
-                .prefill(&mut cache, &ids, LogitsMode::All)
-                .expect("prefill runs");
-            let mut cache = engine.new_cache().expect("cache");
-            let mut opts = GenerateOptions::greedy(engine.spec(), 8);
-            opts.stop_tokens.clear();
-            let gen = engine
-                .generate(&mut cache, &ids, &opts, true, &mut |_| true)
-                .expect("generate runs");
-            (
-                logits,
-                gen.tokens,
-                gen.step_logits.concat(),
-                engine.model().weight_bytes(),
-            )
-        };
+        let run = |hw: HostWeights| logits_and_greedy(dir.path(), &ids, hw, "quantized copy loads");
         let (compact, f32_path) = (run(HostWeights::AsStoredExact), run(HostWeights::F32));
         let prefill = max_abs_diff(&compact.0, &f32_path.0);
         let decode = max_abs_diff(&compact.2, &f32_path.2);

@@ -216,14 +216,7 @@ pub fn linear_quant(
     out_dim: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    if m.cols() != in_dim || first_row.checked_add(out_dim).is_none_or(|e| e > m.rows()) {
-        return Err(KernelError::Shape(format!(
-            "linear_quant: rows {first_row}..{} of a [{}, {}] quantized matrix with in_dim {in_dim}",
-            first_row.saturating_add(out_dim),
-            m.rows(),
-            m.cols()
-        )));
-    }
+    validate::quant_rows(m.rows(), m.cols(), first_row, out_dim, in_dim)?;
     validate::linear(
         x.len(),
         out_dim * in_dim,
@@ -268,14 +261,11 @@ fn gemv(
     out_dim: usize,
     y: &mut [f32],
 ) {
-    // Σx over every 32-element sub-block of every x row (the `- m·Σx` term of Q4_1 / K-quants).
-    let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum::<f32>()).collect();
-    let per_row = in_dim / 32;
     let fused = super::simd::has_avx_fma();
+    let avx2 = super::simd::has_avx2();
     #[cfg(target_arch = "x86_64")]
     if fused && m.q8_activations() {
         let xq: Vec<Q8Row> = x.chunks_exact(in_dim).map(Q8Row::new).collect();
-        let avx2 = super::simd::has_avx2();
         let fill = |first: usize, dst: &mut [f32]| {
             let cells = dst.chunks_exact_mut(rows).enumerate();
             for ((i, cell), (ty, bytes)) in cells.zip(m.rows_from(first_row + first)) {
@@ -296,6 +286,14 @@ fn gemv(
                 .for_each(|(c, d)| fill(c * GEMV_CHUNK, d))
         });
     }
+    // Σx over every 32-element sub-block of every x row (the `- m·Σx` term of Q4_1 / K-quants),
+    // used by the fused f32 kernels only.
+    let sums: Vec<f32> = if fused {
+        x.chunks_exact(32).map(|c| c.iter().sum::<f32>()).collect()
+    } else {
+        Vec::new()
+    };
+    let per_row = in_dim / 32;
     let fill = |first: usize, dst: &mut [f32]| {
         let mut w = if fused {
             Vec::new()
@@ -309,7 +307,7 @@ fn gemv(
                 for (r, c) in cell.iter_mut().enumerate() {
                     let xr = &x[r * in_dim..(r + 1) * in_dim];
                     let sr = &sums[r * per_row..(r + 1) * per_row];
-                    *c = dot_row(ty, bytes, xr, sr) + b;
+                    *c = dot_row(avx2, ty, bytes, xr, sr) + b;
                 }
             } else {
                 decode_row(ty, bytes, &mut w);
@@ -343,12 +341,13 @@ fn feature_major(y: &mut [f32], rows: usize, out_dim: usize, run: impl Fn(&mut [
 }
 
 /// `Σ_i w[i] · x[i]` for one quantized row (`bytes`, type `ty`) and one f32 row `x`, with
-/// `sums[j] = Σ x[32j..32j+32]`. Only called when [`super::simd::has_avx_fma`].
+/// `sums[j] = Σ x[32j..32j+32]`. Only called when [`super::simd::has_avx_fma`]; `avx2` is
+/// [`super::simd::has_avx2`], read once per product by the caller.
 #[inline]
-fn dot_row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+fn dot_row(avx2: bool, ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if super::simd::has_avx2() {
+        if avx2 {
             // SAFETY: AVX2 (with FMA and F16C) was detected; `row_f32` checks lengths.
             if let Some(v) = unsafe { super::quant_avx2::row_f32(ty, bytes, x, sums) } {
                 return v;
@@ -359,7 +358,7 @@ fn dot_row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = sums;
+        let _ = (avx2, sums);
         let mut w = vec![0.0f32; x.len()];
         decode_row(ty, bytes, &mut w);
         dot(x, &w)

@@ -26,14 +26,7 @@ pub fn linear_quant(
     out_dim: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    if m.cols() != in_dim || first_row.checked_add(out_dim).is_none_or(|e| e > m.rows()) {
-        return Err(KernelError::Shape(format!(
-            "linear_quant: rows {first_row}..{} of a [{}, {}] quantized matrix with in_dim {in_dim}",
-            first_row.saturating_add(out_dim),
-            m.rows(),
-            m.cols()
-        )));
-    }
+    crate::validate::quant_rows(m.rows(), m.cols(), first_row, out_dim, in_dim)?;
     let w = rows_f32(m, first_row..first_row + out_dim)?;
     super::linear(x, &w, bias, rows, in_dim, out_dim, y)
 }
