@@ -356,3 +356,123 @@ fn attention_argument_errors() {
         Err(KernelError::InvalidArgument(_))
     ));
 }
+
+/// The fused attention + KVzip score equals the attention reference and the score's plain-loop
+/// oracle, for a chunk covering the whole context and for a middle chunk (context keys outside
+/// the score's key set), across tilings.
+#[test]
+fn attention_scored_equals_attention_and_score_reference() {
+    use kvzip_kernels::recon::{score_chunk_reference, ScoreShape};
+    let mut rng = Rng::new(21);
+    for (head_dim, group, n_sys, n_ctx, chunk, q_len) in [
+        (64, 3, 5, 300, 0..300, 40),
+        (64, 3, 5, 700, 200..500, 40),
+        (16, 2, 0, 90, 30..31, 7),
+        (128, 1, 3, 260, 0..130, 300),
+    ] {
+        let rows = n_sys + n_ctx + q_len;
+        let n_kv = 2;
+        let lens = vec![rows; n_kv];
+        let (k, v, offsets) = build_cache(&mut rng, &lens, head_dim);
+        let seg = KvSegments {
+            k: &k,
+            v: &v,
+            offsets: &offsets,
+            lens: &lens,
+            head_dim,
+        };
+        let q = rng.uniform_vec(q_len * n_kv * group * head_dim, -3.0, 3.0);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let what =
+            format!("hd {head_dim} group {group} n_ctx {n_ctx} chunk {chunk:?} q_len {q_len}");
+        let mut want = vec![0.0; q.len()];
+        reference::attention(
+            &q, &seg, q_len, group, head_dim, scale, None, None, &mut want,
+        )
+        .unwrap();
+        let shape = ScoreShape {
+            q_len,
+            n_kv_heads: n_kv,
+            group,
+            head_dim,
+            n_sys,
+        };
+        let head_keys =
+            |h: usize| -> &[f32] { &k[offsets[h] * head_dim..(offsets[h] + rows) * head_dim] };
+        let mut want_scores = vec![0.0; n_kv * chunk.len()];
+        score_chunk_reference(&shape, &q, head_keys, chunk.clone(), &mut want_scores).unwrap();
+        let args = AttentionArgs {
+            q_len,
+            group,
+            head_dim,
+            scale,
+            window: None,
+            softcap: None,
+        };
+        let target = cpu::ScoreTarget {
+            n_sys,
+            target: n_sys + chunk.start..n_sys + chunk.end,
+        };
+        for t in [AttentionTiling::default(), SMALL_TILES[1], SMALL_TILES[2]] {
+            let mut got = vec![f32::NAN; q.len()];
+            let mut scores = vec![0.0; n_kv * chunk.len()];
+            cpu::attention_scored(&q, &seg, &args, &target, &t, &mut got, &mut scores).unwrap();
+            assert_close(&format!("{what} {t:?} output"), &got, &want, 1e-4, 2e-5);
+            assert_close(
+                &format!("{what} {t:?} scores"),
+                &scores,
+                &want_scores,
+                1e-4,
+                1e-6,
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_scored_rejects_window_softcap_and_bad_targets() {
+    let lens = [50usize];
+    let (k, v, offsets) = build_cache(&mut Rng::new(3), &lens, 16);
+    let seg = KvSegments {
+        k: &k,
+        v: &v,
+        offsets: &offsets,
+        lens: &lens,
+        head_dim: 16,
+    };
+    let q = vec![0.1; 10 * 16];
+    let mut out = vec![0.0; q.len()];
+    let mut args = AttentionArgs {
+        q_len: 10,
+        group: 1,
+        head_dim: 16,
+        scale: 0.25,
+        window: Some(4),
+        softcap: None,
+    };
+    let target = cpu::ScoreTarget {
+        n_sys: 2,
+        target: 2..30,
+    };
+    let t = AttentionTiling::default();
+    let mut scores = vec![0.0; 28];
+    let err = cpu::attention_scored(&q, &seg, &args, &target, &t, &mut out, &mut scores);
+    assert!(
+        matches!(err, Err(KernelError::InvalidArgument(_))),
+        "{err:?}"
+    );
+    args.window = None;
+    // The target runs into the step's own rows (50 - 10 = 40 is the first).
+    let late = cpu::ScoreTarget {
+        n_sys: 2,
+        target: 2..45,
+    };
+    let mut scores = vec![0.0; 43];
+    let err = cpu::attention_scored(&q, &seg, &args, &late, &t, &mut out, &mut scores);
+    assert!(matches!(err, Err(KernelError::Shape(_))), "{err:?}");
+    let err = cpu::attention_scored(&q, &seg, &args, &target, &t, &mut out, &mut scores);
+    assert!(
+        matches!(err, Err(KernelError::Shape(_))),
+        "wrong scores length: {err:?}"
+    );
+}

@@ -49,6 +49,25 @@ pub trait AttentionHook {
         q_len: usize,
         cache: &KvCache,
     ) -> Result<()>;
+
+    /// Computes the layer's attention output (`out`, `[q_len, n_heads, head_dim]`, per
+    /// `shape`) itself, e.g. fused with a score op over the same logits, and returns true; the
+    /// default returns false and the step attends as usual. `out` is `None` when nothing reads
+    /// the output (the last layer of a pass without logits). Called after
+    /// [`AttentionHook::after_append`].
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &mut self,
+        _device: &Device,
+        _layer: usize,
+        _q: &View<'_>,
+        _q_len: usize,
+        _cache: &KvCache,
+        _shape: &AttentionShape,
+        _out: Option<&mut ViewMut<'_>>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Options of one forward pass.
@@ -513,6 +532,7 @@ impl DecoderStack {
             softcap: s.attn_softcap,
         };
         let mut pending_delta = false;
+        let n_layers = self.layers.len();
         for (l, layer) in self.layers.iter().enumerate() {
             // Rows `start..end` with their frequencies: one run for the usual RoPE; for the
             // seq-len-dependent kinds, runs of sequences whose largest position selects the
@@ -588,13 +608,33 @@ impl DecoderStack {
             }
             step.write(l, k.as_view(), v.as_view())?;
             let q = q.as_view();
+            let shape = shape_for(layer.window);
+            let last_unread = matches!(opts.logits, LogitsMode::None) && l + 1 == n_layers;
+            let mut attended = false;
             if let Some(hk) = opts.hook.as_deref_mut() {
                 let cache = step.cache().ok_or_else(|| {
                     ModelError::Input("attention hooks need a single-cache step".into())
                 })?;
                 hk.after_append(dev, l, &q, t, cache)?;
+                let mut out = b.attn.view_mut();
+                attended = hk.attend(
+                    dev,
+                    l,
+                    &q,
+                    t,
+                    cache,
+                    &shape,
+                    (!last_unread).then_some(&mut out),
+                )?;
             }
-            step.attend(dev, l, &q, &shape_for(layer.window), &mut b.attn.view_mut())?;
+            if last_unread {
+                // Nothing reads the last layer's output when no logits are wanted (its K/V are
+                // in the cache and the hooks have seen its queries).
+                return Ok(None);
+            }
+            if !attended {
+                step.attend(dev, l, &q, &shape, &mut b.attn.view_mut())?;
+            }
             layer
                 .o
                 .forward(dev, &b.attn.view(), &mut b.delta.view_mut(), t)?;

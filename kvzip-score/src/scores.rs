@@ -2,7 +2,9 @@
 
 use std::ops::Range;
 
-use kvzip_kernels::{DType, Device, KvView, ScoreChunkShape, Tensor, View};
+use kvzip_kernels::{
+    AttentionShape, DType, Device, KvView, ScoreChunkShape, Tensor, View, ViewMut,
+};
 
 use crate::{score_chunk, Result, ScoreError, ScoreShape};
 
@@ -364,6 +366,40 @@ impl ScoreAccumulator {
         kv: &KvView<'_>,
         shape: &ScoreChunkShape,
     ) -> Result<()> {
+        self.score_with(layer, shape, |device, shape, lse, buf| {
+            device.score_chunk(q, kv, shape, lse, buf)
+        })
+    }
+
+    /// [`Self::score_layer_view`] together with the layer's attention output: `out` =
+    /// attention of `q` over `kv` per `attn` ([`Device::attention_scored`]: one pass on the
+    /// CPU, the two kernels on CUDA).
+    pub fn score_layer_attention(
+        &mut self,
+        layer: usize,
+        q: &View<'_>,
+        kv: &KvView<'_>,
+        shape: &ScoreChunkShape,
+        attn: &AttentionShape,
+        out: &mut ViewMut<'_>,
+    ) -> Result<()> {
+        self.score_with(layer, shape, |device, shape, lse, buf| {
+            device.attention_scored(q, kv, attn, shape, lse, buf, out)
+        })
+    }
+
+    /// Checks the chunk and layer, then runs `op(device, shape, row_lse, layer scores)`.
+    fn score_with(
+        &mut self,
+        layer: usize,
+        shape: &ScoreChunkShape,
+        op: impl FnOnce(
+            &Device,
+            &ScoreChunkShape,
+            &mut ViewMut<'_>,
+            &mut ViewMut<'_>,
+        ) -> kvzip_kernels::Result<()>,
+    ) -> Result<()> {
         let start = shape.chunk_start.saturating_sub(shape.n_sys);
         let chunk = start..start + shape.chunk_len;
         self.check_chunk(&chunk)?;
@@ -390,7 +426,7 @@ impl ScoreAccumulator {
                 shape.n_kv_heads
             )));
         }
-        device.score_chunk(q, kv, &shape, &mut lse_view, &mut buf.view_mut())?;
+        op(&device, &shape, &mut lse_view, &mut buf.view_mut())?;
         self.mark_filled(layer, chunk);
         Ok(())
     }

@@ -7,14 +7,22 @@ use rayon::prelude::*;
 /// Elements per rayon task for element-wise ops.
 const TASK_ELEMS: usize = 1 << 14;
 
-/// Applies `f(gate, up)` element-wise into `out`, in parallel for large inputs.
-fn gated(gate: &[f32], up: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) -> Result<()> {
-    validate::binary("gate", gate.len(), "up", up.len(), out.len())?;
-    let kernel = |g: &[f32], u: &[f32], o: &mut [f32]| {
-        for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
-            *ov = f(gv) * uv;
+/// `out = act(gate) * up` of one run of elements (SiLU on eight lanes where the CPU can).
+fn gated_run(act: crate::Activation, g: &[f32], u: &[f32], o: &mut [f32]) {
+    match act {
+        crate::Activation::Silu => math::silu_mul_slice(g, u, o),
+        crate::Activation::GeluTanh => {
+            for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+                *ov = math::gelu_tanh(gv) * uv;
+            }
         }
-    };
+    }
+}
+
+/// Applies `act(gate) * up` element-wise into `out`, in parallel for large inputs.
+fn gated(gate: &[f32], up: &[f32], out: &mut [f32], act: crate::Activation) -> Result<()> {
+    validate::binary("gate", gate.len(), "up", up.len(), out.len())?;
+    let kernel = |g: &[f32], u: &[f32], o: &mut [f32]| gated_run(act, g, u, o);
     if gate.len() < PAR_MIN_ELEMS {
         kernel(gate, up, out);
     } else {
@@ -27,12 +35,12 @@ fn gated(gate: &[f32], up: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Syn
 
 /// `out = silu(gate) * up`, element-wise (SwiGLU). All three have the same length.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
-    gated(gate, up, out, math::silu)
+    gated(gate, up, out, crate::Activation::Silu)
 }
 
 /// `out = gelu_tanh(gate) * up`, element-wise (GeGLU with PyTorch's `gelu_pytorch_tanh`).
 pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
-    gated(gate, up, out, math::gelu_tanh)
+    gated(gate, up, out, crate::Activation::GeluTanh)
 }
 
 /// `acc += x`, element-wise (residual connection). Both have the same length.
@@ -128,15 +136,9 @@ pub fn act_mul_rows(
     if rows * inter == 0 {
         return Ok(());
     }
-    let f = match act {
-        crate::Activation::Silu => math::silu,
-        crate::Activation::GeluTanh => math::gelu_tanh,
-    };
     let row = |(o, gu): (&mut [f32], &[f32])| {
         let (g, u) = gu.split_at(inter);
-        for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
-            *ov = f(gv) * uv;
-        }
+        gated_run(act, g, u, o);
     };
     if out.len() < PAR_MIN_ELEMS {
         out.chunks_exact_mut(inter)

@@ -11,6 +11,8 @@
 
 use super::gemm::{gemm_into, MatRef};
 use super::math;
+use std::ops::Range;
+
 use crate::{validate, KernelError, KvSegments, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -88,6 +90,56 @@ pub struct AttentionArgs {
     pub softcap: Option<f32>,
 }
 
+/// The KVzip reconstruction score computed inside [`attention_scored`]: per KV head, the
+/// softmax over key rows `0..n_sys`, `target` and the step's own rows (the last `q_len` of the
+/// head; the context rows outside `target` are left out, KVZIP-SPEC §1.2), and for every key
+/// of `target` the max of its probability over the group's query heads and all query rows.
+#[derive(Debug, Clone)]
+pub struct ScoreTarget {
+    /// System-prompt key rows `0..n_sys` (in the score's key set).
+    pub n_sys: usize,
+    /// Key rows scored (`n_sys <= target.start`, `target.end <= lens[h] - q_len`).
+    pub target: Range<usize>,
+}
+
+/// [`attention`] (no window, no softcap) fused with the KVzip score of [`ScoreTarget`]: one
+/// `Q·Kᵀ` and one exponential per logit serve both. `scores`: `[n_kv_heads, target.len()]`,
+/// max-merged (`scores = max(scores, probability)`). Key splitting is off (each query block
+/// walks all its keys).
+pub fn attention_scored(
+    q: &[f32],
+    seg: &KvSegments<'_>,
+    args: &AttentionArgs,
+    score: &ScoreTarget,
+    tiling: &AttentionTiling,
+    out: &mut [f32],
+    scores: &mut [f32],
+) -> Result<()> {
+    if args.window.is_some() || args.softcap.is_some() {
+        return Err(KernelError::InvalidArgument(
+            "attention_scored: the KVzip score is defined without window and softcap".into(),
+        ));
+    }
+    let tlen = score.target.len();
+    if scores.len() != seg.lens.len() * tlen {
+        return Err(KernelError::Shape(format!(
+            "attention_scored: scores holds {} floats, expected n_kv_heads {} x target {tlen}",
+            scores.len(),
+            seg.lens.len()
+        )));
+    }
+    for (h, &len) in seg.lens.iter().enumerate() {
+        if score.n_sys > score.target.start || score.target.end + args.q_len > len {
+            return Err(KernelError::Shape(format!(
+                "attention_scored: head {h} has {len} rows; score target {:?} (n_sys {}) must \
+                 lie before the step's {} rows",
+                score.target, score.n_sys, args.q_len
+            )));
+        }
+    }
+    run_tiled(q, seg, args, out, tiling, Some((score, scores)))
+}
+
 /// [`attention`] with explicit tile sizes (tests use tiny tiles to exercise every edge).
 pub fn attention_tiled(
     q: &[f32],
@@ -95,6 +147,18 @@ pub fn attention_tiled(
     args: &AttentionArgs,
     out: &mut [f32],
     tiling: &AttentionTiling,
+) -> Result<()> {
+    run_tiled(q, seg, args, out, tiling, None)
+}
+
+/// The tiled attention, with the fused score when `score` is given.
+fn run_tiled(
+    q: &[f32],
+    seg: &KvSegments<'_>,
+    args: &AttentionArgs,
+    out: &mut [f32],
+    tiling: &AttentionTiling,
+    mut score: Option<(&ScoreTarget, &mut [f32])>,
 ) -> Result<()> {
     let n_kv = validate::attention(
         q.len(),
@@ -116,6 +180,10 @@ pub fn attention_tiled(
         return Ok(());
     }
     let (hd, group) = (args.head_dim, args.group);
+    let target = score.as_ref().map(|(t, _)| *t);
+    // Column maxima of log-probabilities per KV head (the fused score), exponentiated at the end.
+    let tlen = target.map_or(0, |t| t.target.len());
+    let mut col_max = vec![f32::NEG_INFINITY; n_kv * tlen];
     let block_tokens = (tiling.query_rows / group).max(1);
     let threads = rayon::current_num_threads().max(1);
     let wave_tokens = block_tokens * (4 * threads).div_ceil(n_kv).max(1);
@@ -130,12 +198,19 @@ pub fn attention_tiled(
             wave_start,
             wave_end,
             block_tokens,
-            threads,
+            // The fused score needs every key of a row in one item (no key splits).
+            if target.is_some() { 1 } else { threads },
         );
         let mut partials: Vec<Partial> = blocks
             .par_iter()
-            .map(|b| run_item(q, seg, args, tiling, b))
+            .map(|b| run_item(q, seg, args, tiling, b, target))
             .collect::<Result<_>>()?;
+        for (b, p) in blocks.iter().zip(&partials) {
+            let dst = &mut col_max[b.head * tlen..(b.head + 1) * tlen];
+            dst.iter_mut()
+                .zip(&p.col_max)
+                .for_each(|(d, &x)| *d = d.max(x));
+        }
         // Combine the key chunks of each (head, block) and scatter rows into `out`.
         let mut finished: Vec<Vec<f32>> = Vec::new();
         let mut i = 0;
@@ -161,6 +236,12 @@ pub fn attention_tiled(
             });
         wave_start = wave_end;
     }
+    if let Some((_, scores)) = score.as_mut() {
+        scores
+            .iter_mut()
+            .zip(&col_max)
+            .for_each(|(s, &lp)| *s = s.max(lp.exp()));
+    }
     Ok(())
 }
 
@@ -180,11 +261,13 @@ impl Item {
     }
 }
 
-/// Unnormalised output of one item: `o` `[rows, head_dim]`, running max `m` and sum `l` per row.
+/// Unnormalised output of one item: `o` `[rows, head_dim]`, running max `m` and sum `l` per
+/// row; with a fused score, the max over the item's rows of each target key's log-probability.
 struct Partial {
     o: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
+    col_max: Vec<f32>,
 }
 
 /// Lists the items of tokens `[w0, w1)`, ordered by head then block, key chunks adjacent.
@@ -231,13 +314,15 @@ fn plan_blocks(
     items
 }
 
-/// Computes one item with an online softmax over key tiles.
+/// Computes one item with an online softmax over key tiles; with `score`, also keeps the
+/// target keys' logits and a second running sum over the score's key set.
 fn run_item(
     q: &[f32],
     seg: &KvSegments<'_>,
     args: &AttentionArgs,
     tiling: &AttentionTiling,
     item: &Item,
+    score: Option<&ScoreTarget>,
 ) -> Result<Partial> {
     let (hd, group) = (args.head_dim, args.group);
     let n_heads = seg.lens.len() * group;
@@ -258,12 +343,31 @@ fn run_item(
     let mut o = vec![0.0f32; rows * hd];
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut l = vec![0.0f32; rows];
+    let target = score.map_or(0..0, |sc| sc.target.clone());
+    let tlen = target.len();
+    // Score state: target logits per row, running sum over the score's key set per row.
+    let mut kept = vec![0.0f32; rows * tlen];
+    let mut l_score = vec![0.0f32; if score.is_some() { rows } else { 0 }];
     let mut start = item.k0;
     while start < item.k1 {
         let end = (start + tile).min(item.k1);
         let nk = end - start;
         let s_tile = &mut s[..rows * nk];
         scores_tile(&qb, rows, hd, &keys[start * hd..end * hd], s_tile)?;
+        let (lo, hi) = (start.max(target.start), end.min(target.end));
+        if lo < hi {
+            for r in 0..rows {
+                kept[r * tlen + lo - target.start..r * tlen + hi - target.start]
+                    .copy_from_slice(&s_tile[r * nk + lo - start..r * nk + hi - start]);
+            }
+        }
+        // Keys of this tile outside the score's key set: context rows between the system
+        // prompt and the target, and between the target and the step's own rows.
+        let outside = score.map(|sc| {
+            let own = first_index;
+            [(sc.n_sys, target.start), (target.end, own)]
+                .map(|(a, b)| (a.max(start) - start, b.min(end).max(start) - start))
+        });
         for r in 0..rows {
             let i_t = first_index + item.t0 + r / group;
             let vis_lo = validate::window_start(i_t, args.window).max(start) - start;
@@ -291,11 +395,41 @@ fn run_item(
             }
             l[r] = l[r] * correction + sum;
             m[r] = m_new;
+            if let Some(out_ranges) = &outside {
+                let sub = if out_ranges.iter().all(|&(a, b)| a >= b) {
+                    sum
+                } else {
+                    sum_outside_excluded(srow, vis_lo..vis_hi, out_ranges)
+                };
+                l_score[r] = l_score[r] * correction + sub;
+            }
         }
         pv_tile(s_tile, rows, &values[start * hd..end * hd], hd, &mut o)?;
         start = end;
     }
-    Ok(Partial { o, m, l })
+    // Max over rows of log p = s - (m + ln l_score) at every target key (all rows see them).
+    let mut col_max = vec![f32::NEG_INFINITY; tlen];
+    for r in 0..l_score.len() {
+        let lse = m[r] + l_score[r].ln();
+        let row = &kept[r * tlen..(r + 1) * tlen];
+        col_max
+            .iter_mut()
+            .zip(row)
+            .for_each(|(c, &x)| *c = c.max(x - lse));
+    }
+    Ok(Partial { o, m, l, col_max })
+}
+
+/// Sum of `row[range]` without the ascending, disjoint `(start, end)` ranges of `outside`.
+fn sum_outside_excluded(row: &[f32], range: Range<usize>, outside: &[(usize, usize)]) -> f32 {
+    let (mut cur, mut total) = (range.start, 0.0f32);
+    for &(a, b) in outside {
+        let a = a.clamp(cur, range.end);
+        let b = b.clamp(a, range.end);
+        total += row[cur..a].iter().sum::<f32>();
+        cur = b;
+    }
+    total + row[cur..range.end].iter().sum::<f32>()
 }
 
 /// Query rows at or below which tiles use dot / axpy loops instead of GEMM (decode: the

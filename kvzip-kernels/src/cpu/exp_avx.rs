@@ -106,6 +106,38 @@ pub(super) fn add_exp_shifted(acc: &mut [f32], x: &[f32], shift: f32) {
     }
 }
 
+/// `out_i = silu(gate_i) · up_i = gate_i / (1 + exp(−gate_i)) · up_i` over the common length.
+#[target_feature(enable = "avx,fma")]
+pub(super) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let n = out.len().min(gate.len()).min(up.len());
+    let (gate, up, out) = (&gate[..n], &up[..n], &mut out[..n]);
+    let one = _mm256_set1_ps(1.0);
+    let zero = _mm256_setzero_ps();
+    let mut o = out.chunks_exact_mut(8);
+    let mut g = gate.chunks_exact(8);
+    let mut u = up.chunks_exact(8);
+    for ((oc, gc), uc) in (&mut o).zip(&mut g).zip(&mut u) {
+        // SAFETY: every chunk holds 8 floats.
+        unsafe {
+            let gv = _mm256_loadu_ps(gc.as_ptr());
+            let e = exp8(_mm256_sub_ps(zero, gv));
+            let y = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(
+                oc.as_mut_ptr(),
+                _mm256_mul_ps(y, _mm256_loadu_ps(uc.as_ptr())),
+            );
+        }
+    }
+    for ((ov, &gv), &uv) in o
+        .into_remainder()
+        .iter_mut()
+        .zip(g.remainder())
+        .zip(u.remainder())
+    {
+        *ov = gv / (1.0 + super::math::exp_with::<super::simd::Fused>(-gv)) * uv;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{math::exp_with, simd::Fused};

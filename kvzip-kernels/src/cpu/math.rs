@@ -128,6 +128,18 @@ pub fn exp_shift_in_place(x: &mut [f32], shift: f32) -> f32 {
     exp_shift_in_place_portable(x, shift)
 }
 
+/// `out_i = silu(gate_i) · up_i` over the common length (AVX + FMA intrinsics when present).
+pub(crate) fn silu_mul_slice(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx_fma() {
+        // SAFETY: AVX and FMA were detected at run time.
+        return unsafe { super::exp_avx::silu_mul(gate, up, out) };
+    }
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
 /// `acc_i += exp(x_i − shift)` over the common length with [`exp`] (AVX + FMA intrinsics when
 /// present).
 pub fn add_exp_shifted(acc: &mut [f32], x: &[f32], shift: f32) {

@@ -21,7 +21,9 @@ mod rope;
 pub(crate) mod simd;
 
 pub use act::{act_mul_rows, add_assign, embedding, gelu_tanh_mul, silu_mul, softcap_inplace};
-pub use attention::{attention, attention_tiled, AttentionArgs, AttentionTiling};
+pub use attention::{
+    attention, attention_scored, attention_tiled, AttentionArgs, AttentionTiling, ScoreTarget,
+};
 pub use bf16::{dot_bf16, dot_bf16_reference, embedding_bf16, linear_bf16};
 pub use colstats::column_stats;
 pub use gemm::{linear, matmul};

@@ -79,7 +79,7 @@ impl<'a> KvView<'a> {
         }
     }
 
-    fn segments(&self) -> Result<KvSegments<'a>> {
+    pub(crate) fn segments(&self) -> Result<KvSegments<'a>> {
         Ok(KvSegments {
             k: self.k.host_f32("attention k")?,
             v: self.v.host_f32("attention v")?,

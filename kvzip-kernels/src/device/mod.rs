@@ -13,6 +13,7 @@
 mod kv;
 mod ops;
 mod sampler;
+mod scored;
 mod tensor;
 mod weight;
 

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 
 use kvzip_cache::KvCache;
-use kvzip_kernels::{Device, ScoreChunkShape, View};
+use kvzip_kernels::{AttentionShape, Device, ScoreChunkShape, View, ViewMut};
 use kvzip_score::baselines::{BaselineScorer, LayerObservation, RopeObservation};
 use kvzip_score::ScoreAccumulator;
 
@@ -28,13 +28,27 @@ impl AttentionHook for ReconstructHook<'_> {
     fn after_append(
         &mut self,
         _device: &Device,
+        _layer: usize,
+        _q: &View<'_>,
+        _q_len: usize,
+        _cache: &KvCache,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// The score op of scored layers, fused with the layer's attention where the device can.
+    fn attend(
+        &mut self,
+        _device: &Device,
         layer: usize,
         q: &View<'_>,
         q_len: usize,
         cache: &KvCache,
-    ) -> Result<()> {
+        attn: &AttentionShape,
+        out: Option<&mut ViewMut<'_>>,
+    ) -> Result<bool> {
         let Some(Some(n_kv)) = self.layer_heads.get(layer).copied() else {
-            return Ok(());
+            return Ok(false);
         };
         let shape = ScoreChunkShape {
             n_in: q_len,
@@ -47,9 +61,19 @@ impl AttentionHook for ReconstructHook<'_> {
             score_stride: self.acc.n_ctx(),
             scale: 1.0 / (self.head_dim as f32).sqrt(),
         };
-        self.acc
-            .score_layer_view(layer, q, &cache.kv_view(layer)?, &shape)
-            .map_err(score_err)
+        let kv = cache.kv_view(layer)?;
+        let out_is_some = out.is_some();
+        match out {
+            Some(out) => self
+                .acc
+                .score_layer_attention(layer, q, &kv, &shape, attn, out)
+                .map_err(score_err)?,
+            None => self
+                .acc
+                .score_layer_view(layer, q, &kv, &shape)
+                .map_err(score_err)?,
+        }
+        Ok(out_is_some)
     }
 }
 
