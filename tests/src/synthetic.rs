@@ -25,6 +25,21 @@ pub const ARCHS: [(&str, usize); 6] = [
     ("phi3", 128),
 ];
 
+/// [`ARCHS`], or only those named in `KVZIP_TEST_ARCH` (comma separated): sanitizer runs
+/// take one architecture per process to bound their host memory.
+pub fn selected_archs() -> Vec<(&'static str, usize)> {
+    let only = std::env::var("KVZIP_TEST_ARCH").unwrap_or_default();
+    let names: Vec<&str> = only
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    ARCHS
+        .into_iter()
+        .filter(|(name, _)| names.is_empty() || names.contains(name))
+        .collect()
+}
+
 /// Writes fixture `name`'s config with `head_dim` (and room for 4096 positions) and seeded
 /// bf16-exact F32 weights into `dir`.
 pub fn make_model(name: &str, head_dim: usize, dir: &Path) {
