@@ -371,6 +371,8 @@ fn dot_row(avx2: bool, ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f
 /// `- m · Σx` for the types with a min).
 #[cfg(target_arch = "x86_64")]
 mod avx_dot;
+#[cfg(target_arch = "x86_64")]
+pub(super) use avx_dot::row_k_avx2;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx_q8::Q8Row;

@@ -278,7 +278,8 @@ pub(super) unsafe fn row_f32(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]
         GgmlType::Q4_0 => 18,
         GgmlType::Q4_1 => 20,
         GgmlType::Q5_0 => 22,
-        _ => return None,
+        // SAFETY: AVX2, FMA and F16C (this function's contract); it checks lengths.
+        _ => return unsafe { super::quant::row_k_avx2(ty, bytes, x, sums) },
     };
     if bytes.len() / size * 32 != x.len() || bytes.len() % size != 0 || sums.len() * 32 != x.len() {
         return Some(f32::NAN);

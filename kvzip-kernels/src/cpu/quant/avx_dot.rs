@@ -19,6 +19,18 @@ unsafe fn fma16(q: __m128i, x: *const f32, acc: __m256) -> __m256 {
     unsafe { _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), acc) }
 }
 
+/// [`fma16`] with AVX2's 256-bit sign extension (two conversions instead of four plus two
+/// inserts).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma16_avx2(q: __m128i, x: *const f32, acc: __m256) -> __m256 {
+    let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+    // SAFETY: the caller guarantees 16 readable floats at `x`.
+    let acc = unsafe { _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc) };
+    unsafe { _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), acc) }
+}
+
 #[inline]
 #[target_feature(enable = "avx")]
 unsafe fn load16(p: &[u8]) -> __m128i {
@@ -140,108 +152,154 @@ unsafe fn q4_5(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> (__m256, 
     (_mm256_add_ps(a0, a1), _mm_cvtss_f32(mins))
 }
 
-#[target_feature(enable = "avx,fma,f16c")]
-unsafe fn q45_k(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> (__m256, f32) {
-    let size = ty.block_layout().1 as usize;
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut mins = _mm_setzero_ps();
-    let low4 = _mm_set1_epi8(0x0F);
-    let five = ty == GgmlType::Q5_K;
-    for (bi, b) in bytes.chunks_exact(size).enumerate() {
-        // SAFETY: see `row`.
-        unsafe {
-            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-            let scales = &b[4..16];
-            let (qh, qs) = if five {
-                (&b[16..48], &b[48..176])
-            } else {
-                (&b[16..16], &b[16..144])
-            };
-            for pair in 0..4 {
-                let r0 = load16(&qs[32 * pair..32 * pair + 16]);
-                let r1 = load16(&qs[32 * pair + 16..32 * pair + 32]);
-                for half in 0..2 {
-                    let s = 2 * pair + half;
-                    let (sc, m) = super::scale_min_k4(s, scales);
-                    let (mut q0, mut q1) = if half == 0 {
-                        (_mm_and_si128(r0, low4), _mm_and_si128(r1, low4))
+/// The K-quant f32-activation loops, stamped once per instruction set ([`fma16`] on AVX,
+/// [`fma16_avx2`] on AVX2): Q4_K / Q5_K and Q6_K.
+macro_rules! k_quant_dots {
+    ($features:literal, $fma16:ident, $q45_k:ident, $q6_k:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $q45_k(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> (__m256, f32) {
+            let size = ty.block_layout().1 as usize;
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut mins = _mm_setzero_ps();
+            let low4 = _mm_set1_epi8(0x0F);
+            let five = ty == GgmlType::Q5_K;
+            for (bi, b) in bytes.chunks_exact(size).enumerate() {
+                // SAFETY: see `row`.
+                unsafe {
+                    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                    let scales = &b[4..16];
+                    let (qh, qs) = if five {
+                        (&b[16..48], &b[48..176])
                     } else {
-                        (
-                            _mm_and_si128(_mm_srli_epi16(r0, 4), low4),
-                            _mm_and_si128(_mm_srli_epi16(r1, 4), low4),
-                        )
+                        (&b[16..16], &b[16..144])
                     };
-                    if five {
-                        let bit = _mm_set1_epi8(1 << s);
-                        let h = |v: __m128i| {
-                            _mm_and_si128(
-                                _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
-                                _mm_set1_epi8(0x10),
-                            )
-                        };
-                        q0 = _mm_or_si128(q0, h(load16(&qh[..16])));
-                        q1 = _mm_or_si128(q1, h(load16(&qh[16..32])));
-                    }
-                    let xs = x.as_ptr().add(256 * bi + 32 * s);
-                    let acc = fma16(q0, xs, _mm256_setzero_ps());
-                    let acc = fma16(q1, xs.add(16), acc);
-                    let scale = _mm256_set1_ps(d * sc as f32);
-                    if half == 0 {
-                        a0 = _mm256_fmadd_ps(scale, acc, a0);
-                    } else {
-                        a1 = _mm256_fmadd_ps(scale, acc, a1);
-                    }
-                    mins = _mm_fmadd_ss(
-                        _mm_set_ss(-dmin * m as f32),
-                        _mm_set_ss(*sums.get_unchecked(8 * bi + s)),
-                        mins,
-                    );
-                }
-            }
-        }
-    }
-    (_mm256_add_ps(a0, a1), _mm_cvtss_f32(mins))
-}
-
-#[target_feature(enable = "avx,fma,f16c")]
-unsafe fn q6_k(bytes: &[u8], x: &[f32]) -> __m256 {
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let low4 = _mm_set1_epi8(0x0F);
-    let three = _mm_set1_epi8(3);
-    let m32 = _mm_set1_epi8(32);
-    for (bi, b) in bytes.chunks_exact(210).enumerate() {
-        // SAFETY: see `row`.
-        unsafe {
-            let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
-            let d = f16_at(b, 208);
-            for h in 0..2 {
-                for k in 0..4 {
-                    let lo_src = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
-                    let hi_src = &qh[32 * h..32 * h + 32];
-                    let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
-                    let hshift = _mm_cvtsi32_si128(2 * k as i32);
-                    for half in 0..2 {
-                        let lo = _mm_and_si128(
-                            _mm_srl_epi16(load16(&lo_src[16 * half..16 * half + 16]), lshift),
-                            low4,
-                        );
-                        let hi = _mm_and_si128(
-                            _mm_srl_epi16(load16(&hi_src[16 * half..16 * half + 16]), hshift),
-                            three,
-                        );
-                        let q = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), m32);
-                        let e = 256 * bi + 128 * h + 32 * k + 16 * half;
-                        let acc = fma16(q, x.as_ptr().add(e), _mm256_setzero_ps());
-                        let sc = _mm256_set1_ps(d * (scales[(4 * h + k) * 2 + half] as i8) as f32);
-                        if half == 0 {
-                            a0 = _mm256_fmadd_ps(sc, acc, a0);
-                        } else {
-                            a1 = _mm256_fmadd_ps(sc, acc, a1);
+                    for pair in 0..4 {
+                        let r0 = load16(&qs[32 * pair..32 * pair + 16]);
+                        let r1 = load16(&qs[32 * pair + 16..32 * pair + 32]);
+                        for half in 0..2 {
+                            let s = 2 * pair + half;
+                            let (sc, m) = super::scale_min_k4(s, scales);
+                            let (mut q0, mut q1) = if half == 0 {
+                                (_mm_and_si128(r0, low4), _mm_and_si128(r1, low4))
+                            } else {
+                                (
+                                    _mm_and_si128(_mm_srli_epi16(r0, 4), low4),
+                                    _mm_and_si128(_mm_srli_epi16(r1, 4), low4),
+                                )
+                            };
+                            if five {
+                                let bit = _mm_set1_epi8(1 << s);
+                                let h = |v: __m128i| {
+                                    _mm_and_si128(
+                                        _mm_cmpeq_epi8(_mm_and_si128(v, bit), bit),
+                                        _mm_set1_epi8(0x10),
+                                    )
+                                };
+                                q0 = _mm_or_si128(q0, h(load16(&qh[..16])));
+                                q1 = _mm_or_si128(q1, h(load16(&qh[16..32])));
+                            }
+                            let xs = x.as_ptr().add(256 * bi + 32 * s);
+                            let acc = $fma16(q0, xs, _mm256_setzero_ps());
+                            let acc = $fma16(q1, xs.add(16), acc);
+                            let scale = _mm256_set1_ps(d * sc as f32);
+                            if half == 0 {
+                                a0 = _mm256_fmadd_ps(scale, acc, a0);
+                            } else {
+                                a1 = _mm256_fmadd_ps(scale, acc, a1);
+                            }
+                            mins = _mm_fmadd_ss(
+                                _mm_set_ss(-dmin * m as f32),
+                                _mm_set_ss(*sums.get_unchecked(8 * bi + s)),
+                                mins,
+                            );
                         }
                     }
                 }
             }
+            (_mm256_add_ps(a0, a1), _mm_cvtss_f32(mins))
         }
+
+        #[target_feature(enable = $features)]
+        unsafe fn $q6_k(bytes: &[u8], x: &[f32]) -> __m256 {
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let low4 = _mm_set1_epi8(0x0F);
+            let three = _mm_set1_epi8(3);
+            let m32 = _mm_set1_epi8(32);
+            for (bi, b) in bytes.chunks_exact(210).enumerate() {
+                // SAFETY: see `row`.
+                unsafe {
+                    let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+                    let d = f16_at(b, 208);
+                    for h in 0..2 {
+                        for k in 0..4 {
+                            let lo_src = &ql[64 * h + 32 * (k % 2)..64 * h + 32 * (k % 2) + 32];
+                            let hi_src = &qh[32 * h..32 * h + 32];
+                            let lshift = _mm_cvtsi32_si128(4 * (k / 2) as i32);
+                            let hshift = _mm_cvtsi32_si128(2 * k as i32);
+                            for half in 0..2 {
+                                let lo = _mm_and_si128(
+                                    _mm_srl_epi16(
+                                        load16(&lo_src[16 * half..16 * half + 16]),
+                                        lshift,
+                                    ),
+                                    low4,
+                                );
+                                let hi = _mm_and_si128(
+                                    _mm_srl_epi16(
+                                        load16(&hi_src[16 * half..16 * half + 16]),
+                                        hshift,
+                                    ),
+                                    three,
+                                );
+                                let q = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), m32);
+                                let e = 256 * bi + 128 * h + 32 * k + 16 * half;
+                                let acc = $fma16(q, x.as_ptr().add(e), _mm256_setzero_ps());
+                                let sc = _mm256_set1_ps(
+                                    d * (scales[(4 * h + k) * 2 + half] as i8) as f32,
+                                );
+                                if half == 0 {
+                                    a0 = _mm256_fmadd_ps(sc, acc, a0);
+                                } else {
+                                    a1 = _mm256_fmadd_ps(sc, acc, a1);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _mm256_add_ps(a0, a1)
+        }
+    };
+}
+
+k_quant_dots!("avx,fma,f16c", fma16, q45_k, q6_k);
+k_quant_dots!("avx2,fma,f16c", fma16_avx2, q45_k_avx2, q6_k_avx2);
+
+/// The K-quant products of [`row`] on AVX2 (`None` for other block types); same contract.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(in crate::cpu) unsafe fn row_k_avx2(
+    ty: GgmlType,
+    bytes: &[u8],
+    x: &[f32],
+    sums: &[f32],
+) -> Option<f32> {
+    if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
+        return None;
     }
-    _mm256_add_ps(a0, a1)
+    let size = ty.block_layout().1 as usize;
+    let n = bytes.len() / size * 256;
+    if bytes.len() % size != 0 || n != x.len() || sums.len() * 32 != n {
+        return Some(f32::NAN);
+    }
+    // SAFETY: lengths checked above (as in `row`).
+    let (acc, mins) = unsafe {
+        match ty {
+            GgmlType::Q6_K => (q6_k_avx2(bytes, x), 0.0),
+            _ => q45_k_avx2(ty, bytes, x, sums),
+        }
+    };
+    Some(hsum(acc) + mins)
 }
