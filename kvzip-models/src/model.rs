@@ -40,15 +40,18 @@ pub trait AttentionHook {
     }
 
     /// `q`: rotated queries `[q_len, n_heads, head_dim]` of layer `layer` on `device`; `cache`
-    /// already holds the K/V of these `q_len` tokens at the end of every head's segment.
+    /// already holds the K/V of these `q_len` tokens at the end of every head's segment. The
+    /// default ignores them.
     fn after_append(
         &mut self,
-        device: &Device,
-        layer: usize,
-        q: &View<'_>,
-        q_len: usize,
-        cache: &KvCache,
-    ) -> Result<()>;
+        _device: &Device,
+        _layer: usize,
+        _q: &View<'_>,
+        _q_len: usize,
+        _cache: &KvCache,
+    ) -> Result<()> {
+        Ok(())
+    }
 
     /// Computes the layer's attention output (`out`, `[q_len, n_heads, head_dim]`, per
     /// `shape`) itself, e.g. fused with a score op over the same logits, and returns true; the

@@ -128,12 +128,18 @@ pub fn attention_scored(
             seg.lens.len()
         )));
     }
+    if score.n_sys > score.target.start {
+        return Err(KernelError::Shape(format!(
+            "attention_scored: score target {:?} starts inside the system prompt (n_sys {})",
+            score.target, score.n_sys
+        )));
+    }
     for (h, &len) in seg.lens.iter().enumerate() {
-        if score.n_sys > score.target.start || score.target.end + args.q_len > len {
+        if score.target.end + args.q_len > len {
             return Err(KernelError::Shape(format!(
-                "attention_scored: head {h} has {len} rows; score target {:?} (n_sys {}) must \
-                 lie before the step's {} rows",
-                score.target, score.n_sys, args.q_len
+                "attention_scored: head {h} has {len} rows; score target {:?} must lie before \
+                 the step's {} rows",
+                score.target, args.q_len
             )));
         }
     }

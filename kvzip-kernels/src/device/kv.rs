@@ -511,16 +511,7 @@ impl Device {
         row_lse: &mut ViewMut<'_>,
         scores: &mut ViewMut<'_>,
     ) -> Result<()> {
-        shape.validate()?;
-        let k_rows = rows_of("score k", kv.k.len(), shape.head_dim)?;
-        shape.check_segments(kv.offsets, kv.lens, k_rows)?;
-        let need = shape.n_kv_heads * shape.score_stride;
-        if scores.len() < need {
-            return Err(KernelError::Shape(format!(
-                "score: `scores` holds {} values, {need} needed",
-                scores.len()
-            )));
-        }
+        check_score_call(shape, kv, scores.len())?;
         if shape.chunk_len == 0 || shape.n_kv_heads == 0 {
             return Ok(());
         }
@@ -548,12 +539,7 @@ impl Device {
                 let chunk = start..start + shape.chunk_len;
                 let mut out = vec![0.0f32; shape.n_kv_heads * shape.chunk_len];
                 crate::recon::score_chunk_scaled(&op, qh, head_keys, chunk, shape.scale, &mut out)?;
-                let s = scores.host_f32("score scores")?;
-                for h in 0..shape.n_kv_heads {
-                    let dst = &mut s[h * shape.score_stride + start..][..shape.chunk_len];
-                    let src = &out[h * shape.chunk_len..(h + 1) * shape.chunk_len];
-                    dst.iter_mut().zip(src).for_each(|(a, &b)| *a = a.max(b));
-                }
+                merge_chunk_scores(shape, &out, scores.host_f32("score scores")?);
                 Ok(())
             }
             #[cfg(feature = "cuda")]
@@ -890,5 +876,36 @@ impl Device {
                 .map_err(cuda_err)
             }
         }
+    }
+}
+
+/// The checks of a score call shared by [`Device::score_chunk`] and
+/// [`Device::attention_scored`]: the shape (chunk inside the score stride), the cache layer's
+/// segments, and a `scores` buffer of `[n_kv_heads, score_stride]`.
+pub(crate) fn check_score_call(
+    shape: &ScoreChunkShape,
+    kv: &KvView<'_>,
+    scores_len: usize,
+) -> Result<()> {
+    shape.validate()?;
+    let k_rows = rows_of("score k", kv.k.len(), shape.head_dim)?;
+    shape.check_segments(kv.offsets, kv.lens, k_rows)?;
+    let need = shape.n_kv_heads * shape.score_stride;
+    if scores_len < need {
+        return Err(KernelError::Shape(format!(
+            "score: `scores` holds {scores_len} values, {need} needed"
+        )));
+    }
+    Ok(())
+}
+
+/// `scores[h * score_stride + chunk_start - n_sys + c] = max(itself, chunk[h * chunk_len + c])`
+/// for every KV head: a host chunk result merged into the layer's score buffer.
+pub(crate) fn merge_chunk_scores(shape: &ScoreChunkShape, chunk: &[f32], scores: &mut [f32]) {
+    let (stride, len) = (shape.score_stride, shape.chunk_len);
+    let start = shape.chunk_start - shape.n_sys;
+    for (h, src) in chunk.chunks_exact(len).enumerate().take(shape.n_kv_heads) {
+        let dst = &mut scores[h * stride + start..][..len];
+        dst.iter_mut().zip(src).for_each(|(a, &b)| *a = a.max(b));
     }
 }

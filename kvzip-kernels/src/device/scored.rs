@@ -56,25 +56,13 @@ fn fused_on_host(
     out: &mut ViewMut<'_>,
 ) -> Result<()> {
     attn.validate()?;
-    score.validate()?;
-    let k_rows = kv.k.len() / score.head_dim.max(1);
-    score.check_segments(kv.offsets, kv.lens, k_rows)?;
+    super::kv::check_score_call(score, kv, scores.len())?;
     let n = attn.q_elems();
-    let stride = score.score_stride;
-    let start = score.chunk_start - score.n_sys;
-    if q.len() < n || out.len() < n || scores.len() < score.n_kv_heads * stride {
+    if q.len() < n || out.len() < n {
         return Err(KernelError::Shape(format!(
-            "attention_scored: q ({}), out ({}) need {n} elements, scores ({}) {}",
+            "attention_scored: q ({}) and out ({}) need {n} elements",
             q.len(),
-            out.len(),
-            scores.len(),
-            score.n_kv_heads * stride
-        )));
-    }
-    if start + score.chunk_len > stride {
-        return Err(KernelError::Shape(format!(
-            "attention_scored: chunk ends at context position {} past the score stride {stride}",
-            start + score.chunk_len
+            out.len()
         )));
     }
     let args = cpu::AttentionArgs {
@@ -99,10 +87,6 @@ fn fused_on_host(
         &mut out.host_f32("attention out")?[..n],
         &mut chunk_scores,
     )?;
-    let s = scores.host_f32("score scores")?;
-    for (h, src) in chunk_scores.chunks_exact(score.chunk_len).enumerate() {
-        let dst = &mut s[h * stride + start..][..score.chunk_len];
-        dst.iter_mut().zip(src).for_each(|(a, &b)| *a = a.max(b));
-    }
+    super::kv::merge_chunk_scores(score, &chunk_scores, scores.host_f32("score scores")?);
     Ok(())
 }

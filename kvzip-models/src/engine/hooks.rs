@@ -25,17 +25,6 @@ pub(super) struct ReconstructHook<'a> {
 }
 
 impl AttentionHook for ReconstructHook<'_> {
-    fn after_append(
-        &mut self,
-        _device: &Device,
-        _layer: usize,
-        _q: &View<'_>,
-        _q_len: usize,
-        _cache: &KvCache,
-    ) -> Result<()> {
-        Ok(())
-    }
-
     /// The score op of scored layers, fused with the layer's attention where the device can.
     fn attend(
         &mut self,
@@ -63,16 +52,13 @@ impl AttentionHook for ReconstructHook<'_> {
         };
         let kv = cache.kv_view(layer)?;
         let out_is_some = out.is_some();
-        match out {
+        let attended = match out {
             Some(out) => self
                 .acc
-                .score_layer_attention(layer, q, &kv, &shape, attn, out)
-                .map_err(score_err)?,
-            None => self
-                .acc
-                .score_layer_view(layer, q, &kv, &shape)
-                .map_err(score_err)?,
-        }
+                .score_layer_attention(layer, q, &kv, &shape, attn, out),
+            None => self.acc.score_layer_view(layer, q, &kv, &shape),
+        };
+        attended.map_err(score_err)?;
         Ok(out_is_some)
     }
 }

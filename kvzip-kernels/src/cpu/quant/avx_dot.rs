@@ -64,14 +64,20 @@ unsafe fn high_bits(qh: u32) -> (__m128i, __m128i) {
     (set(lo), set(hi))
 }
 
+/// Whether `bytes` are whole blocks of `ty` covering exactly `x`, with one `sums` value per
+/// 32 elements (the contract of [`row`] and [`row_k_avx2`]).
+fn row_fits(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> bool {
+    let (block, size) = ty.block_layout();
+    let (block, size) = (block as usize, size as usize);
+    let n = bytes.len() / size * block;
+    bytes.len() % size == 0 && n == x.len() && sums.len() * 32 == n
+}
+
 /// See [`super::dot_row`]. Rows of the wrong length give NaN. One loop per block type, two
 /// independent accumulators (even / odd blocks), the min terms in a third.
 #[target_feature(enable = "avx,fma,f16c")]
 pub(super) unsafe fn row(ty: GgmlType, bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-    let (block, size) = ty.block_layout();
-    let (block, size) = (block as usize, size as usize);
-    let n = bytes.len() / size * block;
-    if bytes.len() % size != 0 || n != x.len() || sums.len() * 32 != n {
+    if !row_fits(ty, bytes, x, sums) {
         return f32::NAN;
     }
     // SAFETY (all arms): lengths checked above; block `bi` reads bytes
@@ -289,9 +295,7 @@ pub(in crate::cpu) unsafe fn row_k_avx2(
     if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
         return None;
     }
-    let size = ty.block_layout().1 as usize;
-    let n = bytes.len() / size * 256;
-    if bytes.len() % size != 0 || n != x.len() || sums.len() * 32 != n {
+    if !row_fits(ty, bytes, x, sums) {
         return Some(f32::NAN);
     }
     // SAFETY: lengths checked above (as in `row`).
