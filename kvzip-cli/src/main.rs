@@ -50,7 +50,14 @@ fn install_interrupt_handler(serving: bool) {
             "\ninterrupted{}; finished results are kept (rerun `kvzip eval` with the same --out to resume)",
             if n > 0 { format!(", removed {n} half-written file(s)") } else { String::new() }
         );
-        std::process::exit(130);
+        // `_exit`, not `process::exit`: the main thread is still running (a CUDA call, an
+        // allocation), and `exit`'s atexit handlers and library destructors (the CUDA runtime,
+        // cuBLAS, libc's) tearing state down under it corrupted the heap ("malloc_consolidate():
+        // unaligned fastbin chunk detected", seen when a GPU eval was stopped by SIGTERM).
+        // Nothing needs them: output files are renamed into place only when complete, and the
+        // half-written ones were removed above.
+        // SAFETY: `_exit` ends the process at once; it touches no Rust state.
+        unsafe { libc::_exit(130) }
     });
 }
 

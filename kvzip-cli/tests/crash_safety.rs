@@ -172,3 +172,55 @@ fn killed_eval_resumes_from_whole_example_files() {
     assert!(summary["kvzip"].is_array(), "{summary}");
     all_json_valid(&out);
 }
+
+/// SIGTERM / SIGINT at points spread over an eval: the process exits 130 at once (never an
+/// abort: the handler ends it with `_exit` while the main thread is still working, so no
+/// library teardown runs under it), every example file left is whole JSON, and a rerun resumes.
+#[test]
+fn terminated_eval_exits_130_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let args = [
+        "eval",
+        "--model",
+        MODEL,
+        "--data",
+        "passkey",
+        "--num",
+        "3",
+        "--context-tokens",
+        "120",
+        "--ratios",
+        "0.5",
+        "--methods",
+        "kvzip,snapkv",
+        "--out",
+        o,
+    ];
+    for (i, ms) in KILL_AFTER_MS[1..5].iter().enumerate() {
+        let signal = if i % 2 == 0 { "-TERM" } else { "-INT" };
+        let mut child = spawn(&args);
+        std::thread::sleep(Duration::from_millis(*ms));
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        let status = child.wait().unwrap();
+        if sent.success() {
+            // 0 when the run finished before the signal landed.
+            assert!(
+                matches!(status.code(), Some(130) | Some(0)),
+                "kill {signal} after {ms} ms: {status:?}"
+            );
+        }
+        if out.exists() {
+            all_json_valid(&out);
+        }
+    }
+    let mut json = args.to_vec();
+    json.push("--json");
+    let summary: serde_json::Value = serde_json::from_str(&ok(&json)).unwrap();
+    assert!(summary["kvzip"].is_array(), "{summary}");
+    all_json_valid(&out);
+}
