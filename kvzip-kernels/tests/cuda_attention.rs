@@ -445,8 +445,14 @@ fn pieces_match_cpu_across_head_dims() {
             softcap: None,
         };
         let qd = dev.upload_f32(&q).unwrap();
-        let mut out = dev.alloc(kvzip_kernels::DType::Bf16, q.len()).unwrap();
-        for chunk in [None, Some(256)] {
+        // Every chunk size queued back to back with no synchronisation in between: each call's
+        // plan is staged in the same backend buffer (grown on the way: chunk 64 has the most
+        // items), so this checks that a call's kernels read their plan before the next call
+        // overwrites it.
+        let chunks = [None, Some(256), Some(64)];
+        let mut outs = Vec::new();
+        for chunk in chunks {
+            let mut out = dev.alloc(kvzip_kernels::DType::Bf16, q.len()).unwrap();
             let kv = KvPieces {
                 head_dim: d,
                 lens: lens.clone(),
@@ -462,6 +468,9 @@ fn pieces_match_cpu_across_head_dims() {
             };
             dev.attention_pieces(&qd.view(), &kv, &shape, chunk, &mut out.view_mut())
                 .unwrap();
+            outs.push(out);
+        }
+        for (chunk, out) in chunks.iter().zip(&outs) {
             let got = dev.to_host_f32(&out.view()).unwrap();
             let err = got
                 .iter()

@@ -77,9 +77,17 @@ PY
 fi
 if [[ " $parts " == *" serve "* ]]; then
   # Batched decode at one KV budget (ratio 1.0 vs 0.3), then kvzip serve on CUDA vs kvzip run.
-  timeout "${KVZIP_SERVE_BENCH_TIMEOUT:-300}" "$bundle/kvzip-bench" --serve-batch --shapes llama-3.1-8b \
-    --contexts 32768 --out "$OUT/serve_batch.json" ${KVZIP_SERVE_BENCH_ARGS:-} > /dev/null 2>> "$OUT/bench.log"
-  echo "serve-batch rc=$?" >> "$OUT/summary.txt"
+  # With an earlier build in old/: old, new, new, old (ABBA) in the same call.
+  builds="new"; [ -x "$bundle/old/kvzip-bench" ] && builds="old new new old"
+  rep=0
+  for build in $builds; do
+    rep=$((rep + 1))
+    bin="$bundle/kvzip-bench"; [ "$build" = old ] && bin="$bundle/old/kvzip-bench"
+    name=serve_batch; [ "$builds" != new ] && name="serve_batch_${build}_$rep"
+    timeout "${KVZIP_SERVE_BENCH_TIMEOUT:-300}" "$bin" --serve-batch --shapes llama-3.1-8b \
+      --contexts 32768 --out "$OUT/$name.json" ${KVZIP_SERVE_BENCH_ARGS:-} > /dev/null 2>> "$OUT/bench.log"
+    echo "serve-batch $build rep $rep rc=$?" >> "$OUT/summary.txt"
+  done
   if [ -d .gpu/smollm2-config ]; then
     python3 scripts/gpu/make_shape_model.py .gpu/smollm2-config /tmp/smollm2-shape --dtype bfloat16 >> "$OUT/bench.log" 2>&1
     timeout 300 python3 scripts/gpu/serve_check.py "$bundle/kvzip" /tmp/smollm2-shape "$OUT/serve_check.json" >> "$OUT/bench.log" 2>&1

@@ -15,6 +15,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod decode_plan;
 pub mod gemm;
 pub mod ops;
 pub mod score;
@@ -129,6 +130,8 @@ pub struct CudaBackend {
     pub n_sms: usize,
     /// Largest opt-in dynamic shared memory per block, bytes.
     pub max_smem_per_block: usize,
+    /// Persistent partial buffers and plan staging of the decode kernels.
+    decode_scratch: std::sync::Mutex<decode_plan::DecodeScratch>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -190,6 +193,7 @@ impl CudaBackend {
             compute_capability: (major, minor),
             n_sms,
             max_smem_per_block,
+            decode_scratch: Default::default(),
         })
     }
 

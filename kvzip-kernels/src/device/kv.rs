@@ -859,16 +859,12 @@ impl Device {
                         n_keys: k.len() / d,
                     });
                 }
-                let plan = crate::cuda::attention::DecodePlan::for_pieces(
-                    g,
+                // A plan for this call only, staged in the backend's persistent buffer: the
+                // pieces' addresses change from layer to layer and step to step.
+                g.attention_pieces_staged(
                     &pieces,
                     &kv.lens,
-                    shape.q_len,
                     chunk_keys,
-                )
-                .map_err(cuda_err)?;
-                g.attention_pieces(
-                    &plan,
                     &q.cuda_bf16("attention q")?,
                     shape,
                     out.cuda_bf16("attention out")?,
