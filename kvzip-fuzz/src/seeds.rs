@@ -42,9 +42,14 @@ fn byte_chars() -> Vec<String> {
         .collect()
 }
 
-/// A one-layer llama GGUF with a byte-level BPE vocabulary.
-pub fn tiny_gguf() -> Vec<u8> {
-    let (h, ffn, heads, kv, hd) = (16u64, 32u64, 2u32, 1u32, 8u64);
+/// GGUF metadata of a tiny llama with a byte-level BPE vocabulary: `(builder, vocab size)`.
+fn tiny_llama(
+    h: u64,
+    ffn: u64,
+    layers: u32,
+    heads: u32,
+    kv: u32,
+) -> (gguf_common::GgufBuilder, u64) {
     let mut tokens: Vec<String> = vec![
         "<|endoftext|>".into(),
         "<|im_start|>".into(),
@@ -55,15 +60,9 @@ pub fn tiny_gguf() -> Vec<u8> {
     let mut types = vec![3; 3];
     types.extend(vec![1; tokens.len() - 3]);
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-    let vocab = tokens.len() as u64;
-    let ramp = |n: u64| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
-            .collect()
-    };
     let mut b = gguf_common::GgufBuilder::new();
     b.str("general.architecture", "llama")
-        .u32("llama.block_count", 1)
+        .u32("llama.block_count", layers)
         .u32("llama.context_length", 64)
         .u32("llama.embedding_length", h as u32)
         .u32("llama.feed_forward_length", ffn as u32)
@@ -81,6 +80,19 @@ pub fn tiny_gguf() -> Vec<u8> {
             "tokenizer.chat_template",
             "{% for m in messages %}{{ m['content'] }}{% endfor %}",
         );
+    (b, tokens.len() as u64)
+}
+
+fn ramp(n: u64) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+        .collect()
+}
+
+/// A one-layer llama GGUF with a byte-level BPE vocabulary and f32 tensors.
+pub fn tiny_gguf() -> Vec<u8> {
+    let (h, ffn, kv, hd) = (16u64, 32u64, 1u32, 8u64);
+    let (mut b, vocab) = tiny_llama(h, ffn, 1, 2, kv);
     b.tensor_f32("token_embd.weight", &[h, vocab], &ramp(h * vocab));
     b.tensor_f32("blk.0.attn_norm.weight", &[h], &ramp(h));
     b.tensor_f32("blk.0.attn_q.weight", &[h, h], &ramp(h * h));
@@ -103,9 +115,91 @@ pub fn tiny_gguf() -> Vec<u8> {
     b.build()
 }
 
+/// ggml quantization types the CPU engine keeps as stored: (GGUF type id, values per block,
+/// bytes per block, byte offsets of the block's f16 scales).
+const QUANT_TYPES: [(u32, u64, usize, &[usize]); 7] = [
+    (2, 32, 18, &[0]),       // Q4_0
+    (3, 32, 20, &[0, 2]),    // Q4_1
+    (6, 32, 22, &[0]),       // Q5_0
+    (8, 32, 34, &[0]),       // Q8_0
+    (12, 256, 144, &[0, 2]), // Q4_K
+    (13, 256, 176, &[0, 2]), // Q5_K
+    (14, 256, 210, &[208]),  // Q6_K
+];
+
+/// `n` values of quantization type `QUANT_TYPES[t]` as blocks of pseudo-random codes with small
+/// finite scales (so the seed imports, loads and runs).
+fn quant_blocks(t: usize, n: u64, seed: u64) -> Vec<u8> {
+    let (_, per, size, scales) = QUANT_TYPES[t];
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut out = Vec::with_capacity((n / per) as usize * size);
+    for _ in 0..n / per {
+        let start = out.len();
+        for _ in 0..size {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            out.push((state >> 33) as u8);
+        }
+        for &at in scales {
+            out[start + at..start + at + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+            // ~0.0078
+        }
+    }
+    out
+}
+
+/// A two-layer llama GGUF whose matrices use every quantization type the CPU engine keeps as
+/// stored (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; rows of 256 so the K-quants fit), so the
+/// fuzzed import, load and forward run the quantized paths.
+pub fn tiny_quant_gguf() -> Vec<u8> {
+    let (h, ffn, kv, hd) = (256u64, 256u64, 1u32, 128u64);
+    let (mut b, vocab) = tiny_llama(h, ffn, 2, 2, kv);
+    let id = |t: usize| QUANT_TYPES[t % QUANT_TYPES.len()].0;
+    b.tensor(
+        "token_embd.weight",
+        &[h, vocab],
+        id(3),
+        quant_blocks(3, h * vocab, 1),
+    );
+    let mut t = 0usize;
+    for l in 0..2 {
+        b.tensor_f32(&format!("blk.{l}.attn_norm.weight"), &[h], &ramp(h));
+        b.tensor_f32(&format!("blk.{l}.ffn_norm.weight"), &[h], &ramp(h));
+        for (name, rows) in [
+            ("attn_q", h),
+            ("attn_k", kv as u64 * hd),
+            ("attn_v", kv as u64 * hd),
+            ("attn_output", h),
+            ("ffn_gate", ffn),
+            ("ffn_up", ffn),
+            ("ffn_down", h),
+        ] {
+            let ty = t % QUANT_TYPES.len();
+            b.tensor(
+                &format!("blk.{l}.{name}.weight"),
+                &[256, rows],
+                id(ty),
+                quant_blocks(ty, 256 * rows, 10 + t as u64),
+            );
+            t += 1;
+        }
+    }
+    b.tensor_f32("output_norm.weight", &[h], &ramp(h));
+    b.tensor(
+        "output.weight",
+        &[h, vocab],
+        id(6),
+        quant_blocks(6, h * vocab, 99),
+    );
+    b.build()
+}
+
 /// GGUF seeds: the tiny model, and the first 1.5 MB of a fetched real GGUF (its metadata).
 pub fn gguf() -> Vec<Vec<u8>> {
-    let mut out = vec![tiny_gguf()];
+    let mut out = vec![tiny_gguf(), tiny_quant_gguf()];
     if let Ok(home) = kvzip_hub::fetch::default_cache_dir() {
         if let Some(mut real) = read(home.join("gguf/smollm2-135m-instruct.gguf")) {
             real.truncate(1_500_000);
@@ -115,22 +209,47 @@ pub fn gguf() -> Vec<Vec<u8>> {
     out
 }
 
-/// Model-directory seeds: the tiny transformers-made parity models.
+/// The files of [`tiny_quant_gguf`] imported into a model directory (GGUF blocks kept as
+/// stored, as `kvzip import-gguf` writes them), packed; `None` if the import fails.
+fn imported_quant_dir() -> Option<Vec<u8>> {
+    let tmp = tempfile::tempdir().ok()?;
+    let gguf = tmp.path().join("tiny.gguf");
+    std::fs::write(&gguf, tiny_quant_gguf()).ok()?;
+    let out = tmp.path().join("model");
+    let opts = kvzip_hub::gguf::ImportOptions {
+        sentencepiece_tokenizer_dir: Some(tmp.path().join("no-tokenizer")),
+        cache_dir: Some(tmp.path().to_path_buf()),
+        overwrite: true,
+        ..kvzip_hub::gguf::ImportOptions::default()
+    };
+    kvzip_hub::gguf::import_gguf(&gguf, &out, &opts).ok()?;
+    let files = ["config.json", "model.safetensors", "kvzip_import.json"]
+        .iter()
+        .filter_map(|f| Some((f.to_string(), read(out.join(f))?)))
+        .collect::<Vec<_>>();
+    Some(pack(&files))
+}
+
+/// Model-directory seeds: the tiny transformers-made parity models, and a directory imported
+/// from a GGUF with every quantization type kept as stored.
 pub fn model_dirs() -> Vec<Vec<u8>> {
     let root = repo().join("tests/fixtures/parity");
-    ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"]
-        .iter()
-        .filter_map(|a| {
-            let dir = root.join(a);
-            Some(pack(&[
-                ("config.json".into(), read(dir.join("config.json"))?),
-                (
-                    "model.safetensors".into(),
-                    read(dir.join("model.safetensors"))?,
-                ),
-            ]))
-        })
-        .collect()
+    let mut dirs: Vec<Vec<u8>> = imported_quant_dir().into_iter().collect();
+    dirs.extend(
+        ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"]
+            .iter()
+            .filter_map(|a| {
+                let dir = root.join(a);
+                Some(pack(&[
+                    ("config.json".into(), read(dir.join("config.json"))?),
+                    (
+                        "model.safetensors".into(),
+                        read(dir.join("model.safetensors"))?,
+                    ),
+                ]))
+            }),
+    );
+    dirs
 }
 
 /// Tokenizer seeds: the tiny byte-level BPE and SentencePiece fixtures.

@@ -52,3 +52,32 @@ fn the_tiny_gguf_seed_imports_loads_and_runs() {
     );
     assert_eq!(out, Outcome::Ok, "the seed must reach the model loader");
 }
+
+#[test]
+fn the_quantized_gguf_seed_imports_loads_and_runs() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = run_one(
+        kvzip_fuzz::Target::Gguf,
+        &kvzip_fuzz::seeds::tiny_quant_gguf(),
+        scratch.path(),
+    );
+    assert_eq!(
+        out,
+        Outcome::Ok,
+        "the seed must reach the quantized loader and forward"
+    );
+}
+
+#[test]
+fn the_imported_quantized_model_dir_seed_loads_and_runs() {
+    let scratch = tempfile::tempdir().unwrap();
+    let seeds = kvzip_fuzz::Target::ModelDir.seeds();
+    // The first model-dir seed is the quantized GGUF imported with its blocks as stored.
+    let has = |name: &[u8]| seeds[0].windows(name.len()).any(|w| w == name);
+    assert!(
+        has(b"kvzip_import.json"),
+        "the imported quantized seed is missing"
+    );
+    let out = run_one(kvzip_fuzz::Target::ModelDir, &seeds[0], scratch.path());
+    assert_eq!(out, Outcome::Ok, "the seed must reach the quantized loader");
+}
