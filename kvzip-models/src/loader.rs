@@ -39,8 +39,8 @@ pub enum HostWeights {
     /// As the checkpoint stores them where the CPU kernels compute on that form directly:
     /// ggml-quantized rows stay quantized (memory-mapped, decoded inside the GEMV/GEMM) and bf16
     /// matrices stay bf16 (widened on the fly, exactly); anything else becomes f32.
-    /// Decode-time products with quantized rows use 8-bit activations (as llama.cpp does)
-    /// when `KVZIP_ACTIVATIONS=q8`.
+    /// Products with quantized rows use 8-bit activations (as llama.cpp does) when
+    /// `KVZIP_ACTIVATIONS=q8` (see [`q8_activations_from_env`]).
     #[default]
     AsStored,
     /// [`HostWeights::AsStored`] with every product on f32 activations whatever
@@ -67,10 +67,10 @@ impl HostWeights {
     }
 }
 
-/// `KVZIP_ACTIVATIONS=q8`: decode-time (few-row) products with quantized weights run on
-/// activations quantized to 8 bits per 32-element block (integer dot products, as llama.cpp
-/// does; faster decode, not bit-comparable with the f32 path, and a row's result then depends on
-/// how many rows share the product, so batched and single decoding may differ). Unset or
+/// `KVZIP_ACTIVATIONS=q8`: products with ggml-quantized weights run on activations quantized
+/// to 8 bits per 32-element block, as llama.cpp's do (decode GEMVs use integer dot products;
+/// prefill GEMMs get the same rounded activations, so a row's result does not depend on how
+/// many rows share the product); faster decode, not bit-comparable with the f32 path. Unset or
 /// anything else: f32 activations.
 pub fn q8_activations_from_env() -> bool {
     std::env::var("KVZIP_ACTIVATIONS").as_deref() == Ok("q8")

@@ -231,6 +231,19 @@ pub fn linear_quant(
     }
     let x = &x[..rows * in_dim];
     let y = &mut y[..rows * out_dim];
+    let integer_gemv =
+        rows <= GEMV_MAX_ROWS && cfg!(target_arch = "x86_64") && super::simd::has_avx_fma();
+    // With 8-bit activations every path computes with the same activations: the integer GEMV
+    // quantizes them itself; the f32 paths (prefill GEMM, CPUs without AVX) get them rounded to
+    // the q8 grid first, so a row's result does not depend on how many rows share the product
+    // (batched and single decoding agree up to summation order).
+    let rounded;
+    let x = if m.q8_activations() && !integer_gemv {
+        rounded = round_to_q8(x);
+        &rounded[..]
+    } else {
+        x
+    };
     if rows <= GEMV_MAX_ROWS {
         gemv(x, m, first_row, bias, rows, in_dim, out_dim, y);
         return Ok(());
@@ -244,6 +257,18 @@ pub fn linear_quant(
         out_dim,
         y,
     )
+}
+
+/// `x` (a whole number of 32-blocks) rounded the way the 8-bit activation products quantize it:
+/// per block `d = max|x| / 127`, each value becomes `round(x / d) · d` (codes within ±127).
+pub(crate) fn round_to_q8(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks_exact(32) {
+        let d = b.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(b.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) * d));
+    }
+    out
 }
 
 /// Decode path: output features split over threads. Each weight row is dotted with every `x`

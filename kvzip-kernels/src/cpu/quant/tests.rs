@@ -145,7 +145,10 @@ fn q8_activation_products_equal_f32_products_of_rounded_activations() {
                     .collect::<Vec<_>>()
             })
             .collect();
-        for rows in [1, 3] {
+        // 1 and 3 rows: the integer GEMV; 24 rows: the prefill GEMM on rounded activations.
+        for rows in [1, 3, 24] {
+            let x = x.repeat(8);
+            let rounded = rounded.repeat(8);
             let mut want = vec![0.0; rows * 32];
             let mut got = vec![f32::NAN; rows * 32];
             crate::reference::linear(&rounded[..rows * cols], &w, None, rows, cols, 32, &mut want)
