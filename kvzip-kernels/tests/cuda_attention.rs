@@ -25,6 +25,10 @@ enum Path {
     Prefill,
     /// Decode with this chunk size (`None`: automatic).
     Decode(Option<usize>),
+    /// Decode with a plan staged for a step of three layers (`DecodePlan::staged_for_layers`:
+    /// one copy into the backend's step buffer); the case is the middle layer, so its arrays
+    /// sit at an offset.
+    Staged(Option<usize>),
     /// `CudaBackend::attention`, which picks the kernel.
     Auto,
 }
@@ -127,6 +131,12 @@ fn run_case(be: &CudaBackend, case: &Case, path: Path, seed: u64) -> f64 {
         Path::Decode(chunk) => {
             let plan = DecodePlan::new(be, &case.lens, case.q_len, chunk).unwrap();
             be.attention_decode(&plan, &dq, &dk, &dv, &doff, &dlens, &shape, &mut dout)
+        }
+        Path::Staged(chunk) => {
+            let other: Vec<usize> = case.lens.iter().map(|&l| l + 37).collect();
+            let layers: [&[usize]; 3] = [&other, &case.lens, &other[..1]];
+            let plans = DecodePlan::staged_for_layers(be, &layers, case.q_len, chunk).unwrap();
+            be.attention_decode(&plans[1], &dq, &dk, &dv, &doff, &dlens, &shape, &mut dout)
         }
         Path::Auto => be.attention(&dq, &dk, &dv, &doff, &dlens, &case.lens, &shape, &mut dout),
     }
@@ -246,13 +256,10 @@ fn decode_matches_cpu_across_head_dims_groups_and_q_lens() {
             for q_len in [1, 3, 16] {
                 let lens = vec![q_len, q_len + 1, 777, 5000, 64];
                 for chunk in [None, Some(64), Some(100)] {
-                    run_case(
-                        &be,
-                        &Case::new(d, group, q_len, lens.clone()),
-                        Path::Decode(chunk),
-                        seed,
-                    );
-                    seed += 1;
+                    for path in [Path::Decode(chunk), Path::Staged(chunk)] {
+                        run_case(&be, &Case::new(d, group, q_len, lens.clone()), path, seed);
+                        seed += 1;
+                    }
                 }
             }
         }
@@ -348,6 +355,16 @@ fn bad_shapes_and_plans_are_errors() {
     let e = DecodePlan::new(&be, &[8, 2], 3, None);
     assert!(
         matches!(e, Err(CudaError::Shape(ref m)) if m.contains("KV head 1")),
+        "{e:?}"
+    );
+    // A staged plan expires when the next step's plans are staged.
+    let stale = DecodePlan::staged_for_layers(&be, &[&[8]], 1, None).unwrap();
+    let _next = DecodePlan::staged_for_layers(&be, &[&[9]], 1, None).unwrap();
+    shape.q_len = 1;
+    shape.n_kv_heads = 1;
+    let e = be.attention_decode(&stale[0], &z, &z, &z, &off, &lens, &shape, &mut out);
+    assert!(
+        matches!(e, Err(CudaError::Shape(ref m)) if m.contains("staged")),
         "{e:?}"
     );
     let plan = DecodePlan::new(&be, &[8], 2, None).unwrap();

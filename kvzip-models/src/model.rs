@@ -217,13 +217,11 @@ impl StepKv for CacheStep<'_> {
         }
         let start = cache.seen_tokens();
         cache.begin_step(rows)?;
-        // Decode plans of every layer, built before the first launch of the step so that no
-        // host-to-device upload sits between this step's kernels (none on the host).
-        self.plans = cache
-            .layers()
-            .iter()
-            .map(|lc| device.attention_plan(lc.lens(), rows, self.chunk_keys))
-            .collect::<kvzip_kernels::Result<Vec<_>>>()?;
+        // Decode plans of every layer, written with one copy before the first launch of the
+        // step, so that no host-to-device upload sits between this step's kernels (none on
+        // the host).
+        let lens: Vec<&[usize]> = cache.layers().iter().map(|lc| lc.lens()).collect();
+        self.plans = device.attention_plans(&lens, rows, self.chunk_keys)?;
         Ok((start..start + rows).map(|p| p as i32).collect())
     }
 

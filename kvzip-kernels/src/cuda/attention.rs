@@ -180,13 +180,13 @@ impl CudaBackend {
         }
         let (po, pl) =
             self.partial_workspace(plan.n_partials, shape.rows_per_head(), shape.head_dim)?;
-        let s = self.stream();
+        let (items, head_partials) = plan.item_ptrs(self)?;
         let p = KvzDecodeParams {
             attn,
-            items: dptr(&plan.items, s) as _,
+            items: items as _,
             segments: std::ptr::null(),
             n_items: plan.n_items as i32,
-            head_partials: dptr(&plan.head_partials, s) as _,
+            head_partials: head_partials as _,
             partial_out: po as _,
             partial_lse: pl as _,
         };
@@ -257,10 +257,11 @@ impl CudaBackend {
             )));
         }
         let s = self.stream();
+        let (items, head_partials) = plan.item_ptrs(self)?;
         let ptrs = PiecesPointers {
-            items: dptr(&plan.items, s),
+            items,
             segments: dptr(segments, s),
-            head_partials: dptr(&plan.head_partials, s),
+            head_partials,
             lens: dptr(lens, s),
         };
         self.launch_pieces(plan.n_items, plan.n_partials, ptrs, q, shape, out)

@@ -39,10 +39,10 @@ pub struct DecodePlan {
     chunk_keys: usize,
     pub(super) n_items: usize,
     pub(super) n_partials: usize,
-    /// `[n_items, 4]` i32: head, key_start, key_end, partial slot (-1: direct) (= KvzDecodeWorkItem).
-    pub(super) items: CudaSlice<i32>,
-    /// `[n_kv_heads + 1]` i32: slots of head h are `head_partials[h] .. head_partials[h + 1]`.
-    pub(super) head_partials: CudaSlice<i32>,
+    /// `[n_items, 4]` i32: head, key_start, key_end, partial slot (-1: direct)
+    /// (= KvzDecodeWorkItem), and `[n_kv_heads + 1]` i32 head_partials: the slots of head h are
+    /// `head_partials[h] .. head_partials[h + 1]`.
+    pub(super) buffers: PlanBuffers,
     /// Plans over pieces: one segment per item, and the virtual heads' lengths on the device.
     pub(super) segments: Option<CudaSlice<KvzDecodeSegment>>,
     pub(super) lens_dev: Option<CudaSlice<i32>>,
@@ -104,6 +104,188 @@ impl DecodePlan {
         q_len: usize,
         chunk_keys: Option<usize>,
     ) -> CudaResult<Self> {
+        let host = HeadItems::build(backend, lens, q_len, chunk_keys)?;
+        Ok(Self {
+            lens: lens.to_vec(),
+            q_len,
+            chunk_keys: host.chunk_keys,
+            n_items: host.n_items,
+            n_partials: host.n_partials,
+            buffers: PlanBuffers::Owned {
+                items: backend.upload(&host.items)?,
+                head_partials: backend.upload(&host.head_partials)?,
+            },
+            segments: None,
+            lens_dev: None,
+        })
+    }
+
+    /// Plans of one decode step for every layer (`lens[l]`: layer `l`'s keys per KV head), as
+    /// [`DecodePlan::new`] would build them, but written with one copy into the backend's
+    /// persistent step buffer instead of two allocations and uploads per layer. The plans are
+    /// valid until the next call on the same backend (a launch with an older plan is an error).
+    pub fn staged_for_layers(
+        backend: &CudaBackend,
+        lens: &[&[usize]],
+        q_len: usize,
+        chunk_keys: Option<usize>,
+    ) -> CudaResult<Vec<Self>> {
+        let hosts = lens
+            .iter()
+            .map(|l| HeadItems::build(backend, l, q_len, chunk_keys))
+            .collect::<CudaResult<Vec<_>>>()?;
+        let mut bytes = Vec::new();
+        let mut at = Vec::with_capacity(hosts.len());
+        for h in &hosts {
+            bytes.resize(bytes.len().next_multiple_of(16), 0);
+            let items = bytes.len();
+            h.items
+                .iter()
+                .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
+            bytes.resize(bytes.len().next_multiple_of(16), 0);
+            let head_partials = bytes.len();
+            h.head_partials
+                .iter()
+                .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
+            at.push((items, head_partials));
+        }
+        let (base, generation) = backend.stage_step_bytes(&bytes)?;
+        Ok(hosts
+            .into_iter()
+            .zip(at)
+            .zip(lens)
+            .map(|((h, (items, head_partials)), l)| Self {
+                lens: l.to_vec(),
+                q_len,
+                chunk_keys: h.chunk_keys,
+                n_items: h.n_items,
+                n_partials: h.n_partials,
+                buffers: PlanBuffers::Staged {
+                    items: base + items as u64,
+                    head_partials: base + head_partials as u64,
+                    generation,
+                },
+                segments: None,
+                lens_dev: None,
+            })
+            .collect())
+    }
+
+    /// Device addresses of the work items and head partial offsets (an error for a staged plan
+    /// whose step buffer has since been rewritten).
+    pub(super) fn item_ptrs(&self, backend: &CudaBackend) -> CudaResult<(u64, u64)> {
+        match &self.buffers {
+            PlanBuffers::Owned {
+                items,
+                head_partials,
+            } => {
+                let s = backend.stream();
+                Ok((super::dptr(items, s), super::dptr(head_partials, s)))
+            }
+            PlanBuffers::Staged {
+                items,
+                head_partials,
+                generation,
+            } => {
+                if backend.step_generation() != *generation {
+                    return Err(CudaError::Shape(
+                        "a staged decode plan was used after the next step's plans replaced it"
+                            .into(),
+                    ));
+                }
+                Ok((*items, *head_partials))
+            }
+        }
+    }
+
+    /// Plans a decode of `q_len >= 1` tokens per virtual head over keys in pieces of any
+    /// buffers. `lens[h]` is virtual head `h`'s total key count (each `>= q_len`); its pieces
+    /// (sorted by head, then key) must tile `0..lens[h]` exactly. Pieces are cut into items of
+    /// at most `chunk_keys` keys (default as in [`DecodePlan::new`]), never across pieces.
+    pub fn for_pieces(
+        backend: &CudaBackend,
+        pieces: &[KeyPiece],
+        lens: &[usize],
+        q_len: usize,
+        chunk_keys: Option<usize>,
+    ) -> CudaResult<Self> {
+        let host = PiecesLayout::build(backend, pieces, lens, q_len, chunk_keys)?;
+        Ok(Self {
+            lens: lens.to_vec(),
+            q_len,
+            chunk_keys: host.chunk_keys,
+            n_items: host.n_items,
+            n_partials: host.n_partials,
+            buffers: PlanBuffers::Owned {
+                items: backend.upload(&host.items)?,
+                head_partials: backend.upload(&host.head_partials)?,
+            },
+            segments: Some(backend.upload(&host.segments)?),
+            lens_dev: Some(backend.upload(&host.lens)?),
+        })
+    }
+
+    /// Tokens per decode call this plan was built for.
+    pub fn q_len(&self) -> usize {
+        self.q_len
+    }
+
+    /// Keys per work item.
+    pub fn chunk_keys(&self) -> usize {
+        self.chunk_keys
+    }
+
+    /// Number of work items (CTAs per row block of the run kernel).
+    pub fn n_items(&self) -> usize {
+        self.n_items
+    }
+
+    /// Number of partial slots (items of heads that were split).
+    pub fn n_partials(&self) -> usize {
+        self.n_partials
+    }
+
+    /// Host copy of the key counts per KV head the plan was built for.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+}
+
+/// Where a plan's work items live.
+#[derive(Debug)]
+pub(super) enum PlanBuffers {
+    /// Uploaded into buffers of the plan's own.
+    Owned {
+        items: CudaSlice<i32>,
+        head_partials: CudaSlice<i32>,
+    },
+    /// In the backend's step buffer ([`DecodePlan::staged_for_layers`]), valid while its
+    /// generation is the backend's current one.
+    Staged {
+        items: u64,
+        head_partials: u64,
+        generation: u64,
+    },
+}
+
+/// Host side of a plan over contiguous per-head keys: every head cut into chunks of
+/// `chunk_keys` keys.
+struct HeadItems {
+    chunk_keys: usize,
+    n_items: usize,
+    n_partials: usize,
+    /// `[max(n_items, 1), 4]` i32 (a dummy item when empty).
+    items: Vec<i32>,
+    head_partials: Vec<i32>,
+}
+
+impl HeadItems {
+    fn build(
+        backend: &CudaBackend,
+        lens: &[usize],
+        q_len: usize,
+        chunk_keys: Option<usize>,
+    ) -> CudaResult<Self> {
         let chunk = plan_chunk(backend, lens, q_len, chunk_keys, "KV head")?;
         let mut items: Vec<i32> = Vec::new();
         let mut head_partials = Vec::with_capacity(lens.len() + 1);
@@ -136,66 +318,12 @@ impl DecodePlan {
             items.extend_from_slice(&[0, 0, 0, -1]);
         }
         Ok(Self {
-            lens: lens.to_vec(),
-            q_len,
             chunk_keys: chunk,
             n_items,
             n_partials,
-            items: backend.upload(&items)?,
-            head_partials: backend.upload(&head_partials)?,
-            segments: None,
-            lens_dev: None,
+            items,
+            head_partials,
         })
-    }
-
-    /// Plans a decode of `q_len >= 1` tokens per virtual head over keys in pieces of any
-    /// buffers. `lens[h]` is virtual head `h`'s total key count (each `>= q_len`); its pieces
-    /// (sorted by head, then key) must tile `0..lens[h]` exactly. Pieces are cut into items of
-    /// at most `chunk_keys` keys (default as in [`DecodePlan::new`]), never across pieces.
-    pub fn for_pieces(
-        backend: &CudaBackend,
-        pieces: &[KeyPiece],
-        lens: &[usize],
-        q_len: usize,
-        chunk_keys: Option<usize>,
-    ) -> CudaResult<Self> {
-        let host = PiecesLayout::build(backend, pieces, lens, q_len, chunk_keys)?;
-        Ok(Self {
-            lens: lens.to_vec(),
-            q_len,
-            chunk_keys: host.chunk_keys,
-            n_items: host.n_items,
-            n_partials: host.n_partials,
-            items: backend.upload(&host.items)?,
-            head_partials: backend.upload(&host.head_partials)?,
-            segments: Some(backend.upload(&host.segments)?),
-            lens_dev: Some(backend.upload(&host.lens)?),
-        })
-    }
-
-    /// Tokens per decode call this plan was built for.
-    pub fn q_len(&self) -> usize {
-        self.q_len
-    }
-
-    /// Keys per work item.
-    pub fn chunk_keys(&self) -> usize {
-        self.chunk_keys
-    }
-
-    /// Number of work items (CTAs per row block of the run kernel).
-    pub fn n_items(&self) -> usize {
-        self.n_items
-    }
-
-    /// Number of partial slots (items of heads that were split).
-    pub fn n_partials(&self) -> usize {
-        self.n_partials
-    }
-
-    /// Host copy of the key counts per KV head the plan was built for.
-    pub fn lens(&self) -> &[usize] {
-        &self.lens
     }
 }
 
@@ -374,6 +502,9 @@ const _: () = assert!(std::mem::size_of::<KvzDecodeSegment>() == 24);
 pub(crate) struct DecodeScratch {
     partials: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     staging: Option<CudaSlice<u8>>,
+    /// The per-layer plans of the current decode step, and how many steps were staged.
+    step: Option<CudaSlice<u8>>,
+    step_generation: u64,
 }
 
 impl CudaBackend {
@@ -408,6 +539,40 @@ impl CudaBackend {
             Some((o, l)) => Ok((super::dptr_mut(o, s), super::dptr_mut(l, s))),
             None => Err(CudaError::Shape("decode scratch missing".into())),
         }
+    }
+
+    /// Copies one decode step's per-layer plans into the backend's step buffer (grown when too
+    /// small; queued on the stream after the previous step's kernels) and returns its device
+    /// address and the new generation, which invalidates the plans of earlier steps.
+    pub(super) fn stage_step_bytes(&self, bytes: &[u8]) -> CudaResult<(u64, u64)> {
+        let mut scratch = self
+            .decode_scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let len = bytes.len().max(16);
+        if scratch.step.as_ref().is_none_or(|b| b.len() < len) {
+            scratch.step = Some(self.alloc::<u8>(len.next_power_of_two().max(4096))?);
+        }
+        scratch.step_generation += 1;
+        let generation = scratch.step_generation;
+        let s = self.stream();
+        match scratch.step.as_mut() {
+            Some(buf) => {
+                if !bytes.is_empty() {
+                    s.memcpy_htod(bytes, &mut buf.slice_mut(..bytes.len()))?;
+                }
+                Ok((super::dptr_mut(buf, s), generation))
+            }
+            None => Err(CudaError::Shape("decode step buffer missing".into())),
+        }
+    }
+
+    /// Generation of the step buffer's current contents (see [`Self::stage_step_bytes`]).
+    pub(super) fn step_generation(&self) -> u64 {
+        self.decode_scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .step_generation
     }
 
     /// Copies `bytes` into the backend's staging buffer (grown when too small) and returns its

@@ -425,6 +425,38 @@ impl Device {
         }
     }
 
+    /// Decode plans of one step for every layer (`lens[l]`: layer `l`'s keys per KV head), or
+    /// `None`s as [`Device::attention_plan`] gives them. On CUDA all layers' plans are written
+    /// with one copy into a persistent device buffer (no allocation); they are valid until the
+    /// next call (using one after that is an error).
+    pub fn attention_plans(
+        &self,
+        lens: &[&[usize]],
+        q_len: usize,
+        chunk_keys: Option<usize>,
+    ) -> Result<Vec<Option<AttentionPlan>>> {
+        match self {
+            Device::Cpu => {
+                let _ = (q_len, chunk_keys);
+                Ok(lens.iter().map(|_| None).collect())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => {
+                if q_len == 0 || q_len > crate::cuda::attention::DECODE_MAX_Q_LEN {
+                    return Ok(lens.iter().map(|_| None).collect());
+                }
+                let plans = crate::cuda::attention::DecodePlan::staged_for_layers(
+                    g, lens, q_len, chunk_keys,
+                )
+                .map_err(cuda_err)?;
+                Ok(plans
+                    .into_iter()
+                    .map(|decode| Some(AttentionPlan { decode }))
+                    .collect())
+            }
+        }
+    }
+
     /// Attention of `shape.q_len` query tokens over one layer's per-head segments (see
     /// [`AttentionShape`]); the new tokens' keys must already be the last `q_len` rows of every
     /// head. `plan` (from [`Device::attention_plan`] with the same lengths) selects the decode
