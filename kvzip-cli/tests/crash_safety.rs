@@ -138,19 +138,16 @@ fn all_json_valid(dir: &Path) {
     }
 }
 
-#[test]
-fn killed_eval_resumes_from_whole_example_files() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("run");
-    let o = out.to_str().unwrap();
-    let args = [
+/// A small passkey eval of `num` examples with two methods, writing to `out`.
+fn eval_args<'a>(num: &'a str, out: &'a str) -> [&'a str; 15] {
+    [
         "eval",
         "--model",
         MODEL,
         "--data",
         "passkey",
         "--num",
-        "4",
+        num,
         "--context-tokens",
         "120",
         "--ratios",
@@ -158,8 +155,16 @@ fn killed_eval_resumes_from_whole_example_files() {
         "--methods",
         "kvzip,snapkv",
         "--out",
-        o,
-    ];
+        out,
+    ]
+}
+
+#[test]
+fn killed_eval_resumes_from_whole_example_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let args = eval_args("4", o);
     for ms in &KILL_AFTER_MS[1..4] {
         kill_after(spawn(&args), *ms);
         if out.exists() {
@@ -181,23 +186,7 @@ fn terminated_eval_exits_130_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = out.to_str().unwrap();
-    let args = [
-        "eval",
-        "--model",
-        MODEL,
-        "--data",
-        "passkey",
-        "--num",
-        "3",
-        "--context-tokens",
-        "120",
-        "--ratios",
-        "0.5",
-        "--methods",
-        "kvzip,snapkv",
-        "--out",
-        o,
-    ];
+    let args = eval_args("3", o);
     for (i, ms) in KILL_AFTER_MS[1..5].iter().enumerate() {
         let signal = if i % 2 == 0 { "-TERM" } else { "-INT" };
         let mut child = spawn(&args);

@@ -216,12 +216,7 @@ fn imported_quant_dir() -> Option<Vec<u8>> {
     let gguf = tmp.path().join("tiny.gguf");
     std::fs::write(&gguf, tiny_quant_gguf()).ok()?;
     let out = tmp.path().join("model");
-    let opts = kvzip_hub::gguf::ImportOptions {
-        sentencepiece_tokenizer_dir: Some(tmp.path().join("no-tokenizer")),
-        cache_dir: Some(tmp.path().to_path_buf()),
-        overwrite: true,
-        ..kvzip_hub::gguf::ImportOptions::default()
-    };
+    let opts = crate::targets::offline_import_options(tmp.path());
     kvzip_hub::gguf::import_gguf(&gguf, &out, &opts).ok()?;
     let files = ["config.json", "model.safetensors", "kvzip_import.json"]
         .iter()

@@ -88,13 +88,7 @@ impl Target {
                 write(&path, input)?;
                 GgufFile::open(&path).map_err(|x| e(&x))?;
                 let out = scratch.join("model");
-                let opts = ImportOptions {
-                    // No network: a SentencePiece vocabulary needs this (empty) folder.
-                    sentencepiece_tokenizer_dir: Some(scratch.join("no-tokenizer")),
-                    cache_dir: Some(scratch.to_path_buf()),
-                    overwrite: true,
-                    ..ImportOptions::default()
-                };
+                let opts = offline_import_options(scratch);
                 let res = import_gguf(&path, &out, &opts).map_err(|x| e(&x));
                 if res.is_ok() {
                     load_and_run(&out)?;
@@ -149,6 +143,17 @@ impl Target {
                 squad.and(gsm).and(needle).map_err(|x| e(&x))
             }
         }
+    }
+}
+
+/// `import-gguf` options that need no network, with every file under `scratch`.
+pub(crate) fn offline_import_options(scratch: &Path) -> ImportOptions {
+    ImportOptions {
+        // No network: a SentencePiece vocabulary needs this (empty) folder.
+        sentencepiece_tokenizer_dir: Some(scratch.join("no-tokenizer")),
+        cache_dir: Some(scratch.to_path_buf()),
+        overwrite: true,
+        ..ImportOptions::default()
     }
 }
 

@@ -135,20 +135,13 @@ impl DecodePlan {
             .map(|l| HeadItems::build(backend, l, q_len, chunk_keys))
             .collect::<CudaResult<Vec<_>>>()?;
         let mut bytes = Vec::new();
-        let mut at = Vec::with_capacity(hosts.len());
-        for h in &hosts {
-            bytes.resize(bytes.len().next_multiple_of(16), 0);
-            let items = bytes.len();
-            h.items
-                .iter()
-                .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
-            bytes.resize(bytes.len().next_multiple_of(16), 0);
-            let head_partials = bytes.len();
-            h.head_partials
-                .iter()
-                .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
-            at.push((items, head_partials));
-        }
+        let at: Vec<(usize, usize)> = hosts
+            .iter()
+            .map(|h| {
+                let items = push_i32s(&mut bytes, &h.items);
+                (items, push_i32s(&mut bytes, &h.head_partials))
+            })
+            .collect();
         let (base, generation) = backend.stage_step_bytes(&bytes)?;
         Ok(hosts
             .into_iter()
@@ -453,42 +446,38 @@ impl PiecesLayout {
     /// The four arrays in one byte buffer (each at a 16-byte aligned offset), as the run
     /// kernel reads them, and where each starts.
     pub(super) fn pack(&self) -> (Vec<u8>, PackedOffsets) {
-        fn align(bytes: &mut Vec<u8>) -> usize {
-            bytes.resize(bytes.len().next_multiple_of(16), 0);
-            bytes.len()
-        }
         let mut bytes = Vec::with_capacity(
             self.segments.len() * 24 + (self.items.len() + self.head_partials.len()) * 4 + 64,
         );
-        let segments = align(&mut bytes);
         for s in &self.segments {
             // KvzDecodeSegment: k, v (device addresses), key_base (i64); 24 bytes, no padding.
             bytes.extend_from_slice(&(s.k as u64).to_ne_bytes());
             bytes.extend_from_slice(&(s.v as u64).to_ne_bytes());
             bytes.extend_from_slice(&s.key_base.to_ne_bytes());
         }
-        let items = align(&mut bytes);
-        self.items
-            .iter()
-            .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
-        let head_partials = align(&mut bytes);
-        self.head_partials
-            .iter()
-            .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
-        let lens = align(&mut bytes);
-        self.lens
-            .iter()
-            .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
+        let items = push_i32s(&mut bytes, &self.items);
+        let head_partials = push_i32s(&mut bytes, &self.head_partials);
+        let lens = push_i32s(&mut bytes, &self.lens);
         (
             bytes,
             PackedOffsets {
-                segments,
+                segments: 0,
                 items,
                 head_partials,
                 lens,
             },
         )
     }
+}
+
+/// Appends `values` to `bytes` at the next 16-byte aligned offset, which it returns.
+fn push_i32s(bytes: &mut Vec<u8>, values: &[i32]) -> usize {
+    bytes.resize(bytes.len().next_multiple_of(16), 0);
+    let at = bytes.len();
+    values
+        .iter()
+        .for_each(|x| bytes.extend_from_slice(&x.to_ne_bytes()));
+    at
 }
 
 // The packing above writes the segment struct field by field.
@@ -549,21 +538,26 @@ impl CudaBackend {
             .decode_scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let len = bytes.len().max(16);
-        if scratch.step.as_ref().is_none_or(|b| b.len() < len) {
-            scratch.step = Some(self.alloc::<u8>(len.next_power_of_two().max(4096))?);
-        }
+        let base = self.copy_into_growing(&mut scratch.step, bytes)?;
         scratch.step_generation += 1;
-        let generation = scratch.step_generation;
+        Ok((base, scratch.step_generation))
+    }
+
+    /// Copies `bytes` to the start of `buf`, first replacing it with a larger one (a power of
+    /// two, at least 4 KiB) when it is missing or too small; returns its device address.
+    fn copy_into_growing(&self, buf: &mut Option<CudaSlice<u8>>, bytes: &[u8]) -> CudaResult<u64> {
+        if buf.as_ref().is_none_or(|b| b.len() < bytes.len()) {
+            *buf = Some(self.alloc::<u8>(bytes.len().next_power_of_two().max(4096))?);
+        }
         let s = self.stream();
-        match scratch.step.as_mut() {
-            Some(buf) => {
+        match buf.as_mut() {
+            Some(b) => {
                 if !bytes.is_empty() {
-                    s.memcpy_htod(bytes, &mut buf.slice_mut(..bytes.len()))?;
+                    s.memcpy_htod(bytes, &mut b.slice_mut(..bytes.len()))?;
                 }
-                Ok((super::dptr_mut(buf, s), generation))
+                Ok(super::dptr_mut(b, s))
             }
-            None => Err(CudaError::Shape("decode step buffer missing".into())),
+            None => Err(CudaError::Shape("decode staging buffer missing".into())),
         }
     }
 
@@ -583,20 +577,6 @@ impl CudaBackend {
             .decode_scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if scratch
-            .staging
-            .as_ref()
-            .is_none_or(|b| b.len() < bytes.len())
-        {
-            scratch.staging = Some(self.alloc::<u8>(bytes.len().next_power_of_two().max(4096))?);
-        }
-        let s = self.stream();
-        match scratch.staging.as_mut() {
-            Some(buf) => {
-                s.memcpy_htod(bytes, &mut buf.slice_mut(..bytes.len()))?;
-                Ok(super::dptr_mut(buf, s))
-            }
-            None => Err(CudaError::Shape("decode staging buffer missing".into())),
-        }
+        self.copy_into_growing(&mut scratch.staging, bytes)
     }
 }
