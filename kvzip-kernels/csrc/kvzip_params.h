@@ -133,6 +133,21 @@ typedef struct KvzCompactParams {
     int32_t head_dim;
 } KvzCompactParams;
 
+/* A linear layer at decode batch sizes: out[r, j] = x[r, :] . w[j, :] (+ bias[j]) for rows
+ * r < m (m = 1 or 2: kernels kvz_gemv_m1 / kvz_gemv_m2). x: [m, k] bf16; w: [n, k] bf16 (HF [out, in]); bias: NULL or [n] bf16;
+ * out: [m, n] bf16, or f32 when out_f32 != 0. k % 8 == 0 and x, w 16-byte aligned (the host
+ * checks). f32 accumulation. */
+typedef struct KvzGemvParams {
+    const void *x;
+    const void *w;
+    const void *bias;
+    void *out;
+    int32_t m;
+    int32_t n;
+    int32_t k;
+    int32_t out_f32;
+} KvzGemvParams;
+
 /* Attention of q_len query tokens over per-head KV segments (prefill and decode share it).
  * q, out: [q_len, n_kv_heads * group, head_dim] bf16 (query head h * group + g).
  * Bottom-right causal: query t sits at key index i_t = lens[h] - q_len + t, sees keys j <= i_t,

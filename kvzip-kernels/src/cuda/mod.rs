@@ -1,5 +1,5 @@
 //! CUDA backend (feature `cuda`): bf16 storage, f32 accumulation, hand-written kernels for
-//! everything but GEMMs, cuBLAS for GEMMs.
+//! everything but large GEMMs (cuBLAS; decode batches of 1-2 rows use our GEMV, [`gemm`]).
 //!
 //! - [`CudaBackend`] owns the context, one stream, the cuBLAS handle and the kernels of the
 //!   embedded cubins (sm_90a for Hopper, sm_80 for Ampere/Ada; built by `build.rs` with nvcc).
@@ -69,6 +69,7 @@ device_repr!(
     params::KvzDecodeParams,
     params::KvzDecodeSegment,
     params::KvzScoreParams,
+    params::KvzGemvParams,
 );
 
 /// Errors of the CUDA backend.

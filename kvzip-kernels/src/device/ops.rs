@@ -341,12 +341,9 @@ impl Device {
                     }
                     _ => {
                         let o = out.cuda_bf16("linear out")?;
-                        g.linear(&xv, &wv, o, m, n, k).map_err(cuda_err)?;
-                        if let Some(b) = bias {
-                            g.add_bias(&mut o.slice_mut(..m * n), &b.cuda_bf16("linear bias")?, m)
-                                .map_err(cuda_err)?;
-                        }
-                        Ok(())
+                        let b = bias.map(|b| b.cuda_bf16("linear bias")).transpose()?;
+                        g.linear_bias(&xv, &wv, b.as_ref(), o, m, n, k)
+                            .map_err(cuda_err)
                     }
                 }
             }
