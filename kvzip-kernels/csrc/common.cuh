@@ -59,6 +59,15 @@ __device__ __forceinline__ float kvz_block_sum(float v) {
     return kvz_warp_sum(t);
 }
 
+// The gate activation of a GLU MLP (KVZ_ACT_SILU or KVZ_ACT_GELU_TANH).
+__device__ __forceinline__ float kvz_act(float g, int act) {
+    if (act == KVZ_ACT_GELU_TANH) {
+        const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
+        return 0.5f * g * (1.f + tanhf(k0 * (g + 0.044715f * g * g * g)));
+    }
+    return g / (1.f + __expf(-g));
+}
+
 // Positive-float atomic max through the integer order of IEEE floats (valid for x >= 0).
 __device__ __forceinline__ void kvz_atomic_max_pos(float* addr, float x) {
     atomicMax(reinterpret_cast<int*>(addr), __float_as_int(x));

@@ -83,14 +83,6 @@ extern "C" __global__ void kvz_rope(KvzRopeParams p) {
     }
 }
 
-__device__ __forceinline__ float kvz_act(float g, int act) {
-    if (act == KVZ_ACT_GELU_TANH) {
-        const float k0 = 0.7978845608028654f;  // sqrt(2 / pi)
-        return 0.5f * g * (1.f + tanhf(k0 * (g + 0.044715f * g * g * g)));
-    }
-    return g / (1.f + __expf(-g));
-}
-
 // Grid-stride over rows * inter elements.
 extern "C" __global__ void kvz_act_mul(KvzActMulParams p) {
     const bf16* gu = reinterpret_cast<const bf16*>(p.gate_up);

@@ -134,18 +134,31 @@ typedef struct KvzCompactParams {
 } KvzCompactParams;
 
 /* A linear layer at decode batch sizes: out[r, j] = x[r, :] . w[j, :] (+ bias[j]) for rows
- * r < m (m = 1 or 2: kernels kvz_gemv_m1 / kvz_gemv_m2). x: [m, k] bf16; w: [n, k] bf16 (HF [out, in]); bias: NULL or [n] bf16;
- * out: [m, n] bf16, or f32 when out_f32 != 0. k % 8 == 0 and x, w 16-byte aligned (the host
- * checks). f32 accumulation. */
+ * r < m (m = 1 or 2: kernels kvz_gemv_m1 / kvz_gemv_m2). x: [m, k] bf16; w: [n, k] bf16 (HF
+ * [out, in]); bias: NULL or [n] bf16; out: [m, n] bf16, or f32 when out_f32 != 0. k % 8 == 0
+ * and x, w 16-byte aligned (the host checks). f32 accumulation.
+ * GLU MLP (kernels kvz_gemv_glu_m1 / _m2): w is the stacked [2 n, k] gate-and-up projection
+ * (gate rows 0..n, up rows n..2n) and out[r, j] = act(x[r] . w[j]) * (x[r] . w[n + j]) in bf16,
+ * act = KVZ_ACT_* (bias NULL, out_f32 0).
+ * Pre-norm (kernels kvz_gemv_norm_*): x is the raw residual stream and each row is first
+ * RMS-normalised as kvz_rms_norm does, x' = bf16(x * rsqrt(mean(x^2) + norm_eps) * (norm_w +
+ * norm_offset)), norm_w [k] bf16; the normalised rows live in dynamic shared memory (m * k * 2
+ * bytes). accumulate != 0 (bf16 out, no GLU): out[r, j] = bf16(out[r, j] + bf16(product + bias)),
+ * the residual add of kvz_rms_norm's fused form. */
 typedef struct KvzGemvParams {
     const void *x;
     const void *w;
     const void *bias;
     void *out;
+    const void *norm_w;
+    float norm_eps;
+    float norm_offset;
     int32_t m;
     int32_t n;
     int32_t k;
     int32_t out_f32;
+    int32_t act;
+    int32_t accumulate;
 } KvzGemvParams;
 
 /* Attention of q_len query tokens over per-head KV segments (prefill and decode share it).

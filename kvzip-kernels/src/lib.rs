@@ -38,8 +38,8 @@ mod validate;
 
 pub use device::{
     greedy_rows, Activation, AttentionPlan, AttentionShape, DType, Device, GatherPlan, HostData,
-    KvLayoutMirror, KvPiece, KvPieces, KvView, ScoreChunkShape, Tensor, TokenSampler, View,
-    ViewMut, Weight,
+    KvLayoutMirror, KvPiece, KvPieces, KvView, LinearStore, PreNorm, ScoreChunkShape, Tensor,
+    TokenSampler, View, ViewMut, Weight,
 };
 pub use error::KernelError;
 pub use half::bf16;

@@ -3,6 +3,7 @@
 #![cfg(feature = "cuda")]
 
 use half::bf16;
+use kvzip_kernels::cuda::gemm::{GemvNorm, GemvStore};
 use kvzip_kernels::cuda::ops::Activation;
 use kvzip_kernels::cuda::CudaBackend;
 use kvzip_kernels::reference;
@@ -202,8 +203,13 @@ fn add_and_add_bias() {
 fn sample_argmax_and_softcap() {
     let be = backend();
     let mut rng = Rng::new(6);
-    let (rows, vocab) = (3usize, 50_000usize);
-    for softcap in [0.0f32, 30.0] {
+    // Vocabularies of an even and an odd size, with and without a softcap.
+    for (rows, vocab, softcap) in [
+        (3usize, 50_000usize, 0.0f32),
+        (3, 50_000, 30.0),
+        (3, 50_001, 0.0),
+        (3, 50_001, 30.0),
+    ] {
         let mut logits = rng.uniform_vec(rows * vocab, -40.0, 40.0);
         let mut ld = be.upload(&logits).unwrap();
         let mut out = be.upload(&vec![u32::MAX; rows]).unwrap();
@@ -221,7 +227,10 @@ fn sample_argmax_and_softcap() {
         let got = be.download(&out).unwrap();
         for r in 0..rows {
             let want = argmax(&logits[r * vocab..(r + 1) * vocab]);
-            assert_eq!(got[r] as usize, want, "argmax row {r} softcap {softcap}");
+            assert_eq!(
+                got[r] as usize, want,
+                "argmax row {r} vocab {vocab} softcap {softcap}"
+            );
         }
     }
 }
@@ -356,4 +365,211 @@ fn linear_decode_rows_gemv_and_fallbacks_match_reference() {
     assert!(be
         .linear_bias(&xd, &wd, Some(&short), &mut out, 1, 2, 8)
         .is_err());
+}
+
+/// No bias / no norm arguments of [`CudaBackend::linear_fused`].
+const NO_BIAS: Option<&kvzip_kernels::cuda::CudaSlice<bf16>> = None;
+
+/// The fused gate-and-up GEMV (`act(x · gateᵀ) * (x · upᵀ)`) of 1-2 rows equals the reference
+/// linear layer followed by the activation product; 3 rows are left to the unfused path.
+#[test]
+fn linear_glu_matches_linear_then_act_mul() {
+    let be = backend();
+    let mut rng = Rng::new(22);
+    for (m, inter, k) in [(1usize, 70usize, 256usize), (2, 33, 264), (1, 1000, 896)] {
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let x = rand_r(&mut rng, m * k, -1.0, 1.0);
+            let w = rand_r(&mut rng, 2 * inter * k, -0.2, 0.2);
+            let mut gate_up = vec![0f32; m * 2 * inter];
+            reference::linear(&x, &w, None, m, k, 2 * inter, &mut gate_up).unwrap();
+            let mut want = vec![0f32; m * inter];
+            reference::act_mul_rows(&gate_up, &mut want, m, inter, act).unwrap();
+            let (xd, wd) = (be.upload_bf16(&x).unwrap(), be.upload_bf16(&w).unwrap());
+            let mut out = be.upload_bf16(&vec![f32::NAN; m * inter]).unwrap();
+            let glu = GemvStore::Glu(act);
+            assert!(be
+                .linear_fused(&xd, &wd, NO_BIAS, None, &mut out, m, inter, k, glu)
+                .unwrap());
+            let got = be.download_f32(&out).unwrap();
+            let what = format!("linear_glu {act:?} {m}x{inter}x{k}");
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "{what}: unwritten output"
+            );
+            assert_rel(&what, &got, &want, 1e-2);
+        }
+    }
+    let x = be.upload_bf16(&[0.5; 3 * 8]).unwrap();
+    let w = be.upload_bf16(&[0.5; 2 * 4 * 8]).unwrap();
+    let mut out = be.upload_bf16(&[0.0; 3 * 4]).unwrap();
+    let glu = GemvStore::Glu(Activation::Silu);
+    assert!(!be
+        .linear_fused(&x, &w, NO_BIAS, None, &mut out, 3, 4, 8, glu)
+        .unwrap());
+}
+
+/// The GEMV with its pre-norm (RMSNorm of the raw rows in shared memory), GLU and
+/// residual-add epilogues equals the unfused kernels bit for bit (`rms_norm`, then the product,
+/// then `act_mul`; the product into a scratch, then `rms_norm`'s fused add) and the CPU
+/// reference within bf16 rounding, for bf16 (with bias), f32 and GLU stores, 1-2 rows, plain
+/// and Gemma (`1 + w`) norms, k past 8,192 (several chunks per norm thread); shapes it cannot
+/// take (rows that do not fit shared memory, k % 8 != 0, 3 rows) are declined, not run.
+#[test]
+fn linear_fused_norm_and_residual_match_unfused_ops() {
+    let be = backend();
+    let mut rng = Rng::new(23);
+    let cases = [
+        (1usize, 70usize, 256usize),
+        (2, 33, 264),
+        (1, 4099, 4096),
+        (2, 40, 8192),
+        (1, 40, 12288),
+    ];
+    for (m, n, k) in cases {
+        for offset in [0.0f32, 1.0] {
+            let x = rand_r(&mut rng, m * k, -3.0, 3.0);
+            let g = rand_r(&mut rng, k, -1.0, 1.5);
+            let w = rand_r(&mut rng, 2 * n * k, -0.2, 0.2);
+            let bias = rand_r(&mut rng, n, -1.0, 1.0);
+            let (xd, gd) = (be.upload_bf16(&x).unwrap(), be.upload_bf16(&g).unwrap());
+            let (wd, bd) = (be.upload_bf16(&w).unwrap(), be.upload_bf16(&bias).unwrap());
+            let w_n = wd.slice(0..n * k);
+            let norm = || GemvNorm {
+                weight: &gd,
+                eps: 1e-6,
+                offset,
+            };
+            let what = format!("norm linear {m}x{n}x{k} offset {offset}");
+            // Unfused on the device: normed = rms_norm(x), then the products.
+            let mut xs = be.upload_bf16(&x).unwrap();
+            let mut normed = be.upload_bf16(&vec![0.0; m * k]).unwrap();
+            be.rms_norm(&mut xs, None, &gd, &mut normed, m, k, 1e-6, offset)
+                .unwrap();
+            let normed_host = be.download_f32(&normed).unwrap();
+            let mut unfused = be.upload_bf16(&vec![0.0; m * n]).unwrap();
+            be.linear_bias(&normed, &w_n, Some(&bd), &mut unfused, m, n, k)
+                .unwrap();
+            let mut want = vec![0f32; m * n];
+            reference::linear(&normed_host, &w[..n * k], Some(&bias), m, k, n, &mut want).unwrap();
+            let mut out = be.upload_bf16(&vec![f32::NAN; m * n]).unwrap();
+            let store = GemvStore::Bf16;
+            assert!(be
+                .linear_fused(&xd, &w_n, Some(&bd), Some(norm()), &mut out, m, n, k, store)
+                .unwrap());
+            let got = be.download_f32(&out).unwrap();
+            assert_eq!(
+                got,
+                be.download_f32(&unfused).unwrap(),
+                "{what}: vs unfused"
+            );
+            assert_rel(&what, &got, &want, 1e-2);
+            // f32 store (logits), no bias.
+            let mut unfused32 = be.upload(&vec![0.0; m * n]).unwrap();
+            be.linear_f32(&normed, &w_n, &mut unfused32, m, n, k)
+                .unwrap();
+            let mut out32 = be.upload(&vec![f32::NAN; m * n]).unwrap();
+            assert!(be
+                .linear_fused_f32(&xd, &w_n, Some(norm()), &mut out32, m, n, k)
+                .unwrap());
+            let got32 = be.download(&out32).unwrap();
+            assert_eq!(
+                got32,
+                be.download(&unfused32).unwrap(),
+                "{what}: f32 vs unfused"
+            );
+            reference::linear(&normed_host, &w[..n * k], None, m, k, n, &mut want).unwrap();
+            assert_rel(&format!("{what} f32"), &got32, &want, 1e-3);
+            // GLU store: act(normed · gateᵀ) * (normed · upᵀ).
+            let mut gate_up_d = be.upload_bf16(&vec![0.0; m * 2 * n]).unwrap();
+            be.linear(&normed, &wd, &mut gate_up_d, m, 2 * n, k)
+                .unwrap();
+            let mut unfused_glu = be.upload_bf16(&vec![0.0; m * n]).unwrap();
+            be.act_mul(&gate_up_d, &mut unfused_glu, m, n, Activation::Silu)
+                .unwrap();
+            let mut gate_up = vec![0f32; m * 2 * n];
+            reference::linear(&normed_host, &w, None, m, k, 2 * n, &mut gate_up).unwrap();
+            let mut want_glu = vec![0f32; m * n];
+            reference::act_mul_rows(&gate_up, &mut want_glu, m, n, Activation::Silu).unwrap();
+            let mut glu = be.upload_bf16(&vec![f32::NAN; m * n]).unwrap();
+            let store = GemvStore::Glu(Activation::Silu);
+            assert!(be
+                .linear_fused(&xd, &wd, NO_BIAS, Some(norm()), &mut glu, m, n, k, store)
+                .unwrap());
+            let got_glu = be.download_f32(&glu).unwrap();
+            assert_eq!(
+                got_glu,
+                be.download_f32(&unfused_glu).unwrap(),
+                "{what}: glu vs unfused"
+            );
+            assert_rel(&format!("{what} glu"), &got_glu, &want_glu, 1e-2);
+        }
+    }
+    // Residual add: out += bf16(x · wᵀ + bias), exactly what the product into a scratch and
+    // rms_norm's fused add store into x.
+    for (m, n, k) in [(1usize, 4096usize, 4096usize), (2, 70, 264)] {
+        let x = rand_r(&mut rng, m * k, -1.0, 1.0);
+        let w = rand_r(&mut rng, n * k, -0.2, 0.2);
+        let bias = rand_r(&mut rng, n, -1.0, 1.0);
+        let resid = rand_r(&mut rng, m * n, -3.0, 3.0);
+        let (xd, wd, bd) = (
+            be.upload_bf16(&x).unwrap(),
+            be.upload_bf16(&w).unwrap(),
+            be.upload_bf16(&bias).unwrap(),
+        );
+        let mut delta = be.upload_bf16(&vec![0.0; m * n]).unwrap();
+        be.linear_bias(&xd, &wd, Some(&bd), &mut delta, m, n, k)
+            .unwrap();
+        let mut unfused = be.upload_bf16(&resid).unwrap();
+        let mut scratch = be.upload_bf16(&vec![0.0; m * n]).unwrap();
+        let ones = be.upload_bf16(&vec![1.0; n]).unwrap();
+        let delta_ref: &dyn kvzip_kernels::cuda::DevicePtr<bf16> = &delta;
+        be.rms_norm(
+            &mut unfused,
+            Some(delta_ref),
+            &ones,
+            &mut scratch,
+            m,
+            n,
+            1e-6,
+            0.0,
+        )
+        .unwrap();
+        let mut fused = be.upload_bf16(&resid).unwrap();
+        let store = GemvStore::Accumulate;
+        assert!(be
+            .linear_fused(&xd, &wd, Some(&bd), None, &mut fused, m, n, k, store)
+            .unwrap());
+        assert_eq!(
+            be.download_f32(&fused).unwrap(),
+            be.download_f32(&unfused).unwrap(),
+            "residual add {m}x{n}x{k}"
+        );
+    }
+    // Declined: normalised rows over 48 KiB of shared memory, k % 8 != 0, 3 rows.
+    for (m, k) in [(2usize, 12296usize), (1, 20), (3, 64)] {
+        let x = be.upload_bf16(&vec![0.5; m * k]).unwrap();
+        let g = be.upload_bf16(&vec![1.0; k]).unwrap();
+        let w = be.upload_bf16(&vec![0.5; 4 * k]).unwrap();
+        let mut out = be.upload_bf16(&vec![0.0; m * 4]).unwrap();
+        let norm = GemvNorm {
+            weight: &g,
+            eps: 1e-6,
+            offset: 0.0,
+        };
+        assert!(
+            !be.linear_fused(
+                &x,
+                &w,
+                NO_BIAS,
+                Some(norm),
+                &mut out,
+                m,
+                4,
+                k,
+                GemvStore::Bf16
+            )
+            .unwrap(),
+            "{m} rows, k {k}: should be declined"
+        );
+    }
 }

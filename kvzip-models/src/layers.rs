@@ -3,7 +3,7 @@
 //! Weight names mirror HF transformers; [`DecoderNames`] lets an architecture rename or fuse
 //! them.
 
-use kvzip_kernels::{Device, Tensor, View, ViewMut, Weight};
+use kvzip_kernels::{Device, LinearStore, PreNorm, Tensor, View, ViewMut, Weight};
 
 use crate::config::{LayerSpec, ModelSpec};
 use crate::error::Result;
@@ -116,6 +116,48 @@ impl Linear {
             self.in_dim,
         )?;
         Ok(())
+    }
+
+    /// The whole projection with its neighbours fused where the device has a kernel for it
+    /// (CUDA decode rows, see [`Device::linear_fused_weight`]): `norm` normalises the raw
+    /// residual rows `x` first; `store` is [`LinearStore::Glu`] for a stacked gate-and-up
+    /// projection (`out` then holds `out_dim / 2` columns; the layer must have no bias).
+    /// `Ok(false)`: nothing done, run the unfused ops.
+    pub fn forward_fused(
+        &self,
+        dev: &Device,
+        x: &View<'_>,
+        norm: Option<&Norm>,
+        out: &mut ViewMut<'_>,
+        rows: usize,
+        store: LinearStore,
+    ) -> Result<bool> {
+        let glu = matches!(store, LinearStore::Glu(_));
+        if glu && (self.bias.is_some() || self.out_dim % 2 != 0) {
+            return Ok(false);
+        }
+        let n = if glu { self.out_dim / 2 } else { self.out_dim };
+        let bias = self.bias.as_ref().map(Tensor::view);
+        let gv = norm.map(|nm| nm.weight.view());
+        let pre = match (norm, &gv) {
+            (Some(nm), Some(v)) => Some(PreNorm {
+                weight: v,
+                eps: nm.eps,
+                offset: nm.offset,
+            }),
+            _ => None,
+        };
+        Ok(dev.linear_fused_weight(
+            x,
+            &self.weight,
+            bias.as_ref(),
+            pre,
+            out,
+            rows,
+            n,
+            self.in_dim,
+            store,
+        )?)
     }
 
     /// Rows `start..start + n` of the stacked projection (one part) applied to `x`.

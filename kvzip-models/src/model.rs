@@ -3,7 +3,7 @@
 //! `kvzip-kernels` device interface: the same code runs on the CPU (f32) and on CUDA (bf16).
 
 use kvzip_cache::KvCache;
-use kvzip_kernels::{AttentionShape, DType, Device, Tensor, View, ViewMut, Weight};
+use kvzip_kernels::{AttentionShape, DType, Device, LinearStore, Tensor, View, ViewMut, Weight};
 
 use crate::config::{Activation, ModelSpec};
 use crate::error::{ModelError, Result};
@@ -377,6 +377,38 @@ fn rope_runs(
 }
 
 /// Gemma's norm after a sub-block: `delta = norm(delta)` (through `normed`, then swapped).
+/// Which decode-row GEMV fusions the forward uses (CUDA, 1-2 rows): `glu` (gate, up and the
+/// activation in one product), `norm` (RMSNorm inside the next product), `add` (the residual
+/// add inside the o / down products). All on by default; `KVZIP_DECODE_FUSION` (a comma list
+/// of `glu`, `norm`, `add`, or `none`) picks a subset, for benchmarks and bisecting.
+#[derive(Debug, Clone, Copy)]
+struct DecodeFusion {
+    glu: bool,
+    norm: bool,
+    add: bool,
+}
+
+impl DecodeFusion {
+    fn from_env() -> Self {
+        static CHOICE: std::sync::OnceLock<DecodeFusion> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var("KVZIP_DECODE_FUSION") {
+            Ok(v) => {
+                let has = |name: &str| v.split(',').any(|p| p.trim() == name);
+                DecodeFusion {
+                    glu: has("glu"),
+                    norm: has("norm"),
+                    add: has("add"),
+                }
+            }
+            Err(_) => DecodeFusion {
+                glu: true,
+                norm: true,
+                add: true,
+            },
+        })
+    }
+}
+
 fn post_norm(dev: &Device, norm: Option<&Norm>, b: &mut Buffers, rows: usize) -> Result<()> {
     if let Some(n) = norm {
         n.apply(
@@ -533,6 +565,10 @@ impl DecoderStack {
             softcap: s.attn_softcap,
         };
         let mut pending_delta = false;
+        // Decode rows on CUDA run the GEMV with its fusions (norm, residual add, GLU); each
+        // fused call falls back to the unfused ops where the kernel does not apply.
+        let fusion = DecodeFusion::from_env();
+        let fuse = t <= dev.fused_linear_max_rows();
         let n_layers = self.layers.len();
         for (l, layer) in self.layers.iter().enumerate() {
             // Rows `start..end` with their frequencies: one run for the usual RoPE; for the
@@ -548,8 +584,11 @@ impl DecoderStack {
             } else {
                 Vec::new()
             };
-            // x += delta (previous MLP output); normed = input_norm(x).
-            {
+            // x += delta (previous MLP output); normed = input_norm(x). One decode row whose x
+            // is already whole (the last product added itself into it) instead has the norm
+            // run inside the qkv product.
+            let norm_in_qkv = fuse && fusion.norm && t == 1 && !pending_delta;
+            if !norm_in_qkv {
                 let res = pending_delta.then(|| b.delta.view());
                 layer.input_norm.apply(
                     dev,
@@ -563,17 +602,33 @@ impl DecoderStack {
                 let first = positions.first().copied().unwrap_or(0).max(0) as usize;
                 hk.layer_input(dev, l, &b.x.slice(0..t * h)?, t, first)?;
             }
-            let normed = b.normed.view();
-            let (mut q, mut kv_new) = project_qkv(
-                dev,
-                &layer.qkv,
-                &normed,
-                t,
-                (nq * d, nkv * d),
-                &mut b.q,
-                &mut b.kv,
-                &mut b.qkv,
-            )?;
+            let qkv_fused = norm_in_qkv
+                && layer.qkv.forward_fused(
+                    dev,
+                    &b.x.view(),
+                    Some(&layer.input_norm),
+                    &mut b.qkv.slice_mut(0..(nq + 2 * nkv) * d)?,
+                    1,
+                    LinearStore::Output,
+                )?;
+            if norm_in_qkv && !qkv_fused {
+                let (x, normed) = (&mut b.x.view_mut(), &mut b.normed.view_mut());
+                layer.input_norm.apply(dev, x, None, normed, t)?;
+            }
+            let (mut q, mut kv_new) = if qkv_fused {
+                b.qkv.split_at_mut(nq * d)?
+            } else {
+                project_qkv(
+                    dev,
+                    &layer.qkv,
+                    &b.normed.view(),
+                    t,
+                    (nq * d, nkv * d),
+                    &mut b.q,
+                    &mut b.kv,
+                    &mut b.qkv,
+                )?
+            };
             let (mut k, v) = kv_new.split_at_mut(t * nkv * d)?;
             if let Some(n) = &layer.q_norm {
                 head_norm(dev, n, &mut q, &mut b.head_tmp, t * nq)?;
@@ -636,53 +691,138 @@ impl DecoderStack {
             if !attended {
                 step.attend(dev, l, &q, &shape, &mut b.attn.view_mut())?;
             }
-            layer
-                .o
-                .forward(dev, &b.attn.view(), &mut b.delta.view_mut(), t)?;
-            post_norm(dev, layer.post_attention_norm.as_ref(), b, t)?;
-            // x += attention output; normed = pre_mlp_norm(x).
-            layer.pre_mlp_norm.apply(
-                dev,
-                &mut b.x.view_mut(),
-                Some(&b.delta.view()),
-                &mut b.normed.view_mut(),
-                t,
-            )?;
-            layer
-                .gate_up
-                .forward(dev, &b.normed.view(), &mut b.gate_up.view_mut(), t)?;
-            dev.act_mul(
-                &b.gate_up.view(),
-                &mut b.act.view_mut(),
-                t,
-                inter,
-                self.activation(),
-            )?;
-            layer
-                .down
-                .forward(dev, &b.act.view(), &mut b.delta.view_mut(), t)?;
-            post_norm(dev, layer.post_mlp_norm.as_ref(), b, t)?;
-            pending_delta = true;
+            // x += o(attention): on decode rows the product adds itself into x.
+            let o_added = fuse
+                && fusion.add
+                && layer.post_attention_norm.is_none()
+                && layer.o.forward_fused(
+                    dev,
+                    &b.attn.view(),
+                    None,
+                    &mut b.x.slice_mut(0..t * h)?,
+                    t,
+                    LinearStore::AddInto,
+                )?;
+            if !o_added {
+                layer
+                    .o
+                    .forward(dev, &b.attn.view(), &mut b.delta.view_mut(), t)?;
+                post_norm(dev, layer.post_attention_norm.as_ref(), b, t)?;
+            }
+            // act = act(gate) * up of pre_mlp_norm(x). Decode rows: the norm (when x is
+            // already whole), gate, up and the activation in one kernel.
+            let act = LinearStore::Glu(self.activation());
+            let mut act_done = o_added
+                && fusion.norm
+                && fusion.glu
+                && layer.gate_up.forward_fused(
+                    dev,
+                    &b.x.view(),
+                    Some(&layer.pre_mlp_norm),
+                    &mut b.act.view_mut(),
+                    t,
+                    act,
+                )?;
+            if !act_done {
+                let res = (!o_added).then(|| b.delta.view());
+                layer.pre_mlp_norm.apply(
+                    dev,
+                    &mut b.x.view_mut(),
+                    res.as_ref(),
+                    &mut b.normed.view_mut(),
+                    t,
+                )?;
+                act_done = fuse
+                    && fusion.glu
+                    && layer.gate_up.forward_fused(
+                        dev,
+                        &b.normed.view(),
+                        None,
+                        &mut b.act.view_mut(),
+                        t,
+                        act,
+                    )?;
+            }
+            if !act_done {
+                layer
+                    .gate_up
+                    .forward(dev, &b.normed.view(), &mut b.gate_up.view_mut(), t)?;
+                dev.act_mul(
+                    &b.gate_up.view(),
+                    &mut b.act.view_mut(),
+                    t,
+                    inter,
+                    self.activation(),
+                )?;
+            }
+            // x += down(act), added in place on decode rows, else left in delta for the next
+            // norm's fused add.
+            let down_added = fuse
+                && fusion.add
+                && layer.post_mlp_norm.is_none()
+                && layer.down.forward_fused(
+                    dev,
+                    &b.act.view(),
+                    None,
+                    &mut b.x.slice_mut(0..t * h)?,
+                    t,
+                    LinearStore::AddInto,
+                )?;
+            if !down_added {
+                layer
+                    .down
+                    .forward(dev, &b.act.view(), &mut b.delta.view_mut(), t)?;
+                post_norm(dev, layer.post_mlp_norm.as_ref(), b, t)?;
+            }
+            pending_delta = !down_added;
         }
         let (first, rows) = match opts.logits {
             LogitsMode::None => return Ok(None),
             LogitsMode::Last => (t - 1, 1),
             LogitsMode::All => (0, t),
         };
-        // Last MLP output folded into only the rows whose logits are wanted (fused add + norm).
         let span = first * h..(first + rows) * h;
-        self.norm.apply(
-            dev,
-            &mut b.x.slice_mut(span.clone())?,
-            Some(&b.delta.slice(span)?),
-            &mut b.normed.view_mut(),
-            rows,
-        )?;
         let v = s.vocab_size;
         // Zeroed (one memset per call): compute-sanitizer's initcheck does not see cuBLAS's
         // stores, so a sampler reading the GEMM's output would be reported as reading
         // uninitialized memory; with the memset every byte is defined either way.
         let mut logits = dev.zeros(DType::F32, rows * v)?;
+        // Decode rows whose x is whole: the final norm runs inside the lm_head product.
+        if fuse && fusion.norm && !pending_delta {
+            let gv = self.norm.weight.view();
+            let pre = kvzip_kernels::PreNorm {
+                weight: &gv,
+                eps: self.norm.eps,
+                offset: self.norm.offset,
+            };
+            if dev.linear_fused_weight(
+                &b.x.slice(span.clone())?,
+                self.lm_head(),
+                None,
+                Some(pre),
+                &mut logits.view_mut(),
+                rows,
+                v,
+                h,
+                LinearStore::OutputF32,
+            )? {
+                if let Some(cap) = s.final_softcap {
+                    dev.softcap(&mut logits.view_mut(), cap)?;
+                }
+                return Ok(Some(logits));
+            }
+        }
+        // Last MLP output folded into only the rows whose logits are wanted (fused add + norm).
+        let res = pending_delta
+            .then(|| b.delta.slice(span.clone()))
+            .transpose()?;
+        self.norm.apply(
+            dev,
+            &mut b.x.slice_mut(span)?,
+            res.as_ref(),
+            &mut b.normed.view_mut(),
+            rows,
+        )?;
         dev.linear_weight(
             &b.normed.slice(0..rows * h)?,
             self.lm_head(),

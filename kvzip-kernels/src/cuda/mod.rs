@@ -133,6 +133,8 @@ pub struct CudaBackend {
     pub max_smem_per_block: usize,
     /// Persistent partial buffers and plan staging of the decode kernels.
     decode_scratch: std::sync::Mutex<decode_plan::DecodeScratch>,
+    /// Resident blocks per SM of a kernel at a dynamic shared-memory size (queried once).
+    occupancy: std::sync::Mutex<HashMap<(&'static str, u32), u32>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -195,6 +197,7 @@ impl CudaBackend {
             n_sms,
             max_smem_per_block,
             decode_scratch: Default::default(),
+            occupancy: Default::default(),
         })
     }
 
@@ -288,6 +291,30 @@ impl CudaBackend {
         self.functions
             .get(name)
             .ok_or_else(|| CudaError::MissingKernel(name.to_string()))
+    }
+
+    /// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that one SM holds
+    /// at once for kernel `name` (the driver's occupancy calculator, cached per size; at
+    /// least 1).
+    pub(crate) fn blocks_per_sm(
+        &self,
+        name: &'static str,
+        threads: u32,
+        smem: u32,
+    ) -> CudaResult<u32> {
+        let mut cache = self
+            .occupancy
+            .lock()
+            .map_err(|_| CudaError::Shape("occupancy cache poisoned".into()))?;
+        if let Some(&n) = cache.get(&(name, smem)) {
+            return Ok(n);
+        }
+        let n = self
+            .function(name)?
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)?
+            .max(1);
+        cache.insert((name, smem), n);
+        Ok(n)
     }
 
     /// Launches kernel `name` with one parameter struct.

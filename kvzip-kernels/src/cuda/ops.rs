@@ -157,10 +157,7 @@ impl CudaBackend {
             out: dptr_mut(out, s) as _,
             rows: i32_arg("rows", rows)?,
             inter: i32_arg("inter", inter)?,
-            act: match act {
-                Activation::Silu => super::params::KVZ_ACT_SILU as i32,
-                Activation::GeluTanh => super::params::KVZ_ACT_GELU_TANH as i32,
-            },
+            act: super::gemm::act_code(act),
         };
         let per_thread = if inter % 8 == 0 { 8 } else { 1 };
         // SAFETY: lengths checked above.

@@ -21,7 +21,7 @@ pub use kv::{AttentionPlan, GatherPlan, KvLayoutMirror, KvPiece, KvPieces, KvVie
 pub use ops::{Activation, AttentionShape, ScoreChunkShape};
 pub use sampler::{greedy_rows, TokenSampler};
 pub use tensor::{DType, Tensor, View, ViewMut};
-pub use weight::Weight;
+pub use weight::{LinearStore, PreNorm, Weight};
 
 use std::sync::Arc;
 

@@ -67,6 +67,30 @@ impl From<Tensor> for Weight {
     }
 }
 
+/// What [`Device::linear_fused_weight`] writes to its output.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LinearStore {
+    /// `out = x · Wᵀ (+ bias)`, the output's dtype (bf16 on CUDA).
+    Output,
+    /// `out = x · Wᵀ` in f32 (logits; no bias).
+    OutputF32,
+    /// `out += x · Wᵀ (+ bias)`: the residual add folded into the product.
+    AddInto,
+    /// `out = act(x · gateᵀ) * (x · upᵀ)` of a stacked gate-and-up weight (no bias).
+    Glu(super::Activation),
+}
+
+/// The RMSNorm a fused linear layer applies to its input rows first.
+#[derive(Clone, Copy)]
+pub struct PreNorm<'a> {
+    /// `[k]` norm weight.
+    pub weight: &'a View<'a>,
+    /// Epsilon inside the square root.
+    pub eps: f32,
+    /// Added to the weight (Gemma's `1 + w`).
+    pub offset: f32,
+}
+
 fn host_only(what: &str) -> KernelError {
     KernelError::Device(format!(
         "`{what}`: quantized weights are host-only (the loader gives CUDA dequantized bf16)"
@@ -108,6 +132,78 @@ impl Device {
                 let bias = bias.map(|b| b.host_f32("linear bias")).transpose()?;
                 let out = &mut out.host_f32("linear out")?[..m * n];
                 host::linear_quant(x, q, first_row, bias, m, k, n, out)
+            }
+        }
+    }
+
+    /// Most rows [`Self::linear_fused_weight`] can fuse (0 where it never does).
+    pub fn fused_linear_max_rows(&self) -> usize {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => crate::cuda::gemm::GEMV_MAX_ROWS,
+            _ => 0,
+        }
+    }
+
+    /// A decode-row linear layer with its neighbours fused, where the device has a kernel for
+    /// it (CUDA, dense weights, 1-2 rows): `norm` RMS-normalises each `[k]` row of `x` first
+    /// (`x` is then the raw residual stream and no normalised copy is stored), `store` picks
+    /// what is written to `out` (`[m, n]`; for [`LinearStore::Glu`], `w` is the stacked
+    /// `[2 n, k]` gate-and-up projection, gate rows first, and `n` the intermediate size).
+    /// Rounding as the unfused ops (bf16 normalised inputs, bf16 product before a residual
+    /// add). `Ok(false)` (nothing done) elsewhere: the caller runs the unfused ops.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_fused_weight(
+        &self,
+        x: &View<'_>,
+        w: &Weight,
+        bias: Option<&View<'_>>,
+        norm: Option<PreNorm<'_>>,
+        out: &mut ViewMut<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+        store: LinearStore,
+    ) -> Result<bool> {
+        match (self, w) {
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(g), Weight::Dense(t)) => {
+                use crate::cuda::gemm::{GemvNorm, GemvStore};
+                let (xv, wv) = (x.cuda_bf16("linear x")?, t.view().cuda_bf16("linear w")?);
+                let bv = bias.map(|b| b.cuda_bf16("linear bias")).transpose()?;
+                let gv = norm
+                    .as_ref()
+                    .map(|nm| nm.weight.cuda_bf16("norm weight"))
+                    .transpose()?;
+                let gnorm = match (&norm, &gv) {
+                    (Some(nm), Some(v)) => Some(GemvNorm {
+                        weight: v,
+                        eps: nm.eps,
+                        offset: nm.offset,
+                    }),
+                    _ => None,
+                };
+                let store = match store {
+                    LinearStore::Output => GemvStore::Bf16,
+                    LinearStore::AddInto => GemvStore::Accumulate,
+                    LinearStore::Glu(a) => GemvStore::Glu(a),
+                    LinearStore::OutputF32 => {
+                        if bias.is_some() {
+                            return Ok(false);
+                        }
+                        let o = out.cuda_f32("linear out")?;
+                        return g
+                            .linear_fused_f32(&xv, &wv, gnorm, o, m, n, k)
+                            .map_err(super::cuda_err);
+                    }
+                };
+                let o = out.cuda_bf16("linear out")?;
+                g.linear_fused(&xv, &wv, bv.as_ref(), gnorm, o, m, n, k, store)
+                    .map_err(super::cuda_err)
+            }
+            _ => {
+                let _ = (x, bias, norm, out, m, n, k, store);
+                Ok(false)
             }
         }
     }
