@@ -139,14 +139,7 @@ impl Linear {
         let n = if glu { self.out_dim / 2 } else { self.out_dim };
         let bias = self.bias.as_ref().map(Tensor::view);
         let gv = norm.map(|nm| nm.weight.view());
-        let pre = match (norm, &gv) {
-            (Some(nm), Some(v)) => Some(PreNorm {
-                weight: v,
-                eps: nm.eps,
-                offset: nm.offset,
-            }),
-            _ => None,
-        };
+        let pre = norm.zip(gv.as_ref()).map(|(nm, v)| nm.pre_norm(v));
         Ok(dev.linear_fused_weight(
             x,
             &self.weight,
@@ -238,6 +231,16 @@ impl Norm {
             self.offset,
         )?;
         Ok(())
+    }
+
+    /// This norm as the pre-norm of a fused linear layer ([`Linear::forward_fused`]), given
+    /// a view of its weight.
+    pub fn pre_norm<'a>(&self, weight: &'a View<'a>) -> PreNorm<'a> {
+        PreNorm {
+            weight,
+            eps: self.eps,
+            offset: self.offset,
+        }
     }
 
     /// Bytes of the weight.

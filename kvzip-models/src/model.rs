@@ -389,6 +389,18 @@ struct DecodeFusion {
 }
 
 impl DecodeFusion {
+    /// The fusions a forward of `rows` rows on `dev` uses: none beyond the rows the device
+    /// fuses (none at all on the CPU), else the [`Self::from_env`] choice.
+    fn for_rows(dev: &Device, rows: usize) -> Self {
+        let on = rows <= dev.fused_linear_max_rows();
+        let f = Self::from_env();
+        DecodeFusion {
+            glu: on && f.glu,
+            norm: on && f.norm,
+            add: on && f.add,
+        }
+    }
+
     fn from_env() -> Self {
         static CHOICE: std::sync::OnceLock<DecodeFusion> = std::sync::OnceLock::new();
         *CHOICE.get_or_init(|| match std::env::var("KVZIP_DECODE_FUSION") {
@@ -567,8 +579,7 @@ impl DecoderStack {
         let mut pending_delta = false;
         // Decode rows on CUDA run the GEMV with its fusions (norm, residual add, GLU); each
         // fused call falls back to the unfused ops where the kernel does not apply.
-        let fusion = DecodeFusion::from_env();
-        let fuse = t <= dev.fused_linear_max_rows();
+        let fusion = DecodeFusion::for_rows(dev, t);
         let n_layers = self.layers.len();
         for (l, layer) in self.layers.iter().enumerate() {
             // Rows `start..end` with their frequencies: one run for the usual RoPE; for the
@@ -587,7 +598,7 @@ impl DecoderStack {
             // x += delta (previous MLP output); normed = input_norm(x). One decode row whose x
             // is already whole (the last product added itself into it) instead has the norm
             // run inside the qkv product.
-            let norm_in_qkv = fuse && fusion.norm && t == 1 && !pending_delta;
+            let norm_in_qkv = fusion.norm && t == 1 && !pending_delta;
             if !norm_in_qkv {
                 let res = pending_delta.then(|| b.delta.view());
                 layer.input_norm.apply(
@@ -692,8 +703,7 @@ impl DecoderStack {
                 step.attend(dev, l, &q, &shape, &mut b.attn.view_mut())?;
             }
             // x += o(attention): on decode rows the product adds itself into x.
-            let o_added = fuse
-                && fusion.add
+            let o_added = fusion.add
                 && layer.post_attention_norm.is_none()
                 && layer.o.forward_fused(
                     dev,
@@ -732,8 +742,7 @@ impl DecoderStack {
                     &mut b.normed.view_mut(),
                     t,
                 )?;
-                act_done = fuse
-                    && fusion.glu
+                act_done = fusion.glu
                     && layer.gate_up.forward_fused(
                         dev,
                         &b.normed.view(),
@@ -757,8 +766,7 @@ impl DecoderStack {
             }
             // x += down(act), added in place on decode rows, else left in delta for the next
             // norm's fused add.
-            let down_added = fuse
-                && fusion.add
+            let down_added = fusion.add
                 && layer.post_mlp_norm.is_none()
                 && layer.down.forward_fused(
                     dev,
@@ -788,13 +796,9 @@ impl DecoderStack {
         // uninitialized memory; with the memset every byte is defined either way.
         let mut logits = dev.zeros(DType::F32, rows * v)?;
         // Decode rows whose x is whole: the final norm runs inside the lm_head product.
-        if fuse && fusion.norm && !pending_delta {
+        if fusion.norm && !pending_delta {
             let gv = self.norm.weight.view();
-            let pre = kvzip_kernels::PreNorm {
-                weight: &gv,
-                eps: self.norm.eps,
-                offset: self.norm.offset,
-            };
+            let pre = self.norm.pre_norm(&gv);
             if dev.linear_fused_weight(
                 &b.x.slice(span.clone())?,
                 self.lm_head(),

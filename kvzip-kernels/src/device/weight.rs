@@ -175,14 +175,11 @@ impl Device {
                     .as_ref()
                     .map(|nm| nm.weight.cuda_bf16("norm weight"))
                     .transpose()?;
-                let gnorm = match (&norm, &gv) {
-                    (Some(nm), Some(v)) => Some(GemvNorm {
-                        weight: v,
-                        eps: nm.eps,
-                        offset: nm.offset,
-                    }),
-                    _ => None,
-                };
+                let gnorm = norm.zip(gv.as_ref()).map(|(nm, v)| GemvNorm {
+                    weight: v,
+                    eps: nm.eps,
+                    offset: nm.offset,
+                });
                 let store = match store {
                     LinearStore::Output => GemvStore::Bf16,
                     LinearStore::AddInto => GemvStore::Accumulate,
